@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,6 +28,7 @@ from .edits import Edit
 from .errors import PatcherError
 
 FORMAT = "patcher.patch/1"
+_LAYER = re.compile(r"\.(\d+)\.")
 PATCH_JSON = "patch.json"
 STANDALONE_TENSORS = "patch.safetensors"
 
@@ -41,6 +43,30 @@ class Patch:
         """``self`` then ``other``: the edits of both, in order; provenance keeps both steps."""
         steps = self.provenance.get("steps", [self.provenance]) + other.provenance.get("steps", [other.provenance])
         return Patch(self.edits + other.edits, {"steps": [s for s in steps if s]})
+
+    def per_layer(self) -> list[list[Any]]:
+        """Rows of (layer, edits, units changed, units total, mean factor over scaled units' modules,
+        projection rank) for the terminal table."""
+        from .edits import ProjectOutputs, ScaleInputs, ScaleOutputs
+
+        rows: dict[int | str, list[Any]] = {}
+        for e in self.edits:
+            m = _LAYER.search(e.module)
+            layer: int | str = int(m.group(1)) if m else e.module
+            row = rows.setdefault(layer, [layer, 0, 0, 0, [], 0])
+            row[1] += 1
+            if isinstance(e, (ScaleOutputs, ScaleInputs)):
+                row[2] += int((e.factors != 1).sum())
+                row[3] += e.factors.numel()
+                row[4].append(e.factors.float())
+            elif isinstance(e, ProjectOutputs):
+                row[5] = max(row[5], e.basis.shape[1])
+        out = []
+        for key in sorted(rows, key=lambda k: (isinstance(k, str), k)):
+            r = rows[key]
+            mean = float(torch.cat(r[4]).mean()) if r[4] else float("nan")
+            out.append([r[0], r[1], r[2], r[3], mean, r[5]])
+        return out
 
     def touched_tensors(self) -> list[str]:
         return sorted({e.weight_name for e in self.edits})

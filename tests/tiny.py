@@ -40,3 +40,22 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
 def save_tiny(family: str, folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0, **save_kwargs) -> Path:
     tiny_model(family, seed).to(dtype).save_pretrained(folder, **save_kwargs)
     return folder
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer over 96 ids (pad 0, bos 1, eos 2, unk 3), built offline."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789 .,!?'\"-:;()@#&*/\n"
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {c: i + 4 for i, c in enumerate(chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def save_tiny_with_tokenizer(family: str, folder: Path, **kwargs) -> Path:
+    save_tiny(family, folder, **kwargs)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

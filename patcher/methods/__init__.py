@@ -1,0 +1,79 @@
+"""Methods: each turns a model's activations on labelled text into a Patch of Edits.
+
+A method is two functions and a settings class. ``collect`` runs the model (through the shared
+`Collector`) and returns statistics; ``build`` turns statistics and settings into a Patch. The split
+lets a sweep collect once and build many patches. Register a method in `METHODS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..collect import Collector
+from ..data import LabeledSet
+from ..errors import PatcherError
+from ..patch import Patch
+
+
+@dataclass
+class StepContext:
+    """What a method may use: the model (never mutated), its tokenizer, the shared collector, the
+    step's data, and the patch of the earlier steps (attached as hooks while collecting)."""
+
+    model: nn.Module
+    tokenizer: Any
+    collector: Collector
+    data: LabeledSet
+    prior: Patch
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    settings: type
+    collect: Callable[[StepContext, Any], Any]
+    build: Callable[[StepContext, Any, Any], Patch]
+
+
+def _aura() -> Method:
+    from . import aura
+
+    def collect(ctx: StepContext, s: aura.AuraSettings) -> Any:
+        stat = aura.statistic(ctx.config, s)
+        ctx.collector.run([stat], ctx.data.texts, ctx.data.labels, patch=ctx.prior, desc="aura: collect")
+        return stat
+
+    return Method("aura", aura.AuraSettings, collect, lambda ctx, stats, s: aura.build_patch(ctx.config, stats, s))
+
+
+METHODS: dict[str, Callable[[], Method]] = {"aura": _aura}
+
+
+def _project() -> Method:
+    from . import project
+
+    return Method("project", project.ProjectSettings, project.collect, project.build)
+
+
+def _scale() -> Method:
+    from . import scale
+
+    return Method("scale", scale.ScaleSettings, scale.collect, scale.build)
+
+
+METHODS["project"] = _project
+METHODS["scale"] = _scale
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise PatcherError(f"unknown method {name!r}: known methods are {', '.join(sorted(METHODS))}")
+    return METHODS[name]()

@@ -1,0 +1,79 @@
+"""AURA: dampen each MLP unit in proportion to how well it tells toxic from non-toxic text.
+
+"Whispering Experts" (Suau et al., ICML 2024; Apple's reference code ``apple/ml-aura``). A unit is
+one output unit of an MLP linear (gate, up and down projections on Llama-style models; ``c_fc`` and
+``c_proj`` on GPT-2); its value is max-pooled over a sentence's real tokens. With AUROC_m that
+pooled value's AUROC at telling toxic (1) from non-toxic (0), units with AUROC_m > 0.5 are scaled by
+alpha_m = 1 - 2 (AUROC_m - 0.5); the others are left alone. Scaling a unit's output is exactly scaling
+its weight row and bias, so the result folds into the weights with no hyperparameter.
+
+The paper's baselines are opt-in: ``det0`` zeroes the top-k units by AUROC, ``damp`` multiplies them
+by a fixed factor. ``min_auroc`` raises the threshold above 0.5 (a noise-floor variant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from ..arch import arch_for, num_layers
+from ..collect import PooledValues
+from ..edits import ScaleOutputs
+from ..errors import PatcherError
+from ..patch import Patch
+
+ROLES = ("mlp_in", "mlp_out")
+
+
+@dataclass(frozen=True)
+class AuraSettings:
+    """``modules``: which MLP linears hold units (``mlp_in``: gate/up or c_fc; ``mlp_out``: down
+    projection). ``mode``: ``aura`` (the paper), ``det0`` or ``damp`` (its baselines, on ``top_k``
+    units by AUROC, ``damp`` scaling them by ``damp_factor``)."""
+
+    modules: tuple[str, ...] = ROLES
+    mode: Literal["aura", "det0", "damp"] = "aura"
+    min_auroc: float = 0.5
+    top_k: int = 0
+    damp_factor: float = 0.5
+
+    def __post_init__(self) -> None:
+        bad = set(self.modules) - set(ROLES)
+        if bad or not self.modules:
+            raise PatcherError(f"aura: modules must be a non-empty subset of {list(ROLES)}, got {list(self.modules)}")
+        if self.mode not in ("aura", "det0", "damp"):
+            raise PatcherError(f"aura: mode must be aura, det0 or damp, got {self.mode!r}")
+        if not 0.5 <= self.min_auroc < 1.0:
+            raise PatcherError(f"aura: min_auroc must be in [0.5, 1), got {self.min_auroc}")
+        if self.mode != "aura" and self.top_k <= 0:
+            raise PatcherError(f"aura: mode {self.mode} needs top_k > 0 (how many units to {self.mode})")
+
+
+def statistic(config: Any, settings: AuraSettings) -> PooledValues:
+    """Max-pooled outputs of the chosen MLP linears in every layer."""
+    arch = arch_for(config)
+    modules = [m for i in range(num_layers(config)) for m in arch.mlp_unit_modules(i, settings.modules)]
+    return PooledValues([(m, "output") for m in modules], how="max")
+
+
+def factors_from_auroc(aurocs: dict[str, torch.Tensor], settings: AuraSettings) -> dict[str, torch.Tensor]:
+    """Per module, the factor of each unit."""
+    if settings.mode == "aura":
+        out = {}
+        for m, a in aurocs.items():
+            out[m] = torch.where(a > settings.min_auroc, 1.0 - 2.0 * (a - 0.5), torch.ones_like(a)).float()
+        return out
+    flat = torch.cat(list(aurocs.values()))
+    k = min(settings.top_k, flat.numel())
+    threshold = flat.topk(k).values.min()
+    value = 0.0 if settings.mode == "det0" else settings.damp_factor
+    return {m: torch.where(a >= threshold, torch.full_like(a, value), torch.ones_like(a)).float() for m, a in aurocs.items()}
+
+
+def build_patch(config: Any, stats: PooledValues, settings: AuraSettings, provenance: dict | None = None) -> Patch:
+    arch = arch_for(config)
+    factors = factors_from_auroc(stats.auroc(), settings)
+    edits = [ScaleOutputs(m, arch.layout, factors=f) for m, f in factors.items() if (f != 1).any()]
+    return Patch(edits, {"method": "aura", "settings": settings.__dict__ | {"modules": list(settings.modules)}} | (provenance or {}))
