@@ -64,7 +64,8 @@ class PooledValues(Statistic):
     """Per sample, one pooled value per unit of each watched module (max or mean over pooled tokens),
     with the sample's label and index. Stored in ``store_dtype``; memory is
     ``n_samples * sum(units) * bytes(store_dtype)`` (SmolLM2-135M, all MLP linears, 1000 sentences,
-    float32: 1000 * 109,440 * 4 B = 438 MB)."""
+    float32: 1000 * 109,440 * 4 B = 438 MB). float16 halves that but rounds close values into ties:
+    on real SmolLM2 activations the AUROC moved by up to 2.6e-3, hence the float32 default."""
 
     def __init__(self, watches: Sequence[tuple[str, Side]], how: Literal["max", "mean"] = "max", store_dtype: torch.dtype = torch.float32):
         self.watches = tuple(watches)
