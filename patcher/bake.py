@@ -8,7 +8,6 @@ the source folder is only read.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import platform
 import shutil
@@ -23,7 +22,6 @@ from tqdm.auto import tqdm
 
 from .arch import arch_for, is_tied
 from .checkpoint import (
-    DTYPES,
     INDEX_NAME,
     Checkpoint,
     ShardWriter,
@@ -91,14 +89,32 @@ def plan_bake(patch: Patch, ckpt: Checkpoint, untie: bool = False) -> BakePlan:
     return BakePlan(edits, new_tensors, touches_tied)
 
 
+BLOCK_VALUES = 1 << 20  # float32 values edited at a time: a few MB, stays in cache
+
+
 def _edited_bytes(ckpt: Checkpoint, source: TensorInfo, name: str, edits: list[tuple[Edit, str]]) -> memoryview:
-    """Read a tensor, apply its edits in float32, cast back to the stored dtype."""
-    x = ckpt.read(source).float()
-    for edit, part in edits:
-        x = edit.apply_weight(x) if part == "weight" else edit.apply_bias(x)
-    if not torch.isfinite(x).all():
-        raise PatcherError(f"editing {name} produced NaN or inf: check the base weights and the patch")
-    return tensor_bytes(x.to(DTYPES[source.dtype]))
+    """Read a tensor, apply its edits in float32, cast back into the stored tensor, return its bytes.
+
+    A weight is edited one block of input units at a time (`Edit.for_inputs`), so memory is the
+    stored tensor plus a few MB however large the tensor is. `verify` calls this same function, so it
+    recomputes the same bytes."""
+    stored = ckpt.read(source)
+    if stored.ndim == 2 and all(part == "weight" for _, part in edits):
+        in_axis = 1 if edits[0][0].layout == "linear" else 0
+        n_in = stored.shape[in_axis]
+        step = max(1, BLOCK_VALUES // max(1, stored.shape[1 - in_axis]))
+        blocks = [(lo, min(lo + step, n_in)) for lo in range(0, n_in, step)]
+    else:
+        in_axis, blocks = 0, [(0, stored.shape[0] if stored.ndim else 0)]
+    for lo, hi in blocks:
+        view = stored.narrow(in_axis, lo, hi - lo) if stored.ndim == 2 else stored
+        x = view.float()
+        for edit, part in edits:
+            x = edit.for_inputs(lo, hi).apply_weight(x) if part == "weight" else edit.apply_bias(x)
+        if not torch.isfinite(x).all():
+            raise PatcherError(f"editing {name} produced NaN or inf: check the base weights and the patch")
+        view.copy_(x)
+    return tensor_bytes(stored)
 
 
 def bake(
@@ -126,22 +142,34 @@ def bake(
     files: dict[str, str] = {}
     with atomic_folder(out) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="bake", disable=not progress) as bar:
         weight_map: dict[str, str] = {}
-        for shard in ckpt.shards.values():
-            extra = [(n, src) for n, src in plan.new_tensors.items() if src.shard == shard.name]
-            order = [(t.name, t) for t in shard.tensors] + extra
-            entries = [(n, src.dtype, src.shape, src.nbytes) for n, src in order]
-            writer = ShardWriter(tmp / shard.name, entries, shard.metadata)
-            with open(folder / shard.name, "rb") as fsrc, mmap.mmap(fsrc.fileno(), 0, access=mmap.ACCESS_READ) as src:
+        # Shards are hashed in the background: the next shard is copied while the previous ones are
+        # still being hashed, with at most `hashing` shards in flight.
+        hashing = max(2, min(4, os.cpu_count() or 1))
+        writers: list[tuple[str, ShardWriter]] = []
+        try:
+            for shard in ckpt.shards.values():
+                while len(writers) >= hashing:
+                    done, w = writers.pop(0)
+                    files[done] = w.digest()
+                extra = [(n, src) for n, src in plan.new_tensors.items() if src.shard == shard.name]
+                order = [(t.name, t) for t in shard.tensors] + extra
+                entries = [(n, src.dtype, src.shape, src.nbytes) for n, src in order]
+                writer = ShardWriter(tmp / shard.name, entries, shard.metadata, source=folder / shard.name)
+                writers.append((shard.name, writer))
                 for name, info in order:
                     if name in plan.edits_by_tensor:
                         writer.write_bytes(name, _edited_bytes(ckpt, info, name, plan.edits_by_tensor[name]))
-                    elif name in plan.new_tensors:
-                        writer.write_bytes(name, tensor_bytes(ckpt.read(info)))
-                    else:
-                        writer.copy_range(name, src, fsrc.fileno(), info.start, info.nbytes)
+                    else:  # untouched, or a copy of a tied tensor (untying): raw bytes
+                        writer.copy_range(name, info.start, info.nbytes)
                     weight_map[name] = shard.name
                     bar.update(info.nbytes)
-                files[shard.name] = writer.close()
+                writer.close(wait=False)
+            while writers:
+                done, w = writers.pop(0)
+                files[done] = w.digest()
+        finally:
+            for _, w in writers:
+                w.abort()
         for side in ckpt.sidecar_files():
             shutil.copyfile(side, tmp / side.name)
         if plan.untied:

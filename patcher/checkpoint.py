@@ -189,37 +189,85 @@ class Checkpoint:
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a tensor, as safetensors stores them."""
-    t = t.detach().contiguous().cpu()
+    """The raw little-endian bytes of a tensor, as safetensors stores them (no copy when the tensor
+    is already contiguous on the CPU)."""
+    t = t.detach().cpu().contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 class _Hasher(threading.Thread):
-    """sha256 of a stream of byte chunks, computed off the writing thread (hashlib drops the GIL)."""
+    """sha256 of a file as it is written, computed off the writing thread (preadv and hashlib drop
+    the GIL, so it runs on a second core).
+
+    The writer posts byte ranges in file order, each with the descriptor to read it from: the output
+    itself for bytes it wrote, the source shard for spans it copied in-kernel (those pages are in the
+    source's page cache, and where the filesystem made the copy a reflink, the output's pages are
+    not). Ranges are read through one small reusable buffer, so hashing holds no tensor in memory and
+    hashes each piece while it is in the CPU cache."""
+
+    READ = 1 << 20
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.queue: Queue[memoryview | bytes | None] = Queue(maxsize=8)
+        self.queue: Queue[tuple[int, int, int] | None] = Queue()
         self.sha = hashlib.sha256()
+        self.error: BaseException | None = None
+        self.cancelled = False
         self.start()
 
+    def put_range(self, fd: int, start: int, end: int) -> None:
+        self.queue.put((fd, start, end))
+
     def run(self) -> None:
-        while (chunk := self.queue.get()) is not None:
-            self.sha.update(chunk)
+        buf = bytearray(self.READ)
+        view = memoryview(buf)
+        while (item := self.queue.get()) is not None:
+            if self.error is not None or self.cancelled:
+                continue
+            fd, pos, end = item
+            try:
+                while pos < end:
+                    want = min(self.READ, end - pos)
+                    if hasattr(os, "preadv"):
+                        n = os.preadv(fd, [view[:want]], pos)
+                        chunk = view[:n]
+                    else:
+                        chunk = os.pread(fd, want, pos)
+                        n = len(chunk)
+                    if n <= 0:
+                        raise OSError(f"file ended at byte {pos}, expected {end}")
+                    self.sha.update(chunk)
+                    pos += n
+            except BaseException as exc:  # noqa: BLE001 - reported by finish()
+                self.error = exc
 
     def finish(self) -> str:
         self.queue.put(None)
         self.join()
+        if self.error is not None:
+            raise PatcherError(f"hashing the output failed ({self.error}): was a file changed during the bake?")
         return self.sha.hexdigest()
 
 
 class ShardWriter:
-    """Writes one safetensors file tensor by tensor, in header order, hashing as it goes."""
+    """Writes one safetensors file tensor by tensor, in header order, hashing as it goes.
+
+    Untouched tensors are copied from ``source`` in-kernel (``os.copy_file_range``; consecutive
+    tensors merge into one span), so their bytes never enter Python; edited tensors arrive as bytes.
+    The sha256 is computed by a `_Hasher` thread; ``close(wait=False)`` lets it finish in the
+    background (`digest` collects it), so the next shard is copied while this one is still hashed."""
 
     CHUNK = 64 << 20
 
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None):
-        """``entries``: (name, dtype, shape, nbytes) in the order the tensors will be written."""
+    def __init__(
+        self,
+        path: Path,
+        entries: list[tuple[str, str, tuple[int, ...], int]],
+        metadata: dict[str, str] | None,
+        source: Path | None = None,
+    ):
+        """``entries``: (name, dtype, shape, nbytes) in the order the tensors will be written;
+        ``source``: the shard that `copy_range` copies from."""
         header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
         offset = 0
         for name, dtype, shape, nbytes in entries:
@@ -227,17 +275,45 @@ class ShardWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8-byte alignment
+        self.path = path
         self._expected = [(name, nbytes) for name, _, _, nbytes in entries]
-        self._f = open(path, "wb")
+        self._fds: list[int] = []
+        try:
+            self._src = self._open(source) if source is not None else None
+            self._f = open(path, "wb", buffering=0)
+            self._readback = self._open(path)
+        except BaseException:
+            if getattr(self, "_f", None) is not None:
+                self._f.close()
+            self._close_fds()
+            raise
+        self._pos = 0  # bytes written so far
+        self._span: list[int] | None = None  # [start, end) of source bytes not copied yet
+        self._kernel_copy = hasattr(os, "copy_file_range")
+        self._digest: str | None = None
         self._hasher = _Hasher()
         self._emit(struct.pack("<Q", len(raw)) + raw)
 
-    def _emit(self, data: bytes | memoryview) -> None:
-        self._f.write(data)
-        self._hasher.queue.put(data)
+    def _open(self, path: Path) -> int:
+        fd = os.open(path, os.O_RDONLY)
+        self._fds.append(fd)
+        return fd
+
+    def _write_all(self, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            n = self._f.write(view)
+            view = view[n:]
+
+    def _emit(self, data: memoryview | bytes) -> None:
+        self._flush_span()
+        start = self._pos
+        self._write_all(data)
+        self._pos += memoryview(data).nbytes
+        self._hasher.put_range(self._readback, start, self._pos)
 
     def _next(self, name: str, nbytes: int) -> None:
-        want = self._expected.pop(0)
+        want = self._expected.pop(0) if self._expected else None
         if want != (name, nbytes):
             raise RuntimeError(f"shard writer expected {want}, got {(name, nbytes)}")
 
@@ -245,35 +321,80 @@ class ShardWriter:
         self._next(name, data.nbytes)
         self._emit(data)
 
-    def copy_range(self, name: str, src: mmap.mmap, src_fd: int, start: int, nbytes: int) -> None:
-        """Copy a tensor's raw bytes from the source file without decoding them."""
+    def copy_range(self, name: str, start: int, nbytes: int) -> None:
+        """Copy a tensor's raw bytes (``nbytes`` from offset ``start`` of the source shard) without decoding them."""
+        if self._src is None:
+            raise RuntimeError("shard writer has no source file to copy from")
         self._next(name, nbytes)
-        self._f.flush()
-        done = 0
-        while done < nbytes:
-            n = min(self.CHUNK, nbytes - done)
-            view = memoryview(src)[start + done : start + done + n]
-            self._hasher.queue.put(view)
-            copied = os.copy_file_range(src_fd, self._f.fileno(), n, start + done)
-            if copied <= 0:  # some filesystems refuse copy_file_range: fall back to write
-                self._f.write(view)
-                copied = n
-            self._f.seek(0, os.SEEK_END)
-            done += copied
+        if self._span is not None and self._span[1] == start:
+            self._span[1] += nbytes
+        else:
+            self._flush_span()
+            self._span = [start, start + nbytes]
 
-    def close(self) -> str:
-        """Finish the file; returns its sha256."""
+    def _flush_span(self) -> None:
+        if self._span is None:
+            return
+        start, end = self._span
+        self._span = None
+        out = self._f.fileno()
+        while start < end:
+            n = min(self.CHUNK, end - start)
+            copied = 0
+            if self._kernel_copy:
+                try:
+                    copied = os.copy_file_range(self._src, out, n, start)
+                except OSError:  # some filesystems refuse copy_file_range: read + write instead
+                    self._kernel_copy = False
+            if not self._kernel_copy:
+                copied = len(chunk := os.pread(self._src, n, start))
+                self._write_all(chunk)
+            if copied <= 0:
+                raise PatcherError(f"source shard ended at byte {start}, expected {end}: was it changed during the bake?")
+            self._hasher.put_range(self._src, start, start + copied)
+            self._pos += copied
+            start += copied
+
+    def close(self, wait: bool = True) -> str | None:
+        """Finish the file; returns its sha256, or with ``wait=False`` returns at once and leaves
+        the hash to finish in the background (collect it with `digest`)."""
         if self._expected:
             raise RuntimeError(f"shard writer closed with {len(self._expected)} tensors unwritten")
+        self._flush_span()
         self._f.close()
-        return self._hasher.finish()
+        return self.digest() if wait else None
+
+    def digest(self) -> str:
+        """The sha256 of the closed file, once the hasher has caught up."""
+        if self._digest is None:
+            try:
+                self._digest = self._hasher.finish()
+            finally:
+                self._close_fds()
+        return self._digest
+
+    def abort(self) -> None:
+        """Stop without finishing (the caller discards the file)."""
+        self._f.close()
+        if self._digest is None:
+            self._hasher.cancelled = True
+            self._hasher.queue.put(None)
+            self._hasher.join()
+            self._digest = ""
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())
 
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(ShardWriter.CHUNK):
-            h.update(chunk)
+    buf = bytearray(_Hasher.READ)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
@@ -300,16 +421,23 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output should look like any folder
     try:
         yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.rename(out, trash / "old")
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        move_into_place(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def move_into_place(ready: Path, out: Path) -> None:
+    """Rename a complete folder to ``out``; an existing ``out`` is moved aside first and deleted
+    only after the new one is in place."""
+    out = out.resolve()
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.rename(out, trash / "old")
+        os.rename(ready, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(ready, out)
 
 
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
