@@ -55,9 +55,11 @@ def bake(patch_path: Path, model: str, out: Path, overwrite: bool, untie: bool) 
 
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="PNG map of the heads and neurons a circuit patch removes.")
 @friendly
-def inspect(path: Path) -> None:
+def inspect(path: Path, plot: Path | None) -> None:
     """Show the edits of a patch or a baked output folder, per layer and tensor."""
+    from .methods.circuit import SUMMARY_HEADERS, Circuit, plot_circuit
     from .patch import Patch
 
     patch = Patch.load(path)
@@ -65,6 +67,15 @@ def inspect(path: Path) -> None:
     click.echo(render(["module", "edit", "summary"], rows, title=f"{len(patch.edits)} edits in {path}"))
     click.echo()
     click.echo(render(LAYER_HEADERS, patch.per_layer(), title="per layer"))
+    circuit = Circuit.from_patch(patch)
+    if circuit.n_heads or circuit.n_neurons:
+        click.echo()
+        click.echo(render(SUMMARY_HEADERS, circuit.summary_rows(), title=f"circuit: {circuit.n_heads} heads, {circuit.n_neurons} neurons removed"))
+        if plot:
+            plot_circuit(circuit, None, plot)
+            click.echo(f"wrote {plot}")
+    elif plot:
+        raise PatcherError(f"{path} removes no heads or neurons: --plot maps circuit patches only")
 
 
 @main.command()
@@ -90,6 +101,27 @@ _device_opt = click.option("--device", default="cpu", show_default=True, help="c
 _batch_opt = click.option("--batch-size", type=int, default=None, help="Collection batch size (default: the recipe's).")
 
 
+def _scale_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options for models beyond one device and runs beyond one process (docs/scaling.md)."""
+    for opt in reversed([
+        click.option("--device-map", default=None, help="Place the model with accelerate: auto, balanced, sequential, or one device (GPUs, then CPU, then disk)."),
+        click.option("--max-memory", default=None, help="Per-device budget for --device-map, e.g. 0=70GiB,1=70GiB,cpu=100GiB."),
+        click.option("--sequential", is_flag=True, help="Collect layer by layer: memory is one layer plus the calibration set's hidden states."),
+        click.option("--hidden-max-gib", type=float, default=8.0, show_default=True, help="With --sequential: hidden states above this size go to a temporary file."),
+        click.option("--resume", is_flag=True, help="Continue a killed run from its checkpoints (OUT.collect-state/)."),
+        click.option("--checkpoint-every", type=int, default=16, show_default=True, help="Checkpoint the statistics every N batches (0: never)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _scale(kw: dict[str, Any]) -> Any:
+    from .distributed import ScaleOptions
+
+    return ScaleOptions(sequential=kw.pop("sequential"), hidden_max_gib=kw.pop("hidden_max_gib"), device_map=kw.pop("device_map"),
+                        max_memory=kw.pop("max_memory"), resume=kw.pop("resume"), checkpoint_every=kw.pop("checkpoint_every"))
+
+
 @main.command()
 @_recipe_arg
 @_model_opt
@@ -98,13 +130,18 @@ _batch_opt = click.option("--batch-size", type=int, default=None, help="Collecti
 @_batch_opt
 @click.option("--force", is_flag=True, help="Publish even when perplexity rises beyond the recipe's budget.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder once the new one is ready.")
+@_scale_opts
 @friendly
-def run(recipe_path: Path, model: str | None, out: Path | None, device: str, batch_size: int | None, force: bool, overwrite: bool) -> None:
-    """Compute RECIPE's edits on a model, bake them, check perplexity, and write the output folder."""
+def run(recipe_path: Path, model: str | None, out: Path | None, device: str, batch_size: int | None, force: bool, overwrite: bool, **scale: Any) -> None:
+    """Compute RECIPE's edits on a model, bake them, check perplexity, and write the output folder.
+    Data-parallel: `torchrun --nproc_per_node N -m patcher.cli run ...` (rank 0 writes)."""
     from .recipe import load_recipe
     from .run import run as run_recipe
 
-    r = run_recipe(load_recipe(recipe_path), model_spec=model, out=out, device=device, batch_size=batch_size, force=force, overwrite=overwrite)
+    recipe = load_recipe(recipe_path)
+    r = run_recipe(recipe, model_spec=model, out=out, device=device, batch_size=batch_size, force=force, overwrite=overwrite, scale=_scale(scale))
+    if r is None:  # a data-parallel rank other than 0: rank 0 reports
+        return
     for d in r.data:
         s = d["data"]
         click.echo(f"step {d['step']} ({d['method']}) data: {s}")
@@ -122,21 +159,27 @@ def run(recipe_path: Path, model: str | None, out: Path | None, device: str, bat
 @_device_opt
 @_batch_opt
 @click.option("--overwrite", is_flag=True, help="Replace an existing patch folder.")
+@_scale_opts
 @friendly
-def compute(recipe_path: Path, model: str | None, out: Path, device: str, batch_size: int | None, overwrite: bool) -> None:
+def compute(recipe_path: Path, model: str | None, out: Path, device: str, batch_size: int | None, overwrite: bool, **scale_kw: Any) -> None:
     """Compute RECIPE's patch without baking it (bake later with `patcher bake`)."""
     from .checkpoint import atomic_folder, resolve_model
     from .recipe import load_recipe
-    from .run import compute_patch, load_model
+    from .run import compute_patch
 
     recipe = load_recipe(recipe_path)
     if out.exists() and not overwrite:
         raise PatcherError(f"output folder {out} already exists: choose another --out or pass --overwrite")
     folder, _ = resolve_model(model or recipe.model.id, recipe.model.revision)
-    m, tok = load_model(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
-    patch, _ = compute_patch(recipe, m, tok, batch_size=batch_size)
+    scale = _scale(scale_kw)
+    device = scale.prepare(folder, out, device)
+    m, tok = scale.load(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
+    patch, _ = compute_patch(recipe, m, tok, batch_size=batch_size, scale=scale)
+    if not scale.world.is_main:
+        return
     with atomic_folder(out) as tmp:
         patch.save(tmp)
+    scale.finish()
     click.echo(render(LAYER_HEADERS, patch.per_layer(), title="edits per layer"))
     click.echo(f"wrote {out}")
 
@@ -164,3 +207,98 @@ def localize(recipe_path: Path, model: str | None, json_path: Path | None, plot_
         click.echo(f"wrote {loc.save_json(json_path)}")
     if plot_path:
         click.echo(f"wrote {loc.plot(plot_path)}")
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--baseline", "-b", default=None, help="Base model to compare with (same prompts, same seed): folder, Hub id or smollm2-135m.")
+@click.option("--prompts", "prompts_path", default=None, help="Prompt file: jsonl with prompt [+ toxicity], or txt (one per line). Default: shared RTP challenging prompts.")
+@click.option("--n-prompts", type=int, default=None, help="Seeded sample of this many prompts (0 = all). Preset: rtp 200, quick 50.")
+@click.option("--samples", type=int, default=None, help="Continuations per prompt. Preset: rtp 25, quick 5.")
+@click.option("--max-new-tokens", type=int, default=None, help="Tokens per continuation. Preset: 20.")
+@click.option("--evaluators", default=None, help="Comma list of profanity-check, hatesonar, jigsaw-bilstm, hf:PATH (default: the first three).")
+@click.option("--seed", type=int, default=None, help="Seed for the prompt sample, the sampling and the bootstrap (default 0).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the full report (settings, metrics, samples) here.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG bar chart here.")
+@click.option("--preset", type=click.Choice(["rtp", "quick"]), default="rtp", show_default=True, help="rtp: the RealToxicityPrompts protocol; quick: for iterating.")
+@click.option("--ppl-tokens", type=int, default=None, help="WikiText-2 tokens for perplexity (0 skips it). Preset: rtp 8192, quick 4096.")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch (1 is fastest on a busy machine).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Load both models in this dtype (default float32; bfloat16 is ~2x faster on CPUs with AVX512-BF16).")
+@_device_opt
+@click.option("--batch-size", type=int, default=128, show_default=True, help="Sequences generated per batch.")
+@friendly
+def eval_command(model: str, baseline: str | None, prompts_path: str | None, n_prompts: int | None, samples: int | None, max_new_tokens: int | None,
+                 evaluators: str | None, seed: int | None, json_path: Path | None, plot_path: Path | None, preset: str, ppl_tokens: int | None,
+                 threads: int | None, dtype: str | None, device: str, batch_size: int) -> None:
+    """Toxicity (several evaluators), degenerate output and perplexity of MODEL, before/after against --baseline."""
+    from .evaluate import EvalSettings, evaluate
+
+    settings = EvalSettings.from_preset(preset, prompts=prompts_path, n_prompts=n_prompts, samples=samples, max_new_tokens=max_new_tokens,
+                                        evaluators=evaluators, seed=seed, ppl_tokens=ppl_tokens, dtype=dtype)
+    report = evaluate(model, baseline=baseline, settings=settings, device=device, batch_size=batch_size, threads=threads, progress=True)
+    click.echo(report.table())
+    if json_path:
+        click.echo(f"wrote {report.save_json(json_path)}")
+    if plot_path:
+        from .plots import plot_report
+
+        click.echo(f"wrote {plot_report(report.to_json(), plot_path)}")
+
+
+@main.command()
+@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--eval", "eval_path", type=click.Path(path_type=Path), default=None, help="Report from `patcher eval --json` (default: DIR/eval.json if present).")
+@click.option("--repo-id", default=None, help="Hub id to show in the loading example.")
+@friendly
+def card(folder: Path, eval_path: Path | None, repo_id: str | None) -> None:
+    """Write the model card (README.md) of a baked output folder DIR."""
+    from .hub import EVAL_NAME, load_eval, write_card
+
+    eval_path = eval_path or (folder / EVAL_NAME if (folder / EVAL_NAME).is_file() else None)
+    click.echo(f"wrote {write_card(folder, load_eval(eval_path) if eval_path else None, repo_id)}")
+
+
+@main.command()
+@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--revision", default=None, help="Branch to commit to (created if missing).")
+@click.option("--dry-run", is_flag=True, help="List the files that would be uploaded, with sizes; no network.")
+@friendly
+def push(folder: Path, repo_id: str, private: bool, revision: str | None, dry_run: bool) -> None:
+    """Upload a baked output folder DIR to the Hub as REPO_ID in one commit (token: HF_TOKEN or `hf auth login`)."""
+    from .hub import CARD_NAME
+    from .hub import push as run_push
+
+    r = run_push(folder, repo_id, private=private, revision=revision, dry_run=dry_run)
+    if r.card_written:
+        click.echo(f"wrote model card {folder / CARD_NAME}")
+    rows = [[name, size] for name, size in r.files]
+    total = sum(size for _, size in r.files)
+    where = f"{repo_id}" + (f"@{revision}" if revision else "")
+    title = f"{'would upload' if dry_run else 'uploaded'} {len(r.files)} files ({total / 1e6:.1f} MB) to {where}, commit message: {r.message!r}"
+    click.echo(render(["file", "bytes"], rows, title=title))
+    if not dry_run:
+        click.echo(f"commit: {r.commit_url}")
+
+
+if __name__ == "__main__":  # `python -m patcher.cli` (torchrun, accelerate launch)
+    # Import the module under its own name so that commands appended below this line exist too.
+    from patcher.cli import main as _main
+
+    _main()
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help="Model folder, config.json, Hub id (config only), or llama-2-7b / mistral-7b / falcon-40b / llama-2-70b.")
+@click.option("--dtype", default="bfloat16", show_default=True, help="Dtype the model runs in: float32, bfloat16 or float16.")
+@click.option("--texts", "n_texts", type=int, default=1000, show_default=True, help="Calibration texts (both classes).")
+@click.option("--max-tokens", type=int, default=64, show_default=True, help="Tokens per text.")
+@click.option("--gpu-gib", type=float, default=80.0, show_default=True, help="Memory of one GPU.")
+@click.option("--gpus", "n_gpus", type=int, default=8, show_default=True, help="GPUs for the data-parallel row.")
+@friendly
+def plan(model: str, dtype: str, n_texts: int, max_tokens: int, gpu_gib: float, n_gpus: int) -> None:
+    """Memory a run needs and the flags that fit it, from the model's config alone (no weights)."""
+    from .plan import report
+
+    click.echo(report(model, dtype, n_texts, max_tokens, gpu_gib, n_gpus))

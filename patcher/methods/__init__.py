@@ -69,8 +69,21 @@ def _scale() -> Method:
     return Method("scale", scale.ScaleSettings, scale.collect, scale.build)
 
 
+def _circuit() -> Method:
+    from . import circuit
+
+    def collect(ctx: StepContext, s: circuit.CircuitSettings) -> circuit.Circuit:
+        toxic = [t for t, y in zip(ctx.data.texts, ctx.data.labels) if y == 1]
+        neutral = [t for t, y in zip(ctx.data.texts, ctx.data.labels) if y == 0]
+        with ctx.prior.hooked(ctx.model):
+            return circuit.learn_circuit(ctx.model, ctx.tokenizer, toxic, neutral, s, device=ctx.collector.device)
+
+    return Method("circuit", circuit.CircuitSettings, collect, lambda ctx, c, s: c.to_patch(ctx.config))
+
+
 METHODS["project"] = _project
 METHODS["scale"] = _scale
+METHODS["circuit"] = _circuit
 
 
 def get_method(name: str) -> Method:

@@ -1,0 +1,463 @@
+"""Circuit pruning: learn binary masks over attention heads and MLP neurons, then zero them.
+
+After SafeSeek ("Universal Attribution of Safety Circuits in Language Models", 2026): one learnable
+logit per attention head and per MLP neuron, ``mask = sigmoid(logit / T)``, made binary with a
+straight-through estimator (the forward pass uses ``mask > 0.5``, the backward pass the sigmoid's
+gradient). The model's weights are frozen; only the logits are optimised.
+
+Where the masks act, from the architecture map (`patcher.arch`):
+
+* head ``h`` of layer ``i``: a forward pre-hook on ``attn_out`` (the attention output projection)
+  multiplies its input, laid out head by head, by the head's mask repeated over ``head_dim``;
+* neuron ``j`` of layer ``i``: a forward pre-hook on ``mlp_out`` (the MLP down projection)
+  multiplies its input unit ``j``.
+
+That is exactly what `ZeroHeads` and `ZeroNeurons` do to the weights (zero input columns), so the
+baked checkpoint equals the masked model.
+
+Objective (detoxification). Masks near 1 keep the model; the *circuit* is the set of zeros. With
+``M`` the model with the current circuit removed::
+
+    loss = LM(M, neutral text)                          keep utility
+           - beta * min(LM(M, toxic text), cap)         make toxic text unlikely, capped
+           + lambda * sparsity                          at most a budget of zeros
+
+``LM`` is the mean next-token cross-entropy over real tokens (padding excluded). ``cap`` is the
+unpruned model's toxic loss (first batch) plus ``toxic_cap`` nats, so the toxic term cannot run
+away by wrecking the model. ``sparsity = relu(f_h - b_h) / b_h + relu(f_n - b_n) / b_n`` where
+``f`` is the fraction of zeroed heads (neurons), counted on the binary mask with the soft mask's
+(sigmoid's) gradient, and ``b`` the budget: zero while the circuit fits its budget, it pushes every
+mask back toward 1 once it overflows. Logits start at ``+3 T`` (every mask ~0.95, binary 1: the
+unpruned model). After training the budget is enforced exactly: of the zeroed units, at most
+``floor(budget * N)`` are kept, those with the lowest logits.
+"""
+
+from __future__ import annotations
+
+import re
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import Architecture, arch_for, head_layout, num_layers
+from ..edits import ZeroHeads, ZeroNeurons
+from ..errors import PatcherError
+from ..patch import Patch
+
+METHOD = "circuit"
+
+
+@dataclass
+class CircuitSettings:
+    """Hyperparameters of `learn_circuit`; the defaults fit SmolLM2-135M on two CPU cores in ~10 min."""
+
+    temperature: float = 1.0  # T in mask = sigmoid(logit / T)
+    lr: float = 0.05  # Adam learning rate on the mask logits
+    steps: int = 200  # optimiser steps
+    batch_size: int = 8  # toxic texts and neutral texts per step (each)
+    max_tokens: int = 32  # texts are truncated to this many tokens
+    head_budget: float = 0.01  # at most this fraction of all heads removed, in (0, 1]
+    neuron_budget: float = 0.01  # at most this fraction of all MLP neurons removed, in (0, 1]
+    beta: float = 0.5  # weight of the (capped) toxic LM loss
+    lam: float = 1.0  # weight of the over-budget sparsity penalty ("lambda")
+    toxic_cap: float = 2.0  # the toxic loss counts up to the unpruned loss plus this many nats
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("head_budget", "neuron_budget"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0.0 < v <= 1.0):
+                raise PatcherError(f"{name} must be a fraction in (0, 1] (e.g. 0.01 for at most 1%), got {v!r}")
+        for name in ("temperature", "lr"):
+            if not getattr(self, name) > 0:
+                raise PatcherError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("steps", "batch_size", "max_tokens"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 1) or (name == "max_tokens" and v < 2):
+                raise PatcherError(f"{name} must be an integer >= {2 if name == 'max_tokens' else 1}, got {v!r}")
+        for name in ("beta", "lam", "toxic_cap"):
+            if not getattr(self, name) >= 0:
+                raise PatcherError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+@dataclass
+class Circuit:
+    """The learned circuit: what to remove, and how training went."""
+
+    heads: dict[int, list[int]]  # layer -> removed heads
+    neurons: dict[int, list[int]]  # layer -> removed neurons
+    history: list[dict] = field(default_factory=list)  # per step: loss terms and sparsity
+    num_layers: int = 0
+    num_heads: int = 0
+    head_dim: int = 0
+    width: int = 0  # MLP neurons per layer (input units of the down projection)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def n_heads(self) -> int:
+        return sum(len(v) for v in self.heads.values())
+
+    @property
+    def n_neurons(self) -> int:
+        return sum(len(v) for v in self.neurons.values())
+
+    def binary_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(heads [layers, num_heads], neurons [layers, width])``: 1 keeps a unit, 0 removes it."""
+        hm, nm = torch.ones(self.num_layers, self.num_heads), torch.ones(self.num_layers, self.width)
+        for i, hs in self.heads.items():
+            hm[i, hs] = 0
+        for i, ns in self.neurons.items():
+            nm[i, ns] = 0
+        return hm, nm
+
+    def to_patch(self, config: Any, provenance: dict | None = None) -> Patch:
+        """`ZeroHeads` on each layer's ``attn_out``, `ZeroNeurons` on its ``mlp_out``."""
+        arch = arch_for(config)
+        heads, head_dim = head_layout(config)
+        width = self.width or _config_width(config)
+        edits = []
+        for i in sorted(set(self.heads) | set(self.neurons)):
+            if self.heads.get(i):
+                edits.append(ZeroHeads.build(arch.module("attn_out", i), list(self.heads[i]), heads, head_dim, arch.layout))
+            if self.neurons.get(i):
+                edits.append(ZeroNeurons.build(arch.module("mlp_out", i), list(self.neurons[i]), width, arch.layout))
+        record = {
+            "method": METHOD,
+            "heads_removed": self.n_heads,
+            "neurons_removed": self.n_neurons,
+            "settings": self.settings,
+        }
+        return Patch(edits, record | (provenance or {}))
+
+    @classmethod
+    def from_patch(cls, patch: Patch) -> Circuit:
+        """The circuit a patch removes (its `ZeroHeads` and `ZeroNeurons` edits), for `inspect`."""
+        heads: dict[int, list[int]] = {}
+        neurons: dict[int, list[int]] = {}
+        num_heads = head_dim = width = n_layers = 0
+        for e in patch.edits:
+            layer = _layer_index(e.module)
+            if isinstance(e, ZeroHeads) and layer is not None:
+                heads[layer] = list(e.heads)
+                head_dim, num_heads = e.head_dim, e.factors.numel() // e.head_dim
+            elif isinstance(e, ZeroNeurons) and layer is not None:
+                neurons[layer] = list(e.neurons)
+                width = e.factors.numel()
+            else:
+                continue
+            n_layers = max(n_layers, layer + 1)
+        return cls(heads, neurons, num_layers=n_layers, num_heads=num_heads, head_dim=head_dim, width=width)
+
+    def summary_rows(self) -> list[list]:
+        """One row per layer: ``[layer, heads removed (count), which heads, neurons removed (count)]``."""
+        layers = range(self.num_layers) if self.num_layers else sorted(set(self.heads) | set(self.neurons))
+        rows = []
+        for i in layers:
+            hs, ns = sorted(self.heads.get(i, [])), self.neurons.get(i, [])
+            rows.append([i, len(hs), " ".join(map(str, hs)) or "-", len(ns)])
+        return rows
+
+
+SUMMARY_HEADERS = ["layer", "heads removed", "which heads", "neurons removed"]
+
+
+def _layer_index(module: str) -> int | None:
+    m = re.search(r"\.(\d+)\.", module)
+    return int(m.group(1)) if m else None
+
+
+def _config_width(config: Any) -> int:
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    for key in ("intermediate_size", "n_inner", "ffn_hidden_size"):
+        if get(key):
+            return int(get(key))
+    hidden = get("hidden_size") or get("n_embd")
+    return 4 * int(hidden)
+
+
+# -- masks -----------------------------------------------------------------------------------------
+
+
+def _module_width(module: nn.Module, arch: Architecture) -> int:
+    w = module.weight
+    return int(w.shape[1] if arch.layout == "linear" else w.shape[0])
+
+
+@contextlib.contextmanager
+def masked(model: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor) -> Iterator[nn.Module]:
+    """The model with mask pre-hooks: ``head_mask [layers, heads]`` on each ``attn_out`` input (repeated
+    over ``head_dim``), ``neuron_mask [layers, width]`` on each ``mlp_out`` input. The masks are read at
+    every forward pass, so they may be (differentiable functions of) tensors being trained."""
+    arch = arch_for(model.config)
+    _, head_dim = head_layout(model.config)
+    modules = dict(model.named_modules())
+    handles = []
+
+    def head_hook(i: int):
+        def pre(m: nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            return (x * head_mask[i].repeat_interleave(head_dim).to(x.dtype),) + tuple(args[1:])
+
+        return pre
+
+    def neuron_hook(i: int):
+        def pre(m: nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            return (x * neuron_mask[i].to(x.dtype),) + tuple(args[1:])
+
+        return pre
+
+    try:
+        for i in range(num_layers(model.config)):
+            handles.append(modules[arch.module("attn_out", i)].register_forward_pre_hook(head_hook(i)))
+            handles.append(modules[arch.module("mlp_out", i)].register_forward_pre_hook(neuron_hook(i)))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _straight_through(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(binary mask with the sigmoid's gradient, soft mask)``."""
+    soft = torch.sigmoid(logits / temperature)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + soft - soft.detach(), soft
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def _tokenize(tokenizer: Any, texts: list[str], max_tokens: int) -> list[list[int]]:
+    ids = tokenizer(list(texts), truncation=True, max_length=max_tokens)["input_ids"]
+    return [list(x) for x in ids]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def _batch(seqs: list[list[int]], pad: int, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding)."""
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+    attn = torch.zeros((len(seqs), length), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attn[r, : len(s)] = 1
+    labels = ids.masked_fill(attn == 0, -100)
+    return ids.to(device), attn.to(device), labels.to(device)
+
+
+def _forward_loss(model: nn.Module, seqs: list[list[int]], pad: int, device: str | torch.device) -> torch.Tensor:
+    ids, attn, labels = _batch(seqs, pad, device)
+    return _lm_loss(model(input_ids=ids, attention_mask=attn, use_cache=False).logits, labels)
+
+
+def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over real tokens."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+class _Sampler:
+    """Batches of ``k`` sequences, a fresh shuffle per epoch. Batches are drawn from pools of ``4 k``
+    shuffled sequences sorted by length, so a batch holds similar lengths and little padding."""
+
+    def __init__(self, lengths: list[int], k: int, gen: torch.Generator) -> None:
+        self.lengths, self.k, self.gen, self.batches = lengths, k, gen, []
+
+    def _epoch(self) -> list[list[int]]:
+        order = torch.randperm(len(self.lengths), generator=self.gen).tolist()
+        batches = []
+        for start in range(0, len(order), 4 * self.k):
+            pool = sorted(order[start : start + 4 * self.k], key=lambda j: self.lengths[j])
+            batches += [pool[i : i + self.k] for i in range(0, len(pool) - self.k + 1, self.k)]
+        return [batches[j] for j in torch.randperm(len(batches), generator=self.gen).tolist()]
+
+    def next(self) -> list[int]:
+        if not self.batches:
+            self.batches = self._epoch()
+        return self.batches.pop()
+
+
+# -- learning --------------------------------------------------------------------------------------
+
+
+def learn_circuit(
+    model: nn.Module,
+    tokenizer: Any,
+    toxic: list[str],
+    neutral: list[str],
+    settings: CircuitSettings,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Circuit:
+    """Learn binary head and neuron masks on the frozen model; return the budgeted circuit.
+
+    ``toxic`` and ``neutral`` need at least ``settings.batch_size`` texts each; a batch of each is
+    drawn per step. The model is moved to ``device`` if it is elsewhere. Its parameters are left
+    bit-identical (``requires_grad`` is restored afterwards, no ``.grad`` is created) and no hook
+    stays attached."""
+    settings.check()
+    toxic, neutral = [t for t in toxic if t and t.strip()], [t for t in neutral if t and t.strip()]
+    need = settings.batch_size
+    if len(toxic) < need or len(neutral) < need:
+        raise PatcherError(
+            f"circuit learning needs at least {need} toxic and {need} neutral texts for one batch "
+            f"(batch_size={need}), got {len(toxic)} toxic and {len(neutral)} neutral; add texts or lower batch_size"
+        )
+    config = model.config
+    arch = arch_for(config)
+    n_layers = num_layers(config)
+    n_heads, head_dim = head_layout(config)
+    modules = dict(model.named_modules())
+    width = _module_width(modules[arch.module("mlp_out", 0)], arch)
+
+    tox_ids = [s for s in _tokenize(tokenizer, toxic, settings.max_tokens) if len(s) >= 2]
+    neu_ids = [s for s in _tokenize(tokenizer, neutral, settings.max_tokens) if len(s) >= 2]
+    if len(tox_ids) < need or len(neu_ids) < need:
+        raise PatcherError(
+            f"circuit learning needs at least {need} toxic and {need} neutral texts of 2+ tokens, "
+            f"got {len(tox_ids)} and {len(neu_ids)}; add longer texts or lower batch_size"
+        )
+    pad = _pad_id(tokenizer)
+
+    gen = torch.Generator().manual_seed(settings.seed)
+    tox_sampler, neu_sampler = _Sampler([len(s) for s in tox_ids], need, gen), _Sampler([len(s) for s in neu_ids], need, gen)
+    T = settings.temperature
+    head_logits = torch.full((n_layers, n_heads), 3.0 * T, device=device, requires_grad=True)
+    neuron_logits = torch.full((n_layers, width), 3.0 * T, device=device, requires_grad=True)
+    opt = torch.optim.Adam([head_logits, neuron_logits], lr=settings.lr)
+    head_cap, neuron_cap = int(math.floor(settings.head_budget * head_logits.numel() + 1e-9)), int(
+        math.floor(settings.neuron_budget * neuron_logits.numel() + 1e-9)
+    )
+
+    was_training = model.training
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    if next(model.parameters()).device != torch.device(device):
+        model.to(device)
+    model.eval()
+    for p, _ in grad_flags:
+        p.requires_grad_(False)
+
+    history: list[dict] = []
+    cap: float | None = None
+    t0 = time.perf_counter()
+    bar = tqdm(range(settings.steps), desc="circuit", disable=not progress, unit="step")
+    try:
+        for step in bar:
+            tox = [tox_ids[j] for j in tox_sampler.next()]
+            neu = [neu_ids[j] for j in neu_sampler.next()]
+            hm, h_soft = _straight_through(head_logits, T)
+            nm, n_soft = _straight_through(neuron_logits, T)
+            with masked(model, hm, nm):
+                tox_loss, neu_loss = _forward_loss(model, tox, pad, device), _forward_loss(model, neu, pad, device)
+            if cap is None:  # masks start at 1: the first batch is the unpruned model
+                cap = tox_loss.item() + settings.toxic_cap
+            head_frac, neuron_frac = (1 - hm).mean(), (1 - nm).mean()
+            sparsity = F.relu(head_frac - settings.head_budget) / settings.head_budget + F.relu(
+                neuron_frac - settings.neuron_budget
+            ) / settings.neuron_budget
+            loss = neu_loss - settings.beta * torch.clamp(tox_loss, max=cap) + settings.lam * sparsity
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            rec = {
+                "step": step,
+                "loss": loss.item(),
+                "neutral": neu_loss.item(),
+                "toxic": tox_loss.item(),
+                "sparsity": sparsity.item(),
+                "heads_zeroed": int((hm.detach() == 0).sum()),
+                "neurons_zeroed": int((nm.detach() == 0).sum()),
+                "soft_mask_mean": float(torch.cat([h_soft.detach().flatten(), n_soft.detach().flatten()]).mean()),
+                "seconds": time.perf_counter() - t0,
+            }
+            history.append(rec)
+            bar.set_postfix(
+                loss=f"{rec['loss']:.3f}",
+                neutral=f"{rec['neutral']:.3f}",
+                toxic=f"{rec['toxic']:.3f}",
+                heads=f"{rec['heads_zeroed']}/{head_logits.numel()}",
+                neurons=f"{rec['neurons_zeroed']}/{neuron_logits.numel()}",
+                refresh=False,
+            )
+    finally:
+        bar.close()
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+    heads = _lowest_zeros(head_logits.detach(), head_cap)
+    neurons = _lowest_zeros(neuron_logits.detach(), neuron_cap)
+    return Circuit(
+        heads=heads,
+        neurons=neurons,
+        history=history,
+        num_layers=n_layers,
+        num_heads=n_heads,
+        head_dim=head_dim,
+        width=width,
+        settings=asdict(settings),
+    )
+
+
+def _lowest_zeros(logits: torch.Tensor, cap: int) -> dict[int, list[int]]:
+    """Units whose binary mask is 0 (logit < 0), at most ``cap`` of them, lowest logits first."""
+    flat = logits.flatten().cpu()
+    zeros = torch.nonzero(flat < 0).flatten()
+    chosen = zeros[torch.argsort(flat[zeros], stable=True)][:cap].tolist()
+    out: dict[int, list[int]] = {}
+    cols = logits.shape[1]
+    for idx in sorted(chosen):
+        out.setdefault(idx // cols, []).append(idx % cols)
+    return out
+
+
+# -- plot ------------------------------------------------------------------------------------------
+
+
+def plot_circuit(circuit: Circuit, config: Any | None, path: str | Path) -> None:
+    """PNG map of the circuit: removed heads (layers x heads grid) and removed neurons per layer."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise PatcherError("plotting needs matplotlib: run `pip install 'patcher[eval]'` or `pip install matplotlib`") from None
+    n_layers = circuit.num_layers or num_layers(config)
+    n_heads = circuit.num_heads or (head_layout(config)[0] if config is not None else 1)
+    width = circuit.width or (_config_width(config) if config is not None else 0)
+    grid = torch.zeros(n_layers, n_heads)
+    for i, hs in circuit.heads.items():
+        grid[i, hs] = 1
+    counts = [len(circuit.neurons.get(i, [])) for i in range(n_layers)]
+
+    fig = Figure(figsize=(9, max(3.0, 0.22 * n_layers + 1.5)))
+    FigureCanvasAgg(fig)
+    ax_h, ax_n = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [max(n_heads, 4), 8]})
+    ax_h.imshow(grid.numpy(), cmap="Reds", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    ax_h.set_xlabel("head")
+    ax_h.set_ylabel("layer")
+    ax_h.set_xticks(range(n_heads))
+    ax_h.set_title(f"heads removed: {circuit.n_heads}/{n_layers * n_heads}")
+    ax_n.barh(range(n_layers), counts, color="tab:red")
+    ax_n.set_xlabel(f"neurons removed (of {width})")
+    ax_n.set_title(f"neurons removed: {circuit.n_neurons}/{n_layers * width}")
+    ax_n.set_ylim(n_layers - 0.5, -0.5)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, format="png")
