@@ -130,16 +130,20 @@ def _scale(kw: dict[str, Any]) -> Any:
 @_batch_opt
 @click.option("--force", is_flag=True, help="Publish even when perplexity rises beyond the recipe's budget.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder once the new one is ready.")
+@click.option("--no-eval", is_flag=True, help="Skip the recipe's [eval] table (the model card is written without an evaluation).")
 @_scale_opts
 @friendly
-def run(recipe_path: Path, model: str | None, out: Path | None, device: str, batch_size: int | None, force: bool, overwrite: bool, **scale: Any) -> None:
-    """Compute RECIPE's edits on a model, bake them, check perplexity, and write the output folder.
+def run(recipe_path: Path, model: str | None, out: Path | None, device: str, batch_size: int | None, force: bool, overwrite: bool, no_eval: bool,
+        **scale: Any) -> None:
+    """Compute RECIPE's edits on a model, bake them, check perplexity, evaluate against the base
+    model when the recipe has an [eval] table, and write the output folder with its model card.
     Data-parallel: `torchrun --nproc_per_node N -m patcher.cli run ...` (rank 0 writes)."""
     from .recipe import load_recipe
     from .run import run as run_recipe
 
     recipe = load_recipe(recipe_path)
-    r = run_recipe(recipe, model_spec=model, out=out, device=device, batch_size=batch_size, force=force, overwrite=overwrite, scale=_scale(scale))
+    r = run_recipe(recipe, model_spec=model, out=out, device=device, batch_size=batch_size, force=force, overwrite=overwrite, scale=_scale(scale),
+                   run_eval=not no_eval)
     if r is None:  # a data-parallel rank other than 0: rank 0 reports
         return
     for d in r.data:
@@ -149,6 +153,11 @@ def run(recipe_path: Path, model: str | None, out: Path | None, device: str, bat
     click.echo()
     click.echo(render(["stage", "seconds"], [[k, round(v, 2)] for k, v in r.timings.seconds.items()] + [["total", round(sum(r.timings.seconds.values()), 2)]]))
     click.echo(f"perplexity {r.ppl_before:.2f} -> {r.ppl_after:.2f} ({r.ppl_increase:+.1%})")
+    if r.eval_report is not None:
+        from .evaluate import report_table
+
+        click.echo()
+        click.echo(report_table(r.eval_report))
     click.echo(f"wrote {r.out}")
 
 

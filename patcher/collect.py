@@ -10,7 +10,7 @@ SmolLM2's middle layers; pooled over sentences of unequal length it swamps the t
 difference. Position ids are passed explicitly so left padding gives the same activations as right
 padding.
 
-Statistics merge (across batches, across processes: `merge`, `state` / `from_state`), so
+Statistics merge (across batches, across processes: `merge`, `state` / `load_state`), so
 data-parallel collection reduces them with one gather.
 """
 
@@ -94,6 +94,23 @@ class PooledValues(Statistic):
         self.labels += other.labels
         self.index += other.index
 
+    def batches_seen(self) -> int:
+        return len(self.labels)
+
+    def state(self, since: int = 0) -> dict[str, torch.Tensor]:
+        """What batches ``since``.. added, as plain tensors (for ``torch.save`` and gathering
+        across processes); `load_state` merges it into another instance."""
+        cat = lambda xs: torch.cat(xs) if xs else torch.empty(0)  # noqa: E731
+        return {"labels": cat(self.labels[since:]), "index": cat(self.index[since:])} | {
+            f"values:{m}": cat(v[since:]) for m, v in self.values.items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state["index"].numel():
+            for m in self.values:
+                self.values[m].append(state[f"values:{m}"])
+            self.labels.append(state["labels"])
+            self.index.append(state["index"])
+
     def matrix(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values [n, units], labels [n])`` in the caller's sample order."""
         order = torch.cat(self.index).argsort()
@@ -125,10 +142,14 @@ class Collector:
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_tokens = batch_size, max_tokens
         self.padding_side, self.skip_first, self.progress = padding_side, skip_first, progress
+        self.options = None  # patcher.distributed.ScaleOptions: data-parallel, resumable or layer-by-layer passes
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """The first parameter's device (the embedding's, under an accelerate device map); the CPU
+        when accelerate offloaded it (its hooks then move the inputs)."""
+        dev = next(self.model.parameters()).device
+        return torch.device("cpu") if dev.type == "meta" else dev
 
     def batches(self, texts: Sequence[str], labels: Sequence[int]) -> Iterator[Batch]:
         """Batches sorted by token length (less padding), each row remembering its original index."""
@@ -166,6 +187,10 @@ class Collector:
                 if w[0] not in modules:
                     raise PatcherError(f"the model has no module {w[0]!r}: is the recipe for another architecture?")
                 wanted.setdefault(w, []).append(s)
+        if self.options is not None:
+            from .distributed import collect_scaled
+
+            return collect_scaled(self, stats, wanted, texts, labels, patch, desc)
         current: list[Batch] = []
         handles: list = []
         n_batches = -(-len(texts) // self.batch_size)
@@ -181,6 +206,7 @@ class Collector:
                         attention_mask=batch.attention_mask.to(dev),
                         position_ids=batch.position_ids.to(dev),
                         use_cache=False,
+                        logits_to_keep=1,  # statistics never read the logits: skip most of the LM head
                     )
         finally:
             for h in handles:

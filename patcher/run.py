@@ -3,14 +3,19 @@
 `compute_patch` runs a recipe's steps on a loaded model (each later step collects with the earlier
 steps' edits attached as hooks) and returns the composed Patch. `run` bakes it into a staging folder
 beside the output, measures perplexity before and after on a held-back text slice, and publishes the
-folder with one rename only when the rise is within the recipe's budget (or ``force``).
+folder with one rename only when the rise is within the recipe's budget (or ``force``). Before that
+rename, a recipe with an ``[eval]`` table has the staging folder evaluated against the base model
+(``eval.json``, ``eval.png``; their sha256 join ``bake.files`` in ``patch.json``), and the model card
+(``README.md``) is written, with the evaluation when there is one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,16 +26,17 @@ from typing import Any
 import torch
 
 from .bake import bake
-from .checkpoint import check_output_path, move_into_place, resolve_model
+from .checkpoint import check_output_path, move_into_place, resolve_model, sha256_file
 from .collect import Collector
 from .data import LabeledSet, load_labeled
 from .errors import PatcherError
 from .methods import StepContext, get_method
 from .patch import Patch
 from .perplexity import perplexity, token_stream
-from .recipe import DataSettings, Recipe, build
+from .recipe import DataSettings, Recipe, _line_of, _resolve, _where, build
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EVAL_PLOT = "eval.png"
 
 
 @dataclass
@@ -49,21 +55,34 @@ def resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PatcherError(f"device {device!r} requested but no CUDA GPU is visible: use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise PatcherError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
+    if device != "cpu" and not device.startswith(("cuda", "mps")):
+        raise PatcherError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto")
     return device
 
 
-def load_model(folder: Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer with a pad token) from a local folder."""
+def load_model(folder: Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
+               device_map: str | None = None, max_memory: str | None = None) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer with a pad token) from a local folder; with ``device_map``
+    (``auto``, ...) accelerate places it over GPUs, CPU and disk within ``max_memory``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise PatcherError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    model = model.to(resolve_device(device)).eval()
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    try:
+        if device_map:
+            from .distributed import load_with_device_map
+
+            model = load_with_device_map(folder, DTYPES[dtype], device_map, max_memory, trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            model = model.to(resolve_device(device)).eval()
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PatcherError(f"cannot load {folder} as a causal LM with its tokenizer ({first}): give a model folder with tokenizer files") from None
     if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise PatcherError(f"the tokenizer of {folder} has neither a pad nor an eos token: add a pad token to it")
         tok.pad_token = tok.eos_token
     return model, tok
 
@@ -84,12 +103,14 @@ def load_data(settings: DataSettings, tokenizer: Any) -> LabeledSet:
     )
 
 
-def compute_patch(recipe: Recipe, model: Any, tokenizer: Any, *, batch_size: int | None = None, timings: Timings | None = None, progress: bool = True) -> tuple[Patch, list[dict]]:
+def compute_patch(recipe: Recipe, model: Any, tokenizer: Any, *, batch_size: int | None = None, timings: Timings | None = None, progress: bool = True,
+                  scale: Any = None) -> tuple[Patch, list[dict]]:
     """Run the recipe's steps; returns the composed Patch and a summary of each step's data."""
     timings = timings or Timings()
     c = recipe.collect
     collector = Collector(model, tokenizer, batch_size=batch_size or c.batch_size, max_tokens=recipe.data.max_tokens,
                           padding_side=c.padding_side, skip_first=c.skip_first, progress=progress)
+    collector.options = scale  # patcher.distributed.ScaleOptions (data-parallel, resume, layer by layer) or None
     patch = Patch([])
     summaries: list[dict] = []
     cache: dict[DataSettings, LabeledSet] = {}
@@ -120,6 +141,7 @@ class RunResult:
     ppl_after: float
     timings: Timings
     data: list[dict]
+    eval_report: dict[str, Any] | None = None  # the JSON of the [eval] table's evaluation (no samples)
 
     @property
     def ppl_increase(self) -> float:
@@ -129,7 +151,77 @@ class RunResult:
 def _ppl(model: Any, tokenizer: Any, recipe: Recipe) -> float:
     ids = token_stream(tokenizer, recipe.check.ppl_text, recipe.check.ppl_tokens)
     w = recipe.check.ppl_window
+    if getattr(model, "_patcher_layerwise", None) is not None:  # --sequential: the skeleton of a LayerwiseModel
+        from .sequential import layerwise_perplexity
+
+        return layerwise_perplexity(model._patcher_layerwise, ids, window=w, stride=w)
     return perplexity(model, ids, window=w, stride=w)
+
+
+def eval_settings(recipe: Recipe) -> Any:
+    """The recipe's ``[eval]`` table as `patcher.evaluate.EvalSettings`, or None without one (or
+    with ``enabled = false``). Its keys are EvalSettings' fields, a ``preset`` supplying the ones
+    left out; unknown keys and wrong types are refused with the table's line; relative ``prompts``
+    and ``ppl_text`` paths are read from the recipe's folder."""
+    from .evaluate import EvalSettings
+
+    line = _line_of(recipe.text, "eval")
+    if not recipe.eval and not line:
+        return None
+    where = _where(recipe.path, line)
+    if not isinstance(recipe.eval, dict):
+        raise PatcherError(f"{where}: eval should be a table ([eval]) of evaluation settings")
+    table = dict(recipe.eval)
+    enabled = table.pop("enabled", True)
+    if not isinstance(enabled, bool):
+        raise PatcherError(f"{where}: eval.enabled = {enabled!r} should be true or false")
+    build(EvalSettings, table, where, "eval")  # names unknown keys and wrong types
+    if not enabled:
+        return None
+    for key in ("prompts", "ppl_text"):
+        if table.get(key):
+            table[key] = _resolve(recipe.path.parent, table[key])
+    try:
+        return EvalSettings.from_preset(table.pop("preset", "rtp"), **table)
+    except PatcherError as e:
+        raise PatcherError(f"{where}: {e}") from None
+
+
+def _record_files(folder: Path, names: list[str]) -> None:
+    """Add the sha256 of ``names`` to ``bake.files`` in ``folder``'s patch.json (`patcher verify` rechecks them)."""
+    meta = json.loads((folder / "patch.json").read_text())
+    files = meta["bake"]["files"] | {name: sha256_file(folder / name) for name in names}
+    meta["bake"]["files"] = dict(sorted(files.items()))
+    (folder / "patch.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _evaluate_staging(staging: Path, out: Path, baseline: str, settings: Any, device: str, progress: bool) -> dict[str, Any]:
+    """Evaluate the staged output against ``baseline``; writes eval.json and eval.png into it."""
+    from .evaluate import evaluate
+    from .hub import EVAL_NAME
+    from .plots import plot_report
+
+    report = evaluate(staging, baseline=baseline, settings=settings, device=device, progress=progress)
+    final = str(out.resolve())  # measured in the staging folder, published as ``out``
+    report.model.spec, report.model.folder = str(out), final
+    report.model.provenance = report.model.provenance | {"model": final}
+    report.save_json(staging / EVAL_NAME)
+    data = report.to_json()
+    plot_report(data, staging / EVAL_PLOT)
+    _record_files(staging, [EVAL_NAME, EVAL_PLOT])
+    return data
+
+
+def _write_card(staging: Path, out: Path, report: dict[str, Any] | None, progress: bool) -> None:
+    """The model card (README.md). It is not listed in ``bake.files``: `patcher card` and `patcher
+    push` may rewrite it. Without PyYAML (the ``eval`` extra) the card is left out, with a note."""
+    from .hub import write_card
+
+    if importlib.util.find_spec("yaml") is None:
+        if progress:
+            print("patcher run: no model card written (needs pyyaml: pip install 'patcher[eval]'; then `patcher card OUT`)", file=sys.stderr)
+        return
+    write_card(staging, report, repo_id=out.name)
 
 
 def run(
@@ -142,15 +234,32 @@ def run(
     force: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-) -> RunResult:
+    scale: Any = None,
+    run_eval: bool = True,
+) -> RunResult | None:
+    """``scale`` (`patcher.distributed.ScaleOptions`): device map, layer-by-layer, data-parallel,
+    checkpoints; under several processes only rank 0 bakes and writes, the others return None.
+    ``run_eval=False`` skips the recipe's ``[eval]`` table (the card is written without it)."""
     timings = Timings()
     spec = model_spec or recipe.model.id
+    settings = eval_settings(recipe)  # refuse a bad [eval] table before the work, even when skipped
+    if not run_eval:
+        settings = None
+    if settings is not None:
+        from .evaluate import eval_prompts
+
+        eval_prompts(settings)  # a missing prompt file is named now, not after the bake
     with timings.stage("load"):
         folder, _ = resolve_model(spec, recipe.model.revision)
         out = Path(out or f"runs/{recipe.name}-{Path(spec).name}")
         check_output_path(out, folder, overwrite)
-        model, tokenizer = load_model(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
-    patch, summaries = compute_patch(recipe, model, tokenizer, batch_size=batch_size, timings=timings, progress=progress)
+        if scale is not None:
+            device = scale.prepare(folder, out, device)
+        load = scale.load if scale is not None else load_model
+        model, tokenizer = load(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
+    patch, summaries = compute_patch(recipe, model, tokenizer, batch_size=batch_size, timings=timings, progress=progress, scale=scale)
+    if scale is not None and not scale.world.is_main:
+        return None
     staging = out.resolve().parent / f".{out.name}.staging"
     if staging.exists():
         shutil.rmtree(staging)
@@ -161,7 +270,7 @@ def run(
         with timings.stage("perplexity"):
             before = _ppl(model, tokenizer, recipe) if recipe.check.ppl_text else float("nan")
             del model
-            baked, _ = load_model(staging, recipe.model.dtype, device)
+            baked, _ = load(staging, recipe.model.dtype, device)
             after = _ppl(baked, tokenizer, recipe) if recipe.check.ppl_text else float("nan")
             del baked
         result = RunResult(out, patch, before, after, timings, summaries)
@@ -174,7 +283,15 @@ def run(
                 f"perplexity rose {result.ppl_increase:+.1%} ({before:.2f} -> {after:.2f}), over the recipe's budget of "
                 f"{budget:+.0%}: nothing was written; pass --force to publish anyway or raise check.max_ppl_increase"
             )
+        if settings is not None:
+            with timings.stage("eval"):
+                # the base model as resolved for the bake (a pinned revision stays pinned)
+                baseline = spec if recipe.model.revision is None else str(folder)
+                result.eval_report = _evaluate_staging(staging, out, baseline, settings, device, progress)
+        _write_card(staging, out, result.eval_report, progress)
         move_into_place(staging, out)
+        if scale is not None:
+            scale.finish()
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
