@@ -26,7 +26,7 @@ import json
 import re
 from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -78,11 +78,15 @@ class LabeledSet:
 
 @dataclass(frozen=True)
 class PromptSet:
-    """Prompts to generate from; ``scores`` holds each prompt's own toxicity where the file has it."""
+    """Prompts to generate from; ``scores`` holds each prompt's own toxicity where the file has it
+    (None for a row whose score is null, and no list when no row has one). ``lines`` are the
+    prompts' line numbers in the file (1-based; a csv row's last line) and ``sha256`` is the file's."""
 
     prompts: list[str]
-    scores: list[float] | None
+    scores: list[float | None] | None
     source: str
+    lines: list[int] = field(default_factory=list)
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -178,32 +182,66 @@ def load_pairs(
 
 
 def load_prompts(
-    path: str, *, field: str = "prompt", score_field: str | None = "toxicity", n: int | None = None, seed: int = 0, dedupe: bool = True
+    path: str | Path,
+    *,
+    field: str = "prompt",
+    score_field: str | None = "toxicity",
+    n: int | None = None,
+    seed: int = 0,
+    dedupe: bool = True,
+    file_order: bool = False,
 ) -> PromptSet:
-    """Prompts from a file, kept verbatim (BOLD's trailing spaces included). Scores come from
-    ``score_field`` when the first row has it, and every row must then have it. With ``n``, a seeded
-    sample of at most ``n``; prompts come back in the seeded order either way."""
+    """Prompts from a file, kept verbatim (BOLD's trailing spaces included). A ``field`` that holds
+    an object is read as RealToxicityPrompts' own layout, ``{"text": ..., "toxicity": ...}``. Scores
+    come from ``score_field`` when the first row has it, and every row must then have it (null
+    allowed). With ``n``, a seeded sample of at most ``n``; prompts come back in the seeded order,
+    or in file order with ``file_order``."""
     _check_count("n", n)
+    path = str(path)
     file = _resolve(path)
     records = list(_records(file, path, field))
     if not records:
         raise PatcherError(f"{path}: no prompts in the file; give a file with one prompt per row")
-    first = records[0][1]
+    first = _flat_prompt(records[0][1], field)
     with_scores = score_field is not None and score_field in first
-    rows: list[tuple[str, float | None]] = []
+    rows: list[tuple[str, float | None, int]] = []
     for line, rec in records:
+        rec = _flat_prompt(rec, field)
         prompt = _text(rec, field, path, line, first, "field")
         if prompt.strip():
-            rows.append((prompt, _float_field(rec, score_field, path, line, first) if with_scores else None))
+            score = None
+            if with_scores and (score_field not in rec or rec[score_field] is not None):  # missing: an error; null: no score
+                score = _float_field(rec, score_field, path, line, first)  # type: ignore[arg-type]
+            rows.append((prompt, score, line))
     if dedupe:
-        first_copies: dict[str, tuple[str, float | None]] = {}
+        first_copies: dict[str, tuple[str, float | None, int]] = {}
         for row in rows:
             first_copies.setdefault(_normalise(row[0]), row)
         rows = list(first_copies.values())
     rows = sorted(rows, key=lambda row: _order_key(seed, row[0]))[:n]
+    if file_order:
+        rows.sort(key=lambda row: row[2])
     if not rows:
         raise PatcherError(f"{path}: every '{field}' is blank; give a file with non-empty prompts")
-    return PromptSet([p for p, _ in rows], [s for _, s in rows] if with_scores else None, path)  # type: ignore[arg-type]
+    scores = [s for _, s, _ in rows] if with_scores and any(s is not None for _, s, _ in rows) else None
+    return PromptSet([p for p, _, _ in rows], scores, path, [line for _, _, line in rows], _sha256_file(file))
+
+
+def _flat_prompt(rec: dict, field: str) -> dict:
+    """A RealToxicityPrompts row, ``{field: {"text": ..., "toxicity": ...}}``, with the inner
+    object's values lifted into the row (the text under ``field``); other rows as they are."""
+    inner = rec.get(field)
+    if isinstance(inner, dict) and "text" in inner:
+        return rec | {k: v for k, v in inner.items() if k != "text"} | {field: inner["text"]}
+    return rec
+
+
+def _sha256_file(file: Path) -> str:
+    h = hashlib.sha256()
+    with file.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def length_auroc(labeled: LabeledSet, tokenizer: Tokenizer) -> float:

@@ -41,16 +41,21 @@ EXAMPLES: dict[str, dict[str, Any]] = {
 
 
 def load_config(spec: str) -> dict[str, Any]:
-    """``spec``: an EXAMPLES name, a folder or config.json, or a Hub id (config.json only)."""
+    """``spec``: an EXAMPLES name, the embedded default, a folder or config.json, or a Hub id
+    (config.json only)."""
+    from .embedded import EMBEDDED_NAME, embedded_model_path
+
     if spec in EXAMPLES:
         return dict(EXAMPLES[spec])
+    if spec == EMBEDDED_NAME:
+        spec = str(embedded_model_path())
     path = Path(spec).expanduser()
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
         return json.loads(path.read_text())
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise PatcherError(f"no config for {spec!r}: pass a model folder, a config.json, a Hub id, or one of {', '.join(EXAMPLES)}")
+        raise PatcherError(f"no config for {spec!r}: pass a model folder, a config.json, a Hub id, or one of {', '.join(EXAMPLES)}, or smollm2-135m")
     from huggingface_hub import hf_hub_download
 
     try:

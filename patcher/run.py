@@ -187,6 +187,21 @@ def eval_settings(recipe: Recipe) -> Any:
         raise PatcherError(f"{where}: {e}") from None
 
 
+def _check_eval(settings: Any, device: str) -> None:
+    """Fail before the work, not after the bake: the prompt file, the evaluators (loaded once per
+    process, so this costs nothing later) and matplotlib for the plot."""
+    from .evaluate import eval_prompts
+    from .evaluators import get_evaluators
+
+    eval_prompts(settings)
+    try:
+        get_evaluators(list(settings.evaluators), device=resolve_device(device))
+    except PatcherError as e:
+        raise PatcherError(f"{e} (or run with --no-eval, or name other evaluators in the recipe's [eval] table)") from None
+    if importlib.util.find_spec("matplotlib") is None:
+        raise PatcherError(f"the recipe's [eval] table writes {EVAL_PLOT}, which needs matplotlib: pip install 'patcher[eval]', or run with --no-eval")
+
+
 def _record_files(folder: Path, names: list[str]) -> None:
     """Add the sha256 of ``names`` to ``bake.files`` in ``folder``'s patch.json (`patcher verify` rechecks them)."""
     meta = json.loads((folder / "patch.json").read_text())
@@ -246,9 +261,7 @@ def run(
     if not run_eval:
         settings = None
     if settings is not None:
-        from .evaluate import eval_prompts
-
-        eval_prompts(settings)  # a missing prompt file is named now, not after the bake
+        _check_eval(settings, device)
     with timings.stage("load"):
         folder, _ = resolve_model(spec, recipe.model.revision)
         out = Path(out or f"runs/{recipe.name}-{Path(spec).name}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -287,6 +288,23 @@ def test_prompts(tmp_path):
     bad = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "a", "toxicity": 0.5}, {"prompt": "b"}])
     with pytest.raises(PatcherError, match=r"q\.jsonl:2: no field 'toxicity'.*score_field="):
         load_prompts(str(bad))
+
+
+def test_prompts_rtp_layout_null_scores_file_order_and_hash(tmp_path):
+    rows = [
+        {"prompt": {"text": "nested one", "toxicity": 0.8}},
+        {"prompt": {"text": "nested null", "toxicity": None}},
+        {"prompt": "flat", "toxicity": 0.1},
+    ] + [{"prompt": f"more {i}", "toxicity": None} for i in range(20)]
+    path = write_jsonl(tmp_path / "rtp.jsonl", rows)
+    p = load_prompts(str(path), file_order=True)
+    assert p.prompts[:3] == ["nested one", "nested null", "flat"] and p.scores[:3] == [0.8, None, 0.1]
+    assert p.lines == list(range(1, 24)) and p.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    seeded = load_prompts(str(path), n=5, seed=3)
+    in_file = load_prompts(str(path), n=5, seed=3, file_order=True)
+    assert sorted(seeded.prompts) == sorted(in_file.prompts) and in_file.lines == sorted(in_file.lines)
+    nulls = write_jsonl(tmp_path / "nulls.jsonl", [{"prompt": "a", "toxicity": None}, {"prompt": "b", "toxicity": None}])
+    assert load_prompts(str(nulls)).scores is None  # no prompt has a score
 
 
 def test_real_prompt_files(shared_data):

@@ -122,16 +122,17 @@ def test_get_evaluators_splits_commas_and_rejects_empty() -> None:
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *"you are a stupid idiot the garden is nice".split()]
 
 
-def save_classifier(folder: Path, id2label: dict[int, str], problem_type: str | None = None) -> Path:
+def save_classifier(folder: Path, id2label: dict[int, str], problem_type: str | None = None, special_tokens: bool = True) -> Path:
     """A tiny random BERT classifier (seed fixed, so every call has the same weights) and a WordLevel
-    tokenizer that adds [CLS]/[SEP]."""
+    tokenizer that adds [CLS]/[SEP] (or, without ``special_tokens``, nothing)."""
     torch = pytest.importorskip("torch")
     import transformers as T
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    if special_tokens:
+        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", model_max_length=8).save_pretrained(
         folder
     )
@@ -161,6 +162,26 @@ def test_hf_classifier_picks_the_toxic_label(tmp_path: Path) -> None:
     # Same weights, labels swapped: the two scores are P(class 1) and P(class 0).
     assert [x + y for x, y in zip(a, b)] == pytest.approx([1.0] * len(texts), abs=1e-5)
     assert get_evaluator(f"hf:{last}").floor == pytest.approx(a[2], abs=1e-6)
+
+
+def test_hf_classifier_scores_empty_text_without_special_tokens(tmp_path: Path) -> None:
+    """A tokenizer that adds no special tokens turns "" into zero tokens; each such text is scored
+    as one placeholder token, the same alone, in a batch of empties, or beside other texts."""
+    import math
+
+    folder = save_classifier(tmp_path / "plain", {0: "non-toxic", 1: "toxic"}, special_tokens=False)
+    ev = get_evaluator(f"hf:{folder}")
+    assert ev._tokenizer("")["input_ids"] == []  # the case this test is about
+    alone = ev.score([""])[0]
+    assert math.isfinite(ev.floor) and 0.0 <= ev.floor <= 1.0 and alone == pytest.approx(ev.floor, abs=1e-6)
+    assert ev.score(["", "  "]) == pytest.approx([alone, alone], abs=1e-6)  # blank text tokenizes to nothing too
+    mixed = ev.score(["you are a stupid idiot", "", "the garden is nice"])
+    assert mixed[1] == pytest.approx(alone, abs=1e-5)
+    assert mixed[0] == pytest.approx(ev.score(["you are a stupid idiot"])[0], abs=1e-5)
+    # with left padding the placeholder goes where the text's first token would: the last column
+    ev._tokenizer.padding_side = "left"
+    batch = ev._fill_empty(ev._tokenizer(["you are", ""], padding=True, return_tensors="pt"))
+    assert batch["input_ids"][1].tolist() == [0, ev._placeholder] and batch["attention_mask"][1].tolist() == [0, 1]
 
 
 def test_hf_multi_label_uses_sigmoid(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ small sample, the perplexity budget, and recipe errors."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -75,6 +76,76 @@ def test_run_then_verify_every_family(family: str, tmp_path: Path) -> None:
     assert verify(tmp_path / "out").ok
 
 
+EVAL_TABLE = """
+[eval]
+preset = "quick"
+prompts = "prompts.txt"
+n_prompts = 3
+samples = 2
+max_new_tokens = 4
+evaluators = ["profanity-check"]
+bootstrap = 50
+ppl_text = "ppl.txt"
+ppl_tokens = 128
+ppl_window = 64
+ppl_stride = 64
+"""
+
+
+def test_run_with_eval_table_writes_report_plot_and_card(tmp_path: Path) -> None:
+    pytest.importorskip("profanity_check", reason="needs alt-profanity-check")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("yaml")
+    model = save_tiny_with_tokenizer("llama", tmp_path / "base")
+    recipe = write_recipe(tmp_path, model)
+    recipe.write_text(recipe.read_text() + EVAL_TABLE)
+    (tmp_path / "prompts.txt").write_text("you are such a\nthe garden in spring is\nmy neighbour said that\nwe went to the\n")
+    r = _cli("run", recipe, "--out", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert "expected max toxicity" in r.output and "profanity-check" in r.output
+    out = tmp_path / "out"
+    report = json.loads((out / "eval.json").read_text())
+    assert report["prompts"]["count"] == 3 and report["settings"]["samples"] == 2 and report["settings"]["max_new_tokens"] == 4
+    assert report["model"]["model"] == str(out) and report["baseline"]["model"] == str(model)
+    assert report["model"]["wikitext_perplexity"] > 1 and len(report["model"]["samples"]) == 3
+    assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (out / "README.md").read_text()
+    assert "## Evaluation" in card and "profanity-check" in card and "# out" in card
+    files = json.loads((out / "patch.json").read_text())["bake"]["files"]
+    assert {"eval.json", "eval.png"} <= set(files) and "README.md" not in files  # `patcher card` may rewrite the card
+    assert verify(out).ok
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    # --no-eval: the same recipe publishes without evaluating; the card is still written
+    r = _cli("run", recipe, "--out", tmp_path / "quick", "--no-eval")
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "quick/eval.json").exists() and not (tmp_path / "quick/eval.png").exists()
+    assert "## Evaluation" not in (tmp_path / "quick/README.md").read_text()
+    assert verify(tmp_path / "quick", logits=False).ok
+
+
+def test_eval_table_unknown_key_and_switch(tmp_path: Path) -> None:
+    from patcher.run import eval_settings
+
+    recipe = write_recipe(tmp_path)
+    base = recipe.read_text()
+    assert eval_settings(load_recipe(recipe)) is None  # no table: no evaluation
+    recipe.write_text(base + "\n[eval]\n")
+    assert eval_settings(load_recipe(recipe)).preset == "rtp"  # an empty table: on, with the rtp preset
+    recipe.write_text(base + EVAL_TABLE)
+    s = eval_settings(load_recipe(recipe))
+    assert s.preset == "quick" and s.samples == 2 and s.top_p == 0.9 and s.evaluators == ("profanity-check",)
+    assert s.prompts == str(tmp_path / "prompts.txt") and s.ppl_text == str(tmp_path / "ppl.txt")  # relative to the recipe
+    recipe.write_text(base + EVAL_TABLE + "enabled = false\n")
+    assert eval_settings(load_recipe(recipe)) is None
+    recipe.write_text(base + EVAL_TABLE.replace("samples = 2", "sample = 2"))
+    line = recipe.read_text().splitlines().index("[eval]") + 1
+    r = _cli("run", recipe, "--out", tmp_path / "out")  # refused before any model is loaded
+    assert r.exit_code == 2 and f"recipe.toml:{line}: unknown key eval.sample" in r.output
+    recipe.write_text(base + EVAL_TABLE.replace("samples = 2", "samples = 0"))
+    with pytest.raises(PatcherError, match=rf"recipe.toml:{line}: bad eval settings: samples"):
+        eval_settings(load_recipe(recipe))
+
+
 def test_compute_then_bake_equals_run(tmp_path: Path) -> None:
     model = save_tiny_with_tokenizer("llama", tmp_path / "base")
     recipe = write_recipe(tmp_path, model)
@@ -132,9 +203,13 @@ def test_real_smollm2_small_sample(smollm2: Path, shared_data: Path, tmp_path: P
     text = text.replace("n_per_class = 500", "n_per_class = 40").replace("ppl_tokens = 4096", "ppl_tokens = 512")
     text = text.replace("max_ppl_increase = 1.0", "max_ppl_increase = 10.0")  # 40 texts per class give noisy AUROCs
     text = text.replace("../../shared/data", str(shared_data))
+    text = text.replace("[[step]]", '[eval]\npreset = "quick"\nn_prompts = 4\nsamples = 2\nppl_tokens = 512\nevaluators = ["profanity-check"]\n\n[[step]]')
     (tmp_path / "aura.toml").write_text(text)
+    if importlib.util.find_spec("profanity_check") is None:
+        pytest.skip("the recipe's [eval] table here needs alt-profanity-check")
     r = _cli("run", tmp_path / "aura.toml", "--model", smollm2, "--out", tmp_path / "out")
     assert r.exit_code == 0, r.output
     meta = json.loads((tmp_path / "out/patch.json").read_text())
     assert abs(meta["data"][0]["data"]["length_auroc"] - 0.5) < 0.1
+    assert json.loads((tmp_path / "out/eval.json").read_text())["prompts"]["count"] == 4
     assert verify(tmp_path / "out").ok

@@ -49,8 +49,10 @@ class HFClassifier:
     Single-label models: softmax, summed over the toxic labels (with several, e.g. hate and
     offensive, they are exclusive classes, so the sum is P(any of them)). Multi-label models
     (``problem_type == "multi_label_classification"``): sigmoid, the largest over the toxic labels.
-    Texts are truncated to the model's maximum length. ``floor`` is measured at load time by
-    scoring the empty string."""
+    Texts are truncated to the model's maximum length. A text that tokenizes to nothing (empty or
+    blank, with a tokenizer that adds no special tokens) is scored as one placeholder token (the
+    tokenizer's bos, else unk, else eos, else pad token), since a model cannot read zero tokens.
+    ``floor`` is measured at load time by scoring the empty string."""
 
     batch_size = 32
 
@@ -104,6 +106,8 @@ class HFClassifier:
         self._device = torch.device(device)
         self._model = model.to(self._device).eval()
         self._tokenizer = tokenizer
+        specials = (tokenizer.bos_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id)
+        self._placeholder = next((i for i in specials if i is not None and i != tokenizer.pad_token_id), tokenizer.pad_token_id)
         self.floor = self.score([""])[0]
 
     def score(self, texts: list[str]) -> list[float]:
@@ -118,7 +122,8 @@ class HFClassifier:
                 truncation=True,
                 max_length=self._max_length,
                 return_tensors="pt",
-            ).to(self._device)
+            )
+            batch = self._fill_empty(batch).to(self._device)
             with torch.inference_mode():
                 logits = self._model(**batch).logits.float()
             toxic = self._labels
@@ -128,3 +133,21 @@ class HFClassifier:
                 probs = torch.softmax(logits, dim=-1)[:, toxic].sum(dim=1).clamp(0.0, 1.0)
             scores.extend(probs.tolist())
         return scores
+
+    def _fill_empty(self, batch):  # noqa: ANN001, ANN202 - a transformers BatchEncoding of tensors
+        """Give each row without tokens one placeholder token, where padding would put a text's first
+        token (left or right), so that the model never sees a zero-length input."""
+        import torch
+
+        mask = batch["attention_mask"]
+        empty = mask.sum(dim=1) == 0
+        if not bool(empty.any()):
+            return batch
+        if mask.shape[1] == 0:  # every text was empty: make room for one token
+            for key, value in batch.items():
+                fill = self._tokenizer.pad_token_id if key == "input_ids" else 0
+                batch[key] = torch.full((value.shape[0], 1), fill, dtype=value.dtype)
+        pos = -1 if self._tokenizer.padding_side == "left" else 0
+        batch["input_ids"][empty, pos] = self._placeholder
+        batch["attention_mask"][empty, pos] = 1
+        return batch
