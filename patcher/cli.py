@@ -291,6 +291,47 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, dry_ru
         click.echo(f"commit: {r.commit_url}")
 
 
+
+@main.command()
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
+@click.option("--set", "expr", required=True, help="[step.N.]KEY=V1,V2,...: the setting to sweep (default step: the last).")
+@click.option("--model", "-m", default=None, help="Model: local folder, Hub id, or smollm2-135m (default: the recipe's).")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="Folder for one baked model per value, sweep.json and the plot.")
+@click.option("--max-ppl-increase", type=float, default=None, help="Pick the least toxic point whose perplexity rises at most this much (0.05 = +5%).")
+@click.option("--compare", multiple=True, help="LABEL=EVAL_JSON: a reference point (e.g. aura=runs/aura/eval.json) on the plot.")
+@click.option("--n-prompts", type=int, default=None, help="Prompts per evaluation (quick preset: 50).")
+@click.option("--samples", type=int, default=None, help="Samples per prompt (quick preset: 5).")
+@click.option("--evaluators", default=None, help="Comma list of evaluators (default: the three offline ones).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@friendly
+def sweep(recipe_path: Path, expr: str, model: str | None, out: Path | None, max_ppl_increase: float | None, compare: tuple[str, ...],
+          n_prompts: int | None, samples: int | None, evaluators: str | None, device: str) -> None:
+    """Run RECIPE at several values of one setting (statistics collected once), evaluate each with
+    the quick preset, and plot toxicity against perplexity beside the base model."""
+    from .evaluate import EvalSettings
+    from .recipe import load_recipe
+    from .sweep import plot_sweep
+    from .sweep import sweep as run_sweep
+
+    recipe = load_recipe(recipe_path)
+    refs = {}
+    for c in compare:
+        if "=" not in c:
+            raise PatcherError(f"--compare {c!r}: write LABEL=PATH_TO_eval.json")
+        label, path = c.split("=", 1)
+        refs[label] = Path(path)
+    settings = EvalSettings.from_preset("quick", n_prompts=n_prompts, samples=samples, evaluators=evaluators)
+    out = out or Path(f"runs/sweep-{recipe.name}")
+    result = run_sweep(recipe, expr, out=out, model_spec=model, eval_settings=settings, references=refs,
+                       max_ppl_increase=max_ppl_increase, device=device)
+    click.echo(result.table())
+    click.echo(f"wrote {plot_sweep(result, out / 'sweep.png')} and {out / 'sweep.json'}")
+    if result.chosen is not None:
+        click.echo(f"least toxic within +{max_ppl_increase:.0%} perplexity: {result.key}={result.values[result.chosen]} ({result.points[result.chosen]['folder']})")
+    elif max_ppl_increase is not None:
+        click.echo(f"no point stays within +{max_ppl_increase:.0%} perplexity")
+
+
 if __name__ == "__main__":  # `python -m patcher.cli` (torchrun, accelerate launch)
     # Import the module under its own name so that commands appended below this line exist too.
     from patcher.cli import main as _main

@@ -104,8 +104,12 @@ def load_data(settings: DataSettings, tokenizer: Any) -> LabeledSet:
 
 
 def compute_patch(recipe: Recipe, model: Any, tokenizer: Any, *, batch_size: int | None = None, timings: Timings | None = None, progress: bool = True,
-                  scale: Any = None) -> tuple[Patch, list[dict]]:
-    """Run the recipe's steps; returns the composed Patch and a summary of each step's data."""
+                  scale: Any = None, stats_cache: dict | None = None) -> tuple[Patch, list[dict]]:
+    """Run the recipe's steps; returns the composed Patch and a summary of each step's data.
+
+    ``stats_cache`` (a sweep passes the same dict for every value) reuses a step's statistics when
+    its data, its settings other than the method's ``build_only`` ones, and the patch of the
+    earlier steps are all unchanged."""
     timings = timings or Timings()
     c = recipe.collect
     collector = Collector(model, tokenizer, batch_size=batch_size or c.batch_size, max_tokens=recipe.data.max_tokens,
@@ -124,8 +128,15 @@ def compute_patch(recipe: Recipe, model: Any, tokenizer: Any, *, batch_size: int
         data = cache[data_settings]
         summaries.append({"step": i, "method": step.method, "data": data.summary()})
         ctx = StepContext(model, tokenizer, collector, data, patch)
+        collect_settings = {k: v for k, v in sorted(step.settings.items()) if k not in method.build_only}
+        key = (i, step.method, data_settings, repr(collect_settings), patch.hash())
         with timings.stage("collect"):
-            stats = method.collect(ctx, settings)
+            if stats_cache is not None and key in stats_cache:
+                stats = stats_cache[key]
+            else:
+                stats = method.collect(ctx, settings)
+                if stats_cache is not None:
+                    stats_cache[key] = stats
         with timings.stage("compute"):
             step_patch = method.build(ctx, stats, settings)
         patch = patch.compose(step_patch) if patch.edits else step_patch

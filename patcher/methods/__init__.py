@@ -41,6 +41,7 @@ class Method:
     settings: type
     collect: Callable[[StepContext, Any], Any]
     build: Callable[[StepContext, Any, Any], Patch]
+    build_only: frozenset[str] = frozenset()  # settings that never change what `collect` returns
 
 
 def _aura() -> Method:
@@ -51,7 +52,8 @@ def _aura() -> Method:
         ctx.collector.run([stat], ctx.data.texts, ctx.data.labels, patch=ctx.prior, desc="aura: collect")
         return stat
 
-    return Method("aura", aura.AuraSettings, collect, lambda ctx, stats, s: aura.build_patch(ctx.config, stats, s))
+    return Method("aura", aura.AuraSettings, collect, lambda ctx, stats, s: aura.build_patch(ctx.config, stats, s),
+                  frozenset({"mode", "min_auroc", "top_k", "damp_factor"}))
 
 
 METHODS: dict[str, Callable[[], Method]] = {"aura": _aura}
@@ -60,13 +62,13 @@ METHODS: dict[str, Callable[[], Method]] = {"aura": _aura}
 def _project() -> Method:
     from . import project
 
-    return Method("project", project.ProjectSettings, project.collect, project.build)
+    return Method("project", project.ProjectSettings, project.collect, project.build, frozenset({"strength", "k", "probe_c", "holdout"}))
 
 
 def _scale() -> Method:
     from . import scale
 
-    return Method("scale", scale.ScaleSettings, scale.collect, scale.build)
+    return Method("scale", scale.ScaleSettings, scale.collect, scale.build, frozenset({"factor", "top_n", "per_layer", "min_effect"}))
 
 
 def _circuit() -> Method:
