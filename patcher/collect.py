@@ -218,7 +218,7 @@ class Collector:
         for (name, side), users in wanted.items():
             def feed(acts: torch.Tensor, name: str = name, users: list[Statistic] = users) -> None:
                 batch = current[0]
-                acts = acts.detach()
+                acts = (acts[0] if isinstance(acts, tuple) else acts).detach()  # Falcon's layers return tuples
                 for s in users:
                     s.observe(name, acts, batch)
 

@@ -51,6 +51,7 @@ class DataSettings:
     match_lengths: bool = True
     dedupe: bool = True
     seed: int = 0
+    pairs: bool = False  # the file holds contrastive pairs {"toxic": ..., "neutral": [...]}: n_per_class pairs
 
 
 @dataclass(frozen=True)
@@ -178,5 +179,6 @@ def load_recipe(path: str | Path) -> Recipe:
         if "data" in s:
             step_data = build(DataSettings, dataclasses.asdict(data) | s.pop("data"), _where(path, line), f"step[{i + 1}].data")
             step_data = dataclasses.replace(step_data, path=_resolve(base, step_data.path))
+        s = {k: _resolve(base, v) if k.endswith("_path") and isinstance(v, str) else v for k, v in s.items()}
         steps.append(Step(s.pop("method"), s, step_data, line))
     return Recipe(path, raw.get("name", path.stem), model, data, section(CollectSettings, "collect"), check, tuple(steps), raw.get("eval", {}), text)

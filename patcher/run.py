@@ -28,7 +28,7 @@ import torch
 from .bake import bake
 from .checkpoint import check_output_path, move_into_place, resolve_model, sha256_file
 from .collect import Collector
-from .data import LabeledSet, load_labeled
+from .data import LabeledSet, load_labeled, load_pairs
 from .errors import PatcherError
 from .methods import StepContext, get_method
 from .patch import Patch
@@ -90,6 +90,9 @@ def load_model(folder: Path, dtype: str = "float32", device: str = "cpu", trust_
 def load_data(settings: DataSettings, tokenizer: Any) -> LabeledSet:
     if not settings.path:
         raise PatcherError("the recipe's [data] table needs a path to labelled toxic/non-toxic text")
+    if settings.pairs:
+        return load_pairs(settings.path, n=settings.n_per_class, seed=settings.seed, dedupe=settings.dedupe,
+                          tokenizer=tokenizer, max_tokens=settings.max_tokens)
     return load_labeled(
         settings.path,
         text_field=settings.text_field,

@@ -213,3 +213,20 @@ def test_real_smollm2_small_sample(smollm2: Path, shared_data: Path, tmp_path: P
     assert abs(meta["data"][0]["data"]["length_auroc"] - 0.5) < 0.1
     assert json.loads((tmp_path / "out/eval.json").read_text())["prompts"]["count"] == 4
     assert verify(tmp_path / "out").ok
+
+
+def test_pairs_recipe_loads_pairs(shared_data: Path) -> None:
+    """`pairs = true` reads contrastive pairs: each toxic text beside its paraphrase, paired ids."""
+    from tiny import tiny_tokenizer
+
+    from patcher.run import load_data
+
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes/project-profs.toml")
+    import dataclasses
+
+    data = load_data(dataclasses.replace(recipe.data, n_per_class=20), tiny_tokenizer())
+    assert data.pair_ids is not None and sum(data.labels) == 20 and len(data.labels) == 40
+    by_pair: dict[int, list[int]] = {}
+    for pid, y in zip(data.pair_ids, data.labels):
+        by_pair.setdefault(pid, []).append(y)
+    assert all(sorted(v) == [0, 1] for v in by_pair.values())
