@@ -89,31 +89,17 @@ def plan_bake(patch: Patch, ckpt: Checkpoint, untie: bool = False) -> BakePlan:
     return BakePlan(edits, new_tensors, touches_tied)
 
 
-BLOCK_VALUES = 1 << 20  # float32 values edited at a time: a few MB, stays in cache
-
-
 def _edited_bytes(ckpt: Checkpoint, source: TensorInfo, name: str, edits: list[tuple[Edit, str]]) -> memoryview:
     """Read a tensor, apply its edits in float32, cast back into the stored tensor, return its bytes.
-
-    A weight is edited one block of input units at a time (`Edit.for_inputs`), so memory is the
-    stored tensor plus a few MB however large the tensor is. `verify` calls this same function, so it
+    Memory is the stored tensor plus its float32 copy. `verify` calls this same function, so it
     recomputes the same bytes."""
     stored = ckpt.read(source)
-    if stored.ndim == 2 and all(part == "weight" for _, part in edits):
-        in_axis = 1 if edits[0][0].layout == "linear" else 0
-        n_in = stored.shape[in_axis]
-        step = max(1, BLOCK_VALUES // max(1, stored.shape[1 - in_axis]))
-        blocks = [(lo, min(lo + step, n_in)) for lo in range(0, n_in, step)]
-    else:
-        in_axis, blocks = 0, [(0, stored.shape[0] if stored.ndim else 0)]
-    for lo, hi in blocks:
-        view = stored.narrow(in_axis, lo, hi - lo) if stored.ndim == 2 else stored
-        x = view.float()
-        for edit, part in edits:
-            x = edit.for_inputs(lo, hi).apply_weight(x) if part == "weight" else edit.apply_bias(x)
-        if not torch.isfinite(x).all():
-            raise PatcherError(f"editing {name} produced NaN or inf: check the base weights and the patch")
-        view.copy_(x)
+    x = stored.float()
+    for edit, part in edits:
+        x = edit.apply_weight(x) if part == "weight" else edit.apply_bias(x)
+    if not torch.isfinite(x).all():
+        raise PatcherError(f"editing {name} produced NaN or inf: check the base weights and the patch")
+    stored.copy_(x)
     return tensor_bytes(stored)
 
 

@@ -13,7 +13,6 @@ weight, columns of a GPT-2 ``Conv1D`` or of an embedding), input units what it r
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -79,11 +78,6 @@ class Edit:
 
     def summary(self) -> str:
         return ""
-
-    def for_inputs(self, lo: int, hi: int) -> Edit:
-        """This edit restricted to input units ``[lo, hi)`` of its weight. Every edit acts on each
-        block of input units on its own, which lets bake edit a large tensor a block at a time."""
-        return self
 
     # -- weight face -----------------------------------------------------------------------------
     def apply_weight(self, w: torch.Tensor) -> torch.Tensor:
@@ -154,8 +148,6 @@ class ScaleInputs(Edit):
         f = self.factors
         return f"{int((f != 1).sum())}/{f.numel()} inputs scaled, mean {f.float().mean():.3f}"
 
-    def for_inputs(self, lo: int, hi: int) -> Edit:
-        return dataclasses.replace(self, factors=self.factors[lo:hi])
 
     def apply_weight(self, w: torch.Tensor) -> torch.Tensor:
         return w * _along(self.factors.to(w), 1 - _out_axis(self.layout))
