@@ -23,15 +23,6 @@ def word(i: int) -> str:
     return f"w{i:02d}"  # fixed width: no word is a prefix of another (the eos token w02 included)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads cost
-    tens of times the work; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:

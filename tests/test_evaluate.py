@@ -44,14 +44,6 @@ class FakeEvaluator:
         return [min(1.0, 4 * sum(c in self.letters for c in t) / max(len(t), 1)) for t in texts]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine spinning threads cost much."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -29,13 +29,6 @@ REPO = "someone/tiny-detox"
 RECIPE_TEXT = 'name = "aura"\n[data]\npath = "/x/shared/data/toxicity_labeled/paradetox_labeled.jsonl"\n[[step]]\nmethod = "aura"\n'
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def baked(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -29,15 +29,6 @@ TOXIC = ["idiot", "stupid", "moron", "fool", "jerk", "loser"]
 NEUTRAL = ["friend", "garden", "morning", "river", "music", "window"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest, and on a shared CPU extra threads thrash (300 SAE steps
-    took 84 s with the default thread count under load, 0.7 s with one)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def paired_data(n: int = 24, seed: int = 0) -> SimpleNamespace:
     """Toxic/neutral sentences that differ in one word, with pair ids (like ParaDetox)."""
