@@ -4,6 +4,7 @@ becomes one line on stderr and exit status 2."""
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -72,7 +73,9 @@ def inspect(path: Path, plot: Path | None) -> None:
         click.echo()
         click.echo(render(SUMMARY_HEADERS, circuit.summary_rows(), title=f"circuit: {circuit.n_heads} heads, {circuit.n_neurons} neurons removed"))
         if plot:
-            plot_circuit(circuit, None, plot)
+            config_path = path / "config.json" if path.is_dir() else None  # an output folder knows its head count
+            config = json.loads(config_path.read_text()) if config_path and config_path.is_file() else None
+            plot_circuit(circuit, config, plot)
             click.echo(f"wrote {plot}")
     elif plot:
         raise PatcherError(f"{path} removes no heads or neurons: --plot maps circuit patches only")

@@ -438,7 +438,7 @@ def plot_circuit(circuit: Circuit, config: Any | None, path: str | Path) -> None
     except ImportError:
         raise PatcherError("plotting needs matplotlib: run `pip install 'patcher[eval]'` or `pip install matplotlib`") from None
     n_layers = circuit.num_layers or num_layers(config)
-    n_heads = circuit.num_heads or (head_layout(config)[0] if config is not None else 1)
+    n_heads = (head_layout(config)[0] if config is not None else 0) or circuit.num_heads or 1
     width = circuit.width or (_config_width(config) if config is not None else 0)
     grid = torch.zeros(n_layers, n_heads)
     for i, hs in circuit.heads.items():
