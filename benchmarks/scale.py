@@ -183,7 +183,8 @@ def main() -> None:
 
         from patcher.table import render
 
-        a, b = torch.load(Path(tmp) / "sequential.json.pt"), torch.load(Path(tmp) / "whole.json.pt")
+        a = torch.load(Path(tmp) / "sequential.json.pt", weights_only=True)
+        b = torch.load(Path(tmp) / "whole.json.pt", weights_only=True)
         diff = max((a[m].float() - b[m].float()).abs().max().item() for m in a)
     hidden = results["sequential"]["hidden_bytes"]
     bound = layer + hidden + 2**30
