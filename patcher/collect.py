@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -138,11 +138,14 @@ class Collector:
         padding_side: Literal["left", "right"] = "right",
         skip_first: bool = True,
         progress: bool = True,
+        options: Any = None,
     ):
+        """``options``: a `patcher.distributed.ScaleOptions` for data-parallel, resumable or
+        layer-by-layer passes; None runs the whole model in this process."""
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_tokens = batch_size, max_tokens
         self.padding_side, self.skip_first, self.progress = padding_side, skip_first, progress
-        self.options = None  # patcher.distributed.ScaleOptions: data-parallel, resumable or layer-by-layer passes
+        self.options = options
 
     @property
     def device(self) -> torch.device:

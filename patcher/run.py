@@ -116,8 +116,7 @@ def compute_patch(recipe: Recipe, model: Any, tokenizer: Any, *, batch_size: int
     timings = timings or Timings()
     c = recipe.collect
     collector = Collector(model, tokenizer, batch_size=batch_size or c.batch_size, max_tokens=recipe.data.max_tokens,
-                          padding_side=c.padding_side, skip_first=c.skip_first, progress=progress)
-    collector.options = scale  # patcher.distributed.ScaleOptions (data-parallel, resume, layer by layer) or None
+                          padding_side=c.padding_side, skip_first=c.skip_first, progress=progress, options=scale)
     patch = Patch([])
     summaries: list[dict] = []
     cache: dict[DataSettings, LabeledSet] = {}
