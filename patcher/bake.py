@@ -1,7 +1,8 @@
 """Bake a Patch into a checkpoint, shard by shard, tensor by tensor, never holding the model.
 
-Memory is one edited tensor (in float32, plus its stored copy); time is close to copying the files,
-because untouched tensors are copied as raw bytes. The output appears in one rename when complete;
+Memory is a few blocks of an edited tensor (a whole tensor for edits that mix rows); time is close
+to copying the files, because untouched tensors are copied as raw bytes in-kernel and edited ones
+stream through cache-sized blocks. The output appears in one rename when complete;
 the source folder is only read.
 """
 
@@ -12,18 +13,23 @@ import math
 import os
 import platform
 import shutil
+import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from .arch import arch_for, is_tied
 from .checkpoint import (
     INDEX_NAME,
     Checkpoint,
+    ShardHeader,
     ShardWriter,
     TensorInfo,
     atomic_folder,
@@ -89,18 +95,65 @@ def plan_bake(patch: Patch, ckpt: Checkpoint, untie: bool = False) -> BakePlan:
     return BakePlan(edits, new_tensors, touches_tied)
 
 
-def _edited_bytes(ckpt: Checkpoint, source: TensorInfo, name: str, edits: list[tuple[Edit, str]]) -> memoryview:
-    """Read a tensor, apply its edits in float32, cast back into the stored tensor, return its bytes.
-    Memory is the stored tensor plus its float32 copy. `verify` calls this same function, so it
-    recomputes the same bytes."""
-    stored = ckpt.read(source)
-    x = stored.float()
+BLOCK_BYTES = 1 << 20  # edited tensors stream through blocks this size: they stay in the CPU cache
+
+
+def _edit_block(x: torch.Tensor, edits: list[tuple[Edit, str]], name: str) -> torch.Tensor:
     for edit, part in edits:
         x = edit.apply_weight(x) if part == "weight" else edit.apply_bias(x)
     if not math.isfinite(float(x.sum())):  # NaN and inf survive a sum: one pass, no bool tensor
         raise PatcherError(f"editing {name} produced NaN or inf: check the base weights and the patch")
-    stored.copy_(x)
-    return tensor_bytes(stored)
+    return x
+
+
+def edited_chunks(ckpt: Checkpoint, source: TensorInfo, name: str, edits: list[tuple[Edit, str]]) -> Iterator[memoryview]:
+    """The edited tensor's stored bytes, in order: each piece is read, edited in float32 and cast
+    back to the stored dtype. Where every edit acts on rows independently (the scalings and
+    zeroings; see `Edit.row_block`) the tensor streams through blocks of `BLOCK_BYTES`, each chunk
+    valid until the next is asked for; otherwise it is edited whole (memory: the tensor and its
+    float32 copy). Blocks give the same bytes as the whole tensor, element for element. `verify`
+    calls this same function, so it recomputes the same bytes."""
+    blocked = len(source.shape) == 2 and source.shape[0] > 0 and all(part == "weight" for _, part in edits)
+    if blocked and all(e.row_block(slice(0, 1)) is not None for e, _ in edits):
+        row = 0
+        for stored in ckpt.read_blocks(source, BLOCK_BYTES):
+            rows = slice(row, row + stored.shape[0])
+            stored.copy_(_edit_block(stored.float(), [(e.row_block(rows), p) for e, p in edits], name))
+            row = rows.stop
+            yield tensor_bytes(stored)
+        return
+    stored = ckpt.read(source)
+    stored.copy_(_edit_block(stored.float(), edits, name))
+    yield tensor_bytes(stored)
+
+
+def _write_shard(
+    ckpt: Checkpoint,
+    plan: BakePlan,
+    shard: ShardHeader,
+    order: list[tuple[str, TensorInfo]],
+    dest: Path,
+    stop: threading.Event,
+    bar: tqdm,
+) -> str:
+    """Write one output shard (tensors in ``order``: output name, source tensor); returns its
+    sha256. Sets ``stop`` when it fails and gives up when another shard has."""
+    entries = [(n, src.dtype, src.shape, src.nbytes) for n, src in order]
+    writer = ShardWriter(dest, entries, shard.metadata, source=ckpt.folder / shard.name)
+    try:
+        for name, info in order:
+            if stop.is_set():
+                raise PatcherError("bake stopped: another shard failed")
+            if name in plan.edits_by_tensor:
+                writer.write_bytes(name, info.nbytes, edited_chunks(ckpt, info, name, plan.edits_by_tensor[name]))
+            else:  # untouched, or a copy of a tied tensor (untying): raw bytes
+                writer.copy_range(name, info.start, info.nbytes)
+            bar.update(info.nbytes)
+        return writer.close()
+    except BaseException:
+        stop.set()
+        writer.abort()
+        raise
 
 
 def bake(
@@ -126,36 +179,22 @@ def bake(
         print(f"patcher: untying embeddings: writing a separate {next(iter(plan.new_tensors), 'lm_head.weight')} and setting tie_word_embeddings=false")
     total = sum(s.size for s in ckpt.shards.values())
     files: dict[str, str] = {}
+    weight_map: dict[str, str] = {}
+    jobs = []
+    for shard in ckpt.shards.values():
+        extra = [(n, src) for n, src in plan.new_tensors.items() if src.shard == shard.name]
+        order = [(t.name, t) for t in shard.tensors] + extra
+        weight_map.update((name, shard.name) for name, _ in order)
+        jobs.append((shard, order))
     with atomic_folder(out) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="bake", disable=not progress) as bar:
-        weight_map: dict[str, str] = {}
-        # Shards are hashed in the background: the next shard is copied while the previous ones are
-        # still being hashed, with at most `hashing` shards in flight.
-        hashing = max(2, min(4, os.cpu_count() or 1))
-        writers: list[tuple[str, ShardWriter]] = []
-        try:
-            for shard in ckpt.shards.values():
-                while len(writers) >= hashing:
-                    done, w = writers.pop(0)
-                    files[done] = w.digest()
-                extra = [(n, src) for n, src in plan.new_tensors.items() if src.shard == shard.name]
-                order = [(t.name, t) for t in shard.tensors] + extra
-                entries = [(n, src.dtype, src.shape, src.nbytes) for n, src in order]
-                writer = ShardWriter(tmp / shard.name, entries, shard.metadata, source=folder / shard.name)
-                writers.append((shard.name, writer))
-                for name, info in order:
-                    if name in plan.edits_by_tensor:
-                        writer.write_bytes(name, _edited_bytes(ckpt, info, name, plan.edits_by_tensor[name]))
-                    else:  # untouched, or a copy of a tied tensor (untying): raw bytes
-                        writer.copy_range(name, info.start, info.nbytes)
-                    weight_map[name] = shard.name
-                    bar.update(info.nbytes)
-                writer.close(wait=False)
-            while writers:
-                done, w = writers.pop(0)
-                files[done] = w.digest()
-        finally:
-            for _, w in writers:
-                w.abort()
+        # Shards are independent files: one thread each, as many at once as there are cores (file
+        # I/O, sha256 and torch all release the GIL), so hashing runs at the speed of every core.
+        with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+            stop = threading.Event()  # set when one shard fails, so the others stop at their next tensor
+            futures = {
+                shard.name: pool.submit(_write_shard, ckpt, plan, shard, order, tmp / shard.name, stop, bar) for shard, order in jobs
+            }
+            files.update((name, f.result()) for name, f in futures.items())
         for side in ckpt.sidecar_files():
             shutil.copyfile(side, tmp / side.name)
         if plan.untied:

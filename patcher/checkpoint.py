@@ -6,9 +6,8 @@ range of every tensor), then raw bytes. `Checkpoint` parses only the headers (li
 range lies inside its file, which catches truncated shards before anything is written.
 
 `ShardWriter` writes one output shard tensor by tensor: untouched tensors are copied as raw bytes
-in-kernel (``os.copy_file_range``) and never decoded; edited tensors arrive as bytes already cast
-back to their stored dtype. The sha256 of the output is computed on a second thread from the
-bytes written, so hashing overlaps the copy.
+and never decoded; edited tensors arrive as bytes already cast back to their stored dtype. Every
+piece is hashed (sha256) between its read and its write, while it is in the CPU cache.
 """
 
 from __future__ import annotations
@@ -19,12 +18,10 @@ import os
 import shutil
 import struct
 import tempfile
-import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Queue
 from typing import Any
 
 import torch
@@ -168,6 +165,22 @@ class Checkpoint:
             return torch.empty(info.shape, dtype=DTYPES[info.dtype])
         return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
 
+    def read_blocks(self, info: TensorInfo, block_bytes: int) -> Iterator[torch.Tensor]:
+        """A 2-D tensor's rows, read in blocks of about ``block_bytes`` into one reused buffer:
+        each block is valid until the next is read. Streaming an edit through cache-sized blocks
+        is several times faster than converting a whole tensor (no page faults, no large temporaries)."""
+        rows = info.shape[0]
+        row_bytes = info.nbytes // rows
+        step = max(1, block_bytes // row_bytes)
+        buf = torch.empty((min(step, rows), *info.shape[1:]), dtype=DTYPES[info.dtype])
+        with open(self.folder / info.shard, "rb", buffering=0) as f:
+            for r in range(0, rows, step):
+                block = buf[: min(step, rows - r)]
+                view = tensor_bytes(block)
+                if os.preadv(f.fileno(), [view], info.start + r * row_bytes) != view.nbytes:
+                    raise PatcherError(f"{self.folder / info.shard} ended inside {info.name}: was it changed during the bake?")
+                yield block
+
     def fingerprint(self) -> str:
         """sha256 over every shard's header and size: identifies tensor names, shapes, dtypes and
         layout without reading the weights (a full content hash would double the bake time)."""
@@ -194,69 +207,15 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-class _Hasher(threading.Thread):
-    """sha256 of a file as it is written, computed off the writing thread (preadv and hashlib drop
-    the GIL, so it runs on a second core).
-
-    The writer posts byte ranges in file order, each with the descriptor to read it from: the output
-    itself for bytes it wrote, the source shard for spans it copied in-kernel (those pages are in the
-    source's page cache, and where the filesystem made the copy a reflink, the output's pages are
-    not). Ranges are read through one small reusable buffer, so hashing holds no tensor in memory and
-    hashes each piece while it is in the CPU cache."""
-
-    READ = 1 << 20
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.queue: Queue[tuple[int, int, int] | None] = Queue()
-        self.sha = hashlib.sha256()
-        self.error: BaseException | None = None
-        self.cancelled = False
-        self.start()
-
-    def put_range(self, fd: int, start: int, end: int) -> None:
-        self.queue.put((fd, start, end))
-
-    def run(self) -> None:
-        buf = bytearray(self.READ)
-        view = memoryview(buf)
-        while (item := self.queue.get()) is not None:
-            if self.error is not None or self.cancelled:
-                continue
-            fd, pos, end = item
-            try:
-                while pos < end:
-                    want = min(self.READ, end - pos)
-                    if hasattr(os, "preadv"):
-                        n = os.preadv(fd, [view[:want]], pos)
-                        chunk = view[:n]
-                    else:
-                        chunk = os.pread(fd, want, pos)
-                        n = len(chunk)
-                    if n <= 0:
-                        raise OSError(f"file ended at byte {pos}, expected {end}")
-                    self.sha.update(chunk)
-                    pos += n
-            except BaseException as exc:  # noqa: BLE001 - reported by finish()
-                self.error = exc
-
-    def finish(self) -> str:
-        self.queue.put(None)
-        self.join()
-        if self.error is not None:
-            raise PatcherError(f"hashing the output failed ({self.error}): was a file changed during the bake?")
-        return self.sha.hexdigest()
-
-
 class ShardWriter:
-    """Writes one safetensors file tensor by tensor, in header order, hashing as it goes.
+    """Writes one safetensors file tensor by tensor, in header order, hashing every byte it writes.
 
-    Untouched tensors are copied from ``source`` in-kernel (``os.copy_file_range``; consecutive
-    tensors merge into one span), so their bytes never enter Python; edited tensors arrive as bytes.
-    The sha256 is computed by a `_Hasher` thread; ``close(wait=False)`` lets it finish in the
-    background (`digest` collects it), so the next shard is copied while this one is still hashed."""
+    Untouched tensors are copied from ``source`` as raw bytes (consecutive tensors merge into one
+    span) through one small buffer: each piece is read, hashed while it sits in the CPU cache, and
+    written, so the bytes are never decoded and the sha256 costs no second read. Edited tensors
+    arrive as chunks of bytes. One writer belongs to one thread; `bake` runs shards in parallel."""
 
-    CHUNK = 64 << 20
+    PIECE = 1 << 20
 
     def __init__(
         self,
@@ -276,49 +235,41 @@ class ShardWriter:
         raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8-byte alignment
         self.path = path
         self._expected = [(name, nbytes) for name, _, _, nbytes in entries]
-        self._fds: list[int] = []
+        self._src = open(source, "rb", buffering=0) if source is not None else None
         try:
-            self._src = self._open(source) if source is not None else None
             self._f = open(path, "wb", buffering=0)
-            self._readback = self._open(path)
         except BaseException:
-            if getattr(self, "_f", None) is not None:
-                self._f.close()
-            self._close_fds()
+            if self._src is not None:
+                self._src.close()
             raise
-        self._pos = 0  # bytes written so far
+        self._sha = hashlib.sha256()
+        self._buf = memoryview(bytearray(self.PIECE))
         self._span: list[int] | None = None  # [start, end) of source bytes not copied yet
-        self._kernel_copy = hasattr(os, "copy_file_range")
-        self._digest: str | None = None
-        self._hasher = _Hasher()
         self._emit(struct.pack("<Q", len(raw)) + raw)
-
-    def _open(self, path: Path) -> int:
-        fd = os.open(path, os.O_RDONLY)
-        self._fds.append(fd)
-        return fd
-
-    def _write_all(self, data: memoryview | bytes) -> None:
-        view = memoryview(data).cast("B")
-        while view.nbytes:
-            n = self._f.write(view)
-            view = view[n:]
 
     def _emit(self, data: memoryview | bytes) -> None:
         self._flush_span()
-        start = self._pos
-        self._write_all(data)
-        self._pos += memoryview(data).nbytes
-        self._hasher.put_range(self._readback, start, self._pos)
+        view = memoryview(data).cast("B")
+        self._sha.update(view)
+        while view.nbytes:
+            n = self._f.write(view)
+            view = view[n:]
 
     def _next(self, name: str, nbytes: int) -> None:
         want = self._expected.pop(0) if self._expected else None
         if want != (name, nbytes):
             raise RuntimeError(f"shard writer expected {want}, got {(name, nbytes)}")
 
-    def write_bytes(self, name: str, data: memoryview) -> None:
-        self._next(name, data.nbytes)
-        self._emit(data)
+    def write_bytes(self, name: str, nbytes: int, chunks: Iterable[memoryview]) -> None:
+        """Write one tensor's ``nbytes`` raw bytes, arriving in order as ``chunks`` (each written
+        before the next is asked for, so a producer may reuse one buffer)."""
+        self._next(name, nbytes)
+        written = 0
+        for chunk in chunks:
+            self._emit(chunk)
+            written += chunk.nbytes
+        if written != nbytes:
+            raise RuntimeError(f"{name}: wrote {written} bytes, the header says {nbytes}")
 
     def copy_range(self, name: str, start: int, nbytes: int) -> None:
         """Copy a tensor's raw bytes (``nbytes`` from offset ``start`` of the source shard) without decoding them."""
@@ -336,60 +287,32 @@ class ShardWriter:
             return
         start, end = self._span
         self._span = None
-        out = self._f.fileno()
         while start < end:
-            n = min(self.CHUNK, end - start)
-            copied = 0
-            if self._kernel_copy:
-                try:
-                    copied = os.copy_file_range(self._src, out, n, start)
-                except OSError:  # some filesystems refuse copy_file_range: read + write instead
-                    self._kernel_copy = False
-            if not self._kernel_copy:
-                copied = len(chunk := os.pread(self._src, n, start))
-                self._write_all(chunk)
-            if copied <= 0:
+            piece = self._buf[: min(self.PIECE, end - start)]
+            n = os.preadv(self._src.fileno(), [piece], start)
+            if n <= 0:
                 raise PatcherError(f"source shard ended at byte {start}, expected {end}: was it changed during the bake?")
-            self._hasher.put_range(self._src, start, start + copied)
-            self._pos += copied
-            start += copied
+            self._emit(piece[:n])
+            start += n
 
-    def close(self, wait: bool = True) -> str | None:
-        """Finish the file; returns its sha256, or with ``wait=False`` returns at once and leaves
-        the hash to finish in the background (collect it with `digest`)."""
+    def close(self) -> str:
+        """Finish the file; returns its sha256."""
         if self._expected:
             raise RuntimeError(f"shard writer closed with {len(self._expected)} tensors unwritten")
         self._flush_span()
-        self._f.close()
-        return self.digest() if wait else None
-
-    def digest(self) -> str:
-        """The sha256 of the closed file, once the hasher has caught up."""
-        if self._digest is None:
-            try:
-                self._digest = self._hasher.finish()
-            finally:
-                self._close_fds()
-        return self._digest
+        self.abort()
+        return self._sha.hexdigest()
 
     def abort(self) -> None:
-        """Stop without finishing (the caller discards the file)."""
+        """Close the files without finishing (the caller discards the output)."""
         self._f.close()
-        if self._digest is None:
-            self._hasher.cancelled = True
-            self._hasher.queue.put(None)
-            self._hasher.join()
-            self._digest = ""
-        self._close_fds()
-
-    def _close_fds(self) -> None:
-        while self._fds:
-            os.close(self._fds.pop())
+        if self._src is not None:
+            self._src.close()
 
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    buf = bytearray(_Hasher.READ)
+    buf = bytearray(ShardWriter.PIECE)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):

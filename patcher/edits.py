@@ -13,7 +13,7 @@ weight, columns of a GPT-2 ``Conv1D`` or of an embedding), input units what it r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -86,6 +86,14 @@ class Edit:
     def apply_bias(self, b: torch.Tensor) -> torch.Tensor:
         return b
 
+    def row_block(self, rows: slice) -> Edit | None:
+        """This edit restricted to a block of the stored weight's rows, so that `bake` can stream
+        a tensor through cache-sized blocks; None when rows interact (then the tensor is edited
+        whole; projections stay whole because a matrix product's rounding depends on its blocking,
+        and the baked bytes must not depend on the block size). Per-row parameters are sliced; the
+        result's ``apply_weight`` takes the block."""
+        return None
+
     # -- hook face -------------------------------------------------------------------------------
     def attach(self, module: nn.Module) -> RemovableHandle:
         raise NotImplementedError
@@ -119,6 +127,9 @@ class ScaleOutputs(Edit):
     def apply_bias(self, b: torch.Tensor) -> torch.Tensor:
         return b * self.factors.to(b)
 
+    def row_block(self, rows: slice) -> Edit:
+        return replace(self, factors=self.factors[rows]) if _out_axis(self.layout) == 0 else self
+
     def attach(self, module: nn.Module) -> RemovableHandle:
         return module.register_forward_hook(lambda m, args, out: out * self.factors.to(out))
 
@@ -151,6 +162,9 @@ class ScaleInputs(Edit):
 
     def apply_weight(self, w: torch.Tensor) -> torch.Tensor:
         return w * _along(self.factors.to(w), 1 - _out_axis(self.layout))
+
+    def row_block(self, rows: slice) -> Edit:
+        return replace(self, factors=self.factors[rows]) if _out_axis(self.layout) == 1 else self
 
     def attach(self, module: nn.Module) -> RemovableHandle:
         def pre(m: nn.Module, args: tuple) -> tuple:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .bake import _edited_bytes, plan_bake, read_record
+from .bake import edited_chunks, plan_bake, read_record
 from .checkpoint import Checkpoint, resolve_model, sha256_file, tensor_bytes
 from .errors import PatcherError
 from .patch import Patch
@@ -92,7 +92,7 @@ def verify(out: str | Path, logits: bool = True) -> VerifyResult:
             result.bad_tensors.append(name)
             continue
         if name in plan.edits_by_tensor:
-            expected = bytes(_edited_bytes(base, source, name, plan.edits_by_tensor[name]))
+            expected = b"".join(bytes(c) for c in edited_chunks(base, source, name, plan.edits_by_tensor[name]))
         else:
             expected = bytes(tensor_bytes(base.read(source)))
         if bytes(tensor_bytes(baked.read(info))) != expected:
