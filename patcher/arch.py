@@ -179,6 +179,10 @@ def residual_to_output_direction(norm_weight: torch.Tensor, direction: torch.Ten
     """For a block whose output passes an RMSNorm with gain ``g`` before the residual add, the unit
     vector ``u`` such that removing ``u`` from the block's raw output removes ``direction`` from what
     it writes: ``(g * y) . d = 0  <=>  y . (g * d) = 0``. Gemma stores ``g - 1``."""
-    gain = norm_weight.float() + (1.0 if gemma_offset else 0.0)
-    u = gain * direction.float()
+    u = norm_gain(norm_weight, gemma_offset) * direction.float()
     return u / u.norm()
+
+
+def norm_gain(norm_weight: torch.Tensor, gemma_offset: bool = True) -> torch.Tensor:
+    """The multiplier an output norm applies per dimension (Gemma stores ``g - 1``)."""
+    return norm_weight.float() + (1.0 if gemma_offset else 0.0)

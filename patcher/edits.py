@@ -221,15 +221,21 @@ class ZeroNeurons(ScaleInputs):
 
 @dataclass(frozen=True, eq=False)
 class ProjectOutputs(Edit):
-    """Remove a rank-k subspace from what the module writes: ``W' = (I - s U U^T) W``,
-    ``b' = (I - s U U^T) b``, with ``U`` ``[out, k]`` orthonormal and strength ``s`` in [0, 1]."""
+    """Remove a rank-k subspace from what the module writes: ``W' = (I - s V U^T) W``,
+    ``b' = (I - s V U^T) b``, with ``U`` ``[out, k]`` orthonormal (what is read out and removed),
+    strength ``s`` in [0, 1], and ``V`` (``write``, where the correction goes) with ``U^T V = I``.
+    Without ``write``, ``V = U``: the orthogonal projection. Another ``V`` makes an oblique
+    projection that still leaves nothing along ``U`` (at ``s = 1``) but moves the output along
+    ``V``; with ``V = S U (U^T S U)^-1`` it is the projection that is orthogonal in the metric
+    ``S^-1`` (LEACE's eraser for a covariance ``S``)."""
 
     basis: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 1))
     strength: float = 1.0
+    write: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 1))
     kind: ClassVar[str] = "project_outputs"
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"basis": self.basis}
+        return {"basis": self.basis} | ({"write": self.write} if self.write.numel() else {})
 
     def params(self) -> dict:
         return {"strength": self.strength}
@@ -244,18 +250,27 @@ class ProjectOutputs(Edit):
             )
         if not 0.0 <= self.strength <= 1.0:
             raise PatcherError(f"{self.weight_name}: projection strength {self.strength} is outside [0, 1]")
-        gram = self.basis.double().T @ self.basis.double()
-        if not torch.allclose(gram, torch.eye(gram.shape[0], dtype=gram.dtype), atol=1e-4):
+        eye = torch.eye(self.basis.shape[1], dtype=torch.float64)
+        if not torch.allclose(self.basis.double().T @ self.basis.double(), eye, atol=1e-4):
             raise PatcherError(f"{self.weight_name}: projection basis is not orthonormal; orthonormalise it (QR)")
+        if self.write.numel():
+            if self.write.shape != self.basis.shape:
+                raise PatcherError(f"{self.weight_name}: projection write directions have shape {list(self.write.shape)}, "
+                                   f"the basis {list(self.basis.shape)}; recompute the patch")
+            if not torch.allclose(self.basis.double().T @ self.write.double(), eye, atol=1e-3):
+                raise PatcherError(f"{self.weight_name}: projection basis^T write is not the identity, so the edit would not "
+                                   "remove the basis; recompute the patch")
 
     def summary(self) -> str:
-        return f"rank-{self.basis.shape[1]} projection, strength {self.strength:g}"
+        kind = "oblique" if self.write.numel() else "orthogonal"
+        return f"rank-{self.basis.shape[1]} {kind} projection, strength {self.strength:g}"
 
     def _project(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         u = self.basis.to(x)
+        v = self.write.to(x) if self.write.numel() else u
         if axis == 0:  # x is [out, ...]: columns are output vectors
-            return x - self.strength * (u @ (u.T @ x))
-        return x - self.strength * ((x @ u) @ u.T)
+            return x - self.strength * (v @ (u.T @ x))
+        return x - self.strength * ((x @ u) @ v.T)
 
     def apply_weight(self, w: torch.Tensor) -> torch.Tensor:
         return self._project(w, _out_axis(self.layout))

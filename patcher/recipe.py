@@ -39,6 +39,7 @@ class ModelSettings:
     revision: str | None = None
     dtype: str = "float32"
     trust_remote_code: bool = False
+    untie: bool = False  # allow edits on tied embeddings: the output writes a separate lm_head.weight
 
 
 @dataclass(frozen=True)

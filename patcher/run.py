@@ -292,7 +292,7 @@ def run(
     record = {"recipe": {"path": str(recipe.path), "name": recipe.name, "text": recipe.text}, "data": summaries}
     try:
         with timings.stage("bake"):
-            bake(patch, spec, staging, record=record, progress=progress)
+            bake(patch, spec, staging, untie=recipe.model.untie, record=record, progress=progress)
         with timings.stage("perplexity"):
             before = _ppl(model, tokenizer, recipe) if recipe.check.ppl_text else float("nan")
             del model

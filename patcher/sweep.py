@@ -153,7 +153,7 @@ def sweep(
         target = out / f"{key}={v}"
         if target.exists():
             shutil.rmtree(target)
-        bake(patch, spec, target, progress=False)
+        bake(patch, spec, target, untie=recipe.model.untie, progress=False)
         report = evaluate(target, settings=settings, device=device, progress=progress).to_json()
         (target / "eval.json").write_text(json.dumps(report, indent=1))
         points.append({"value": v, "folder": str(target), **_point(report)})

@@ -107,6 +107,34 @@ def test_projection_removes_direction_and_keeps_complement(family: str) -> None:
             assert (w2 @ d).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_whitened_erase_removes_the_read_out_and_bakes(family: str, tmp_path: Path) -> None:
+    """erase = "whitened": nothing is left along the read direction U, the correction goes along
+    V = S U (U^T S U)^-1 (not U), and the baked checkpoint equals the hooked base."""
+    model = tiny_model(family)
+    arch = arch_for(model.config)
+    patch = compute("project", context(model), direction="meandiff", blocks=["mlp_out", "attn_out"], outliers="whiten", erase="whitened")
+    for e in patch.edits:
+        assert e.write.shape == e.basis.shape and not torch.allclose(e.write, e.basis, atol=1e-3)
+        assert torch.allclose(e.basis.T @ e.write, torch.eye(1), atol=1e-4)
+        out = writer_outputs(model, e.module, patch)  # the projection's own output (before any Gemma norm)
+        assert (out @ e.basis).abs().max() <= 1e-4 * out.norm(dim=1).max()
+    base_dir = save_tiny(family, tmp_path / "base")
+    bake(patch, base_dir, tmp_path / "out", progress=False)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    with patch.hooked(base):
+        expected = logits(base)
+    assert (expected - logits(base)).abs().max() > 1e-4
+    assert (expected - logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval())).abs().max() <= 1e-5
+    assert Patch.load(patch.save(tmp_path / "patch")).hash() == patch.hash()
+
+
+def test_oblique_write_that_does_not_remove_the_basis_is_refused() -> None:
+    u = torch.tensor([[1.0], [0.0]])
+    with pytest.raises(PatcherError, match="identity"):
+        ProjectOutputs("m", basis=u, write=torch.tensor([[0.5], [1.0]])).check((2, 3))
+
+
 def test_strength_zero_is_identity_and_half_keeps_half() -> None:
     model = tiny_model("llama")
     ctx = context(model)
@@ -139,6 +167,32 @@ def test_bake_equals_intervene_for_new_edits(family: str, tmp_path: Path) -> Non
     assert (expected - got).abs().max() <= 1e-5
     patch.save(tmp_path / "patch")
     assert Patch.load(tmp_path / "patch").hash() == patch.hash()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_embedding_projection(family: str, tmp_path: Path) -> None:
+    """``embed = true``: the embeddings stop writing the direction; a tied model is refused unless untied,
+    and once untied the output head keeps the original matrix and bake = intervene."""
+    model = tiny_model(family)
+    arch = arch_for(model.config)
+    patch = compute("project", context(model), direction="meandiff", layers="0-0", embed=True)
+    first = patch.edits[0]
+    assert isinstance(first, ProjectOutputs) and first.module == arch.embed and first.layout == "embedding"
+    out = writer_outputs(model, arch.embed, patch)
+    assert (out @ first.basis).abs().max() <= 1e-5 * out.norm(dim=1).max()
+    base_dir = save_tiny(family, tmp_path / "base")
+    tied = model.config.tie_word_embeddings
+    if tied:
+        with pytest.raises(PatcherError, match="untie"):
+            bake(patch, base_dir, tmp_path / "refused", progress=False)
+        assert not (tmp_path / "refused").exists()
+    bake(patch, base_dir, tmp_path / "out", untie=tied, progress=False)
+    baked = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    assert torch.equal(baked.get_output_embeddings().weight, base.get_output_embeddings().weight)
+    with patch.hooked(base):
+        expected = logits(base)
+    assert (expected - logits(baked)).abs().max() <= 1e-5
 
 
 # -- the probe --------------------------------------------------------------------------------------------

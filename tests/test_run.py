@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from safetensors import safe_open
 from tiny import FAMILIES, save_tiny_with_tokenizer
 
 from patcher.cli import main
@@ -230,3 +231,20 @@ def test_pairs_recipe_loads_pairs(shared_data: Path) -> None:
     for pid, y in zip(data.pair_ids, data.labels):
         by_pair.setdefault(pid, []).append(y)
     assert all(sorted(v) == [0, 1] for v in by_pair.values())
+
+
+def test_embedding_projection_needs_untie_in_the_recipe(tmp_path: Path) -> None:
+    """A step that edits tied embeddings is refused unless ``[model] untie = true``; then the output
+    has its own lm_head.weight and says so in its config."""
+    model = save_tiny_with_tokenizer("gemma2", tmp_path / "base")  # ties its embeddings
+    recipe = write_recipe(tmp_path, model, extra='layers = "0-0"\nembed = true')
+    recipe.write_text(recipe.read_text().replace('method = "aura"', 'method = "project"'))
+    r = _cli("run", recipe, "--out", tmp_path / "refused")
+    assert r.exit_code == 2 and "untie" in r.output and not (tmp_path / "refused").exists()
+    recipe.write_text(recipe.read_text().replace("[model]\n", "[model]\nuntie = true\n"))
+    r = _cli("run", recipe, "--out", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "out/config.json").read_text())["tie_word_embeddings"] is False
+    with safe_open(tmp_path / "out/model.safetensors", "pt") as f:
+        assert "lm_head.weight" in f.keys()
+    assert verify(tmp_path / "out").ok
