@@ -72,6 +72,20 @@ def writer_outputs(model: torch.nn.Module, module: str, patch: Patch) -> torch.T
     return got[0].reshape(-1, got[0].shape[-1])
 
 
+def assert_bake_equals_hooks(family: str, patch: Patch, tmp_path: Path, untie: bool = False) -> None:
+    """Baked checkpoint == base model with the patch's hooks (1e-5), the patch changes the logits,
+    and it survives a save/load round trip."""
+    base_dir = save_tiny(family, tmp_path / "base")
+    bake(patch, base_dir, tmp_path / "out", untie=untie, progress=False)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    with patch.hooked(base):
+        expected = logits(base)
+    assert (expected - logits(base)).abs().max() > 1e-4
+    got = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval())
+    assert (expected - got).abs().max() <= 1e-5
+    assert Patch.load(patch.save(tmp_path / "patch")).hash() == patch.hash()
+
+
 # -- the projection removes the direction, and only it -------------------------------------------------
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
 def test_projection_removes_direction_and_keeps_complement(family: str) -> None:
@@ -119,14 +133,7 @@ def test_whitened_erase_removes_the_read_out_and_bakes(family: str, tmp_path: Pa
         assert torch.allclose(e.basis.T @ e.write, torch.eye(1), atol=1e-4)
         out = writer_outputs(model, e.module, patch)  # the projection's own output (before any Gemma norm)
         assert (out @ e.basis).abs().max() <= 1e-4 * out.norm(dim=1).max()
-    base_dir = save_tiny(family, tmp_path / "base")
-    bake(patch, base_dir, tmp_path / "out", progress=False)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    with patch.hooked(base):
-        expected = logits(base)
-    assert (expected - logits(base)).abs().max() > 1e-4
-    assert (expected - logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval())).abs().max() <= 1e-5
-    assert Patch.load(patch.save(tmp_path / "patch")).hash() == patch.hash()
+    assert_bake_equals_hooks(family, patch, tmp_path)
 
 
 def test_oblique_write_that_does_not_remove_the_basis_is_refused() -> None:
@@ -157,16 +164,7 @@ def test_bake_equals_intervene_for_new_edits(family: str, tmp_path: Path) -> Non
     patch = patch.compose(compute("project", ctx, direction="probe", k=1, layers="1-1", outliers="whiten"))
     patch = patch.compose(compute("scale", ctx, top_n=5, factor=0.0))
     assert any(isinstance(e, ScaleInputs) for e in patch.edits)
-    base_dir = save_tiny(family, tmp_path / "base")
-    bake(patch, base_dir, tmp_path / "out", progress=False)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    with patch.hooked(base):
-        expected = logits(base)
-    assert (expected - logits(base)).abs().max() > 1e-4
-    got = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval())
-    assert (expected - got).abs().max() <= 1e-5
-    patch.save(tmp_path / "patch")
-    assert Patch.load(tmp_path / "patch").hash() == patch.hash()
+    assert_bake_equals_hooks(family, patch, tmp_path)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
@@ -180,19 +178,15 @@ def test_embedding_projection(family: str, tmp_path: Path) -> None:
     assert isinstance(first, ProjectOutputs) and first.module == arch.embed and first.layout == "embedding"
     out = writer_outputs(model, arch.embed, patch)
     assert (out @ first.basis).abs().max() <= 1e-5 * out.norm(dim=1).max()
-    base_dir = save_tiny(family, tmp_path / "base")
     tied = model.config.tie_word_embeddings
+    assert_bake_equals_hooks(family, patch, tmp_path, untie=tied)
+    baked = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    assert torch.equal(baked.get_output_embeddings().weight, base.get_output_embeddings().weight)
     if tied:
         with pytest.raises(PatcherError, match="untie"):
-            bake(patch, base_dir, tmp_path / "refused", progress=False)
+            bake(patch, tmp_path / "base", tmp_path / "refused", progress=False)
         assert not (tmp_path / "refused").exists()
-    bake(patch, base_dir, tmp_path / "out", untie=tied, progress=False)
-    baked = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    assert torch.equal(baked.get_output_embeddings().weight, base.get_output_embeddings().weight)
-    with patch.hooked(base):
-        expected = logits(base)
-    assert (expected - logits(baked)).abs().max() <= 1e-5
 
 
 # -- the probe --------------------------------------------------------------------------------------------

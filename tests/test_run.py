@@ -248,3 +248,17 @@ def test_embedding_projection_needs_untie_in_the_recipe(tmp_path: Path) -> None:
     with safe_open(tmp_path / "out/model.safetensors", "pt") as f:
         assert "lm_head.weight" in f.keys()
     assert verify(tmp_path / "out").ok
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_recipes_load_and_validate(path: Path) -> None:
+    """Every recipe in recipes/ parses, and each step's settings build (a typo or a bad value in a
+    shipped recipe fails here, not in a user's run); data files resolve beside the checkout."""
+    from patcher.methods import get_method
+    from patcher.recipe import build
+
+    recipe = load_recipe(path)
+    for i, step in enumerate(recipe.steps, start=1):
+        build(get_method(step.method).settings, step.settings, str(path), f"step[{i}]")
+        data = step.data or recipe.data
+        assert Path(data.path).name and data.path.startswith(str(Path(__file__).parents[2] / "shared")), data.path
