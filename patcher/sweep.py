@@ -91,6 +91,9 @@ class SweepResult:
         return dataclasses.asdict(self)
 
 
+REFERENCE_MARKERS = ("^", "D", "v", "P", "X", "*")  # one per --compare point; more are not drawn
+
+
 def plot_sweep(result: SweepResult, path: str | Path) -> Path:
     """Toxicity probability (one line per evaluator) against perplexity; base and references as
     labelled markers."""
@@ -106,15 +109,15 @@ def plot_sweep(result: SweepResult, path: str | Path) -> Path:
         for p in result.points:
             ax.annotate(str(p["value"]), (p["ppl"], p["toxicity_probability"][e]), fontsize=7, color=line.get_color())
         ax.scatter([result.base["ppl"]], [result.base["toxicity_probability"][e]], marker="s", color=line.get_color(), edgecolor="black")
-        for label, ref in result.references.items():
+        for (label, ref), marker in zip(result.references.items(), REFERENCE_MARKERS):
             if e in ref["toxicity_probability"]:
-                ax.scatter([ref["ppl"]], [ref["toxicity_probability"][e]], marker="^", color=line.get_color(), edgecolor="black")
+                ax.scatter([ref["ppl"]], [ref["toxicity_probability"][e]], marker=marker, color=line.get_color(), edgecolor="black")
     ax.scatter([], [], marker="s", color="white", edgecolor="black", label="base")
-    for label in result.references:
-        ax.scatter([], [], marker="^", color="white", edgecolor="black", label=label)
+    for label, marker in zip(result.references, REFERENCE_MARKERS):
+        ax.scatter([], [], marker=marker, color="white", edgecolor="black", label=label)
     ax.set_xlabel("WikiText-2 perplexity")
     ax.set_ylabel("toxicity probability")
-    ax.set_title(f"sweep of {result.key} (circles), base (squares), references (triangles)")
+    ax.set_title(f"sweep of {result.key} (circles), base (squares), references (other markers)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
