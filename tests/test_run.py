@@ -251,9 +251,9 @@ def test_embedding_projection_needs_untie_in_the_recipe(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes").glob("*.toml")), ids=lambda p: p.name)
-def test_shipped_recipes_load_and_validate(path: Path) -> None:
+def test_shipped_recipes_load_and_validate(path: Path, shared_data: Path) -> None:
     """Every recipe in recipes/ parses, and each step's settings build (a typo or a bad value in a
-    shipped recipe fails here, not in a user's run); data files resolve beside the checkout."""
+    shipped recipe fails here, not in a user's run); its data files exist beside the checkout."""
     from patcher.methods import get_method
     from patcher.recipe import build
 
@@ -261,4 +261,4 @@ def test_shipped_recipes_load_and_validate(path: Path) -> None:
     for i, step in enumerate(recipe.steps, start=1):
         build(get_method(step.method).settings, step.settings, str(path), f"step[{i}]")
         data = step.data or recipe.data
-        assert Path(data.path).name and data.path.startswith(str(Path(__file__).parents[2] / "shared")), data.path
+        assert Path(data.path).is_file(), data.path
