@@ -62,7 +62,7 @@ METHODS: dict[str, Callable[[], Method]] = {"aura": _aura}
 def _project() -> Method:
     from . import project
 
-    return Method("project", project.ProjectSettings, project.collect, project.build, frozenset({"strength", "k", "probe_c", "holdout"}))
+    return Method("project", project.ProjectSettings, project.collect, project.build, frozenset({"strength", "k", "probe_c", "holdout", "erase"}))
 
 
 def _scale() -> Method:
