@@ -53,8 +53,9 @@ is where the perplexity cost comes from.
 How the direction is removed (``erase``): ``orthogonal`` projects it out, ``W' = (I - s U U^T) W``;
 ``whitened`` removes the same read-out ``U`` but writes the correction along ``V = S U (U^T S U)^-1``,
 ``S`` the diagonal covariance of the neutral states, which is the projection that is orthogonal in
-whitened coordinates (the diagonal form of LEACE's least-squares eraser). On SmolLM2 this removes
-more toxicity per point of perplexity than the orthogonal projection of the same direction.
+whitened coordinates (the diagonal form of LEACE's least-squares eraser). On SmolLM2, at the same
+strength, it removes more toxicity for more perplexity; `recipes/project-stack.toml` uses it (README,
+Results, has both measured).
 
 Every step records, per edited layer and block, the share of the direction's squared norm on the
 outlier dimensions and on its 3 largest coordinates (``provenance.layers``).
