@@ -171,7 +171,7 @@ def load_pairs(
         toxic = _text(rec, toxic_field, path, line, first, "toxic_field")
         neutral = _first_paraphrase(_field(rec, neutral_field, path, line, first, "neutral_field"), path, line, neutral_field)
         if toxic.strip() and neutral:
-            pid = _int_field(rec, pair_field, path, line, first) if pair_field in first else index
+            pid = _number_field(rec, pair_field, path, line, first, int) if pair_field in first else index
             pairs.append((_Item(toxic, 1, pid), _Item(neutral, 0, pid)))
     if not pairs:
         raise PatcherError(f"{path}: no pair with a non-blank '{toxic_field}' and '{neutral_field}'; check the fields or the file")
@@ -211,7 +211,7 @@ def load_prompts(
         if prompt.strip():
             score = None
             if with_scores and (score_field not in rec or rec[score_field] is not None):  # missing: an error; null: no score
-                score = _float_field(rec, score_field, path, line, first)  # type: ignore[arg-type]
+                score = _number_field(rec, score_field, path, line, first, float)  # type: ignore[arg-type]
             rows.append((prompt, score, line))
     if dedupe:
         first_copies: dict[str, tuple[str, float | None, int]] = {}
@@ -326,7 +326,7 @@ def _read_labeled(path: str, text_field: str, label_field: str, label: int | Non
         text = _text(rec, text_field, path, line, first, "text_field")
         if text.strip():
             y = label if label is not None else _label(_field(rec, label_field, path, line, first, "label_field"), path, line, label_field)
-            items.append(_Item(text, y, _int_field(rec, pair_field, path, line, first) if has_ids else None))
+            items.append(_Item(text, y, _number_field(rec, pair_field, path, line, first, int) if has_ids else None))
     if not items:
         raise PatcherError(f"{path}: no texts (field '{text_field}' blank or no rows); give a file with texts of both classes")
     return items
@@ -358,20 +358,20 @@ def _label(value: Any, shown: str, line: int, field: str) -> int:
     raise PatcherError(f"{shown}:{line}: field '{field}' is {value!r}, expected 0 (non-toxic) or 1 (toxic); fix the row or pass label_field=")
 
 
-def _int_field(rec: dict, field: str, shown: str, line: int, first: dict) -> int:
-    value = _field(rec, field, shown, line, first, "pair_field")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise PatcherError(f"{shown}:{line}: field '{field}' is {value!r}, expected an integer id; fix the row") from None
+# What a numeric field means, per type: the option that names it, and what the error expects.
+_NUMBER_FIELDS: dict[type, tuple[str, str]] = {
+    int: ("pair_field", "an integer id; fix the row"),
+    float: ("score_field", "a number; fix the row or pass score_field=None"),
+}
 
 
-def _float_field(rec: dict, field: str, shown: str, line: int, first: dict) -> float:
-    value = _field(rec, field, shown, line, first, "score_field")
+def _number_field(rec: dict, field: str, shown: str, line: int, first: dict, cast: type[int] | type[float]) -> Any:
+    option, expected = _NUMBER_FIELDS[cast]
+    value = _field(rec, field, shown, line, first, option)
     try:
-        return float(value)
+        return cast(value)
     except (TypeError, ValueError):
-        raise PatcherError(f"{shown}:{line}: field '{field}' is {value!r}, expected a number; fix the row or pass score_field=None") from None
+        raise PatcherError(f"{shown}:{line}: field '{field}' is {value!r}, expected {expected}") from None
 
 
 def _first_paraphrase(value: Any, shown: str, line: int, field: str) -> str:
