@@ -10,7 +10,7 @@
 3. Warms the page cache by reading every source file once, runs ``--warmup`` untimed copy + bake
    rounds, then alternates, ``--repeats`` times,
    a plain copy (``shutil.copyfile`` per file, i.e. ``sendfile`` on Linux) and
-   ``patcher.bake(patch, model, out, progress=False)`` into the same folder on the same disk. Before
+   ``patcher.bake(patch, model, out)`` into the same folder on the same disk. Before
    each timed run the previous output is deleted and ``os.sync()`` flushes dirty pages (not timed), so
    both start from the same cache and writeback state; nothing is dropped from the page cache.
 4. Every bake runs in a fresh child process that imports patcher, loads the patch, records its
@@ -112,7 +112,7 @@ def build_patch(model_dir: Path, patch_dir: Path, seed: int = 1) -> int:
     import torch
 
     from patcher import Patch, ScaleOutputs
-    from patcher.arch import arch_for, num_layers
+    from patcher.core.arch import arch_for, num_layers
 
     config = json.loads((model_dir / "config.json").read_text())
     arch = arch_for(config)
@@ -166,7 +166,7 @@ def plain_copy(src: Path, out: Path) -> tuple[float, float]:
 def hash_only(src: Path) -> float:
     """Wall seconds to sha256 every source file on one thread: what recording the output's hashes
     costs at the least, since the output has as many bytes."""
-    from patcher.checkpoint import sha256_file
+    from patcher.io.checkpoint import sha256_file
 
     t = time.perf_counter()
     for p in shard_files(src):
@@ -197,7 +197,7 @@ def child_bake(patch_dir: str, model_dir: str, out: str) -> None:
     except OSError:
         reset = False
     t, c = time.perf_counter(), cpu_seconds()
-    patcher.bake(patch, model_dir, out, progress=False)
+    patcher.bake(patch, model_dir, out)
     seconds, cpu = time.perf_counter() - t, cpu_seconds() - c
     peak_kb = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "baseline_bytes": base_kb * 1024, "peak_bytes": peak_kb * 1024,

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from patcher.checkpoint import resolve_model
-from patcher.collect import Collector
+from patcher.collect.collector import Collector
+from patcher.core.models import load_model
+from patcher.core.table import render
+from patcher.data.loaders import load_data
+from patcher.io.model_files import resolve_model
 from patcher.methods.aura import AuraSettings, statistic
-from patcher.recipe import load_recipe
-from patcher.run import load_data, load_model
-from patcher.table import render
+from patcher.recipe.loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def main() -> None:
     from dataclasses import replace
 
     data = load_data(replace(recipe.data, n_per_class=args.n_per_class), tok)
-    collector = Collector(model, tok, batch_size=recipe.collect.batch_size, max_tokens=recipe.data.max_tokens, progress=False)
+    collector = Collector(model, tok, batch_size=recipe.collect.batch_size, max_tokens=recipe.data.max_tokens)
     batches = list(collector.batches(data.texts, data.labels))
     n_tokens = int(sum(b.attention_mask.sum() for b in batches))
 

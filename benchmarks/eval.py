@@ -40,9 +40,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from patcher.evaluate import DEFAULT_EVALUATORS, DEFAULT_PPL_TEXT, EvalSettings, _shared_file, eval_prompts, load_lm  # noqa: E402
-from patcher.generate import continuation_nll, generate  # noqa: E402
-from patcher.table import render  # noqa: E402
+from patcher.core.table import render
+from patcher.data.local import default_data_file
+from patcher.evaluate.generate import continuation_nll, generate
+from patcher.evaluate.report import (
+    DEFAULT_EVALUATORS,
+    DEFAULT_PPL_TEXT,
+    EvalSettings,
+    eval_prompts,
+    load_lm,
+)
 
 
 class Clock:
@@ -63,7 +70,7 @@ def load_average() -> str:
 
 
 def ppl_windows(tokens: int, window: int, stride: int) -> list[int]:
-    """Lengths of the windows `patcher.perplexity.perplexity` runs over ``tokens`` tokens."""
+    """Lengths of the windows `patcher.evaluate.perplexity.perplexity` runs over ``tokens`` tokens."""
     out = []
     for begin in range(0, tokens - 1, stride):
         end = min(begin + window, tokens)
@@ -121,7 +128,7 @@ def main() -> None:
 
     # (b) the full protocol: measure the parts, scale to n_full prompts
     texts = g.flat_texts()
-    from patcher.evaluators import get_evaluators
+    from patcher.evaluate.evaluators import get_evaluators
 
     ev_rows = []
     ev_load, ev_per_text = [0.0, 0.0], [0.0, 0.0]  # (wall, cpu)
@@ -138,10 +145,10 @@ def main() -> None:
             ev_load[i] += getattr(c_l, attr)
             ev_per_text[i] += getattr(c_s, attr) / len(texts)
         ev_rows.append([spec, round(c_l.wall, 2), f"{1000 * c_s.wall / len(texts):.2f} ms/text"])
-    from patcher.perplexity import perplexity, token_stream
+    from patcher.evaluate.perplexity import perplexity, token_stream
 
     windows = ppl_windows(rtp.ppl_tokens, rtp.ppl_window, rtp.ppl_stride)
-    ids = token_stream(tok, _shared_file(DEFAULT_PPL_TEXT, "WikiText-2", "--ppl-text"), rtp.ppl_window)
+    ids = token_stream(tok, default_data_file(DEFAULT_PPL_TEXT, "WikiText-2", "--ppl-text"), rtp.ppl_window)
     with Clock() as c_win:
         perplexity(model, ids, window=rtp.ppl_window, stride=rtp.ppl_window)
     with Clock() as c_flu:
@@ -181,10 +188,10 @@ def main() -> None:
         "estimate_cpu_s": {"parts": parts_cpu, "one_model": single_cpu, "fluency": fluency_cpu, "before_after": with_base_cpu},
     }
     if args.full:
-        from patcher.evaluate import evaluate
+        from patcher.evaluate.report import evaluate
 
         with Clock() as c_full:
-            report = evaluate(str(folder), settings=rtp, batch_size=args.batch_size, progress=True)
+            report = evaluate(str(folder), settings=rtp, batch_size=args.batch_size)
         print(report.table())
         print(f"measured: full rtp protocol on {args.n_full} prompts, one model: {c_full.wall / 60:.1f} min wall ({c_full.cpu / 60:.1f} CPU-min); "
               f"estimate was {single / 60:.1f} min wall / {single_cpu / 60:.1f} CPU-min")

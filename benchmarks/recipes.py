@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from patcher import bake
-from patcher.checkpoint import resolve_model
-from patcher.evaluate import EvalSettings, evaluate
-from patcher.recipe import load_recipe
-from patcher.run import compute_patch, load_model
-from patcher.table import render
+from patcher.core.models import load_model
+from patcher.core.table import render
+from patcher.evaluate.report import EvalSettings, evaluate
+from patcher.io.model_files import resolve_model
+from patcher.recipe.loader import load_recipe
+from patcher.workflows.run import compute_patch
 
 TARGET_RATIO, TARGET_PPL = 2.2, 0.05
 
@@ -58,11 +59,11 @@ def main() -> None:
     results: dict[str, Any] = {"settings": dataclasses.asdict(settings), "base": base, "recipes": {}}
     for path, recipe in zip(args.recipes, recipes):
         t0 = time.perf_counter()
-        patch, _ = compute_patch(recipe, model, tokenizer, progress=False)
+        patch, _ = compute_patch(recipe, model, tokenizer)
         target = args.out / recipe.name
         if target.exists():
             shutil.rmtree(target)
-        bake(patch, folder, target, untie=recipe.model.untie, progress=False)
+        bake(patch, folder, target, untie=recipe.model.untie)
         report = evaluate(target, settings=settings).to_json()
         (target / "eval.json").write_text(json.dumps(report, indent=1) + "\n")  # for `patcher sweep --compare`
         results["recipes"][recipe.name] = point(report) | {"recipe": str(path), "folder": str(target)}

@@ -42,7 +42,9 @@ def _config(layers: int):
 
 def _tokenizer():
     sys.path.insert(0, str(ROOT / "tests"))
-    from tiny import tiny_tokenizer  # character-level, offline; ids < 96 are valid in any vocab
+    from tiny import (
+        tiny_tokenizer,  # character-level, offline; ids < 96 are valid in any vocab
+    )
 
     return tiny_tokenizer()
 
@@ -113,11 +115,11 @@ def texts(n: int) -> tuple[list[str], list[int]]:
 def child(mode: str, folder: str, n_texts: int, max_tokens: int, batch_size: int, out: str) -> None:
     import torch
 
-    from patcher.collect import Collector
-    from patcher.distributed import ScaleOptions
+    from patcher.collect.collector import Collector
+    from patcher.collect.layerwise import load_layerwise
+    from patcher.collect.parallel import ScaleOptions
+    from patcher.core.models import load_model
     from patcher.methods.aura import AuraSettings, statistic
-    from patcher.run import load_model
-    from patcher.sequential import load_layerwise
 
     torch.set_num_threads(os.cpu_count() or 1)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -128,7 +130,7 @@ def child(mode: str, folder: str, n_texts: int, max_tokens: int, batch_size: int
         model, tok = load_model(Path(folder), "bfloat16")
     t_load = time.perf_counter() - t0
     stat = statistic(model.config, AuraSettings())
-    c = Collector(model, tok, batch_size=batch_size, max_tokens=max_tokens, progress=False)
+    c = Collector(model, tok, batch_size=batch_size, max_tokens=max_tokens)
     if mode == "sequential":
         c.options = ScaleOptions(sequential=True, checkpoint_every=0)
     xs, ys = texts(n_texts)
@@ -181,7 +183,7 @@ def main() -> None:
             results[mode] = json.loads(Path(out).read_text())
         import torch
 
-        from patcher.table import render
+        from patcher.core.table import render
 
         a = torch.load(Path(tmp) / "sequential.json.pt", weights_only=True)
         b = torch.load(Path(tmp) / "whole.json.pt", weights_only=True)

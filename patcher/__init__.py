@@ -3,10 +3,21 @@
 The public API is small: build or load a `Patch` of Edits, `bake` it into a checkpoint, `verify`
 the result."""
 
-from .bake import bake
-from .edits import Edit, ProjectOutputs, ScaleInputs, ScaleOutputs, ZeroHeads, ZeroNeurons
-from .errors import PatcherError
-from .patch import Patch
-from .verify import verify
+from .core.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before torch loads its OpenMP runtime: see patcher.core.threads
+
+from .bake.verify import verify  # noqa: E402 - after the wait policy
+from .bake.writer import bake  # noqa: E402
+from .core.errors import PatcherError  # noqa: E402
+from .edits.edit import (  # noqa: E402
+    Edit,
+    ProjectOutputs,
+    ScaleInputs,
+    ScaleOutputs,
+    ZeroHeads,
+    ZeroNeurons,
+)
+from .edits.patch import Patch  # noqa: E402
 
 __all__ = ["Edit", "Patch", "PatcherError", "ProjectOutputs", "ScaleInputs", "ScaleOutputs", "ZeroHeads", "ZeroNeurons", "bake", "verify"]

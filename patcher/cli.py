@@ -1,19 +1,29 @@
-"""The `patcher` command line. Every command is a thin shell over the Python API; a PatcherError
-becomes one line on stderr and exit status 2."""
+"""The `patcher` command line. Every command is a thin shell over the workflows and the Python API;
+a PatcherError becomes one line on stderr and exit status 2. Options that mirror a recipe or
+evaluation setting are generated from the settings dataclasses (`setting_option`), so a value has
+one name and one help text in the recipe, on the command line and in the code. Messages go through
+the ``patcher`` logger (``-v`` / ``-q``), results tables to stdout."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import logging
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .errors import PatcherError
-from .table import render
+from .core.errors import PatcherError
+from .core.table import render
+from .core.threads import configure_threads
+from .evaluate.report import EvalSettings
+from .recipe.loader import CollectSettings, ModelSettings
+from .recipe.settings import help_of
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -30,12 +40,66 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def setting_option(cls: type, name: str, *decls: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A click option for settings field ``name`` of dataclass ``cls``: its help text comes from the
+    field, its flag is ``--name-with-dashes`` unless ``decls`` are given, and its default is None
+    (the recipe's or the preset's value is kept unless the flag is given)."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    hint = typing.get_type_hints(cls)[name]
+    base = next((t for t in (int, float, bool, str) if hint is t or t in typing.get_args(hint)), str)
+    decls = decls or (f"--{name.replace('_', '-')}",)
+    if all(d.startswith("-") for d in decls):
+        decls = (*decls, name)  # the Python parameter is the setting's name
+    kwargs.setdefault("type", base)
+    return click.option(*decls, default=None, help=help_of(cls, field.name) + ".", **kwargs)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each message (a test runner swaps it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _configure_logging(verbose: int, quiet: int) -> None:
+    """The ``patcher`` logger writes ``patcher: message`` lines to stderr; -v shows debug, -q only
+    warnings (and hides progress bars, which follow the logger's level)."""
+    level = logging.INFO - 10 * verbose + 10 * quiet
+    logger = logging.getLogger("patcher")
+    logger.setLevel(max(logging.DEBUG, min(logging.ERROR, level)))
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("patcher: %(message)s"))
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
 LAYER_HEADERS = ["layer", "edits", "units changed", "units", "mean factor", "proj rank"]
 
 
 @click.group()
-def main() -> None:
+@click.option("-v", "--verbose", count=True, help="More messages (debug).")
+@click.option("-q", "--quiet", count=True, help="Fewer messages: warnings and errors only, no progress bars.")
+def main(verbose: int, quiet: int) -> None:
     """Detoxify causal language models by baking weight edits into plain safetensors checkpoints."""
+    _configure_logging(verbose, quiet)
+    configure_threads()
+
+
+def _threads_opt(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--threads N`` on every command that runs a model (default: the CPUs this process may use)."""
+
+    def apply(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+        if value is not None:
+            configure_threads(value)
+
+    return click.option("--threads", type=click.IntRange(min=1), default=None, expose_value=False, callback=apply,
+                        help="CPU threads for torch (default: the CPUs this process may use, by affinity and cgroup quota).")(fn)
 
 
 @main.command()
@@ -47,8 +111,8 @@ def main() -> None:
 @friendly
 def bake(patch_path: Path, model: str, out: Path, overwrite: bool, untie: bool) -> None:
     """Bake PATCH into MODEL and write the result to OUT."""
-    from .bake import bake as run_bake
-    from .patch import Patch
+    from .bake.writer import bake as run_bake
+    from .edits.patch import Patch
 
     result = run_bake(Patch.load(patch_path), model, out, overwrite=overwrite, untie=untie)
     click.echo(f"wrote {result}")
@@ -60,8 +124,8 @@ def bake(patch_path: Path, model: str, out: Path, overwrite: bool, untie: bool) 
 @friendly
 def inspect(path: Path, plot: Path | None) -> None:
     """Show the edits of a patch or a baked output folder, per layer and tensor."""
+    from .edits.patch import Patch
     from .methods.circuit import SUMMARY_HEADERS, Circuit, plot_circuit
-    from .patch import Patch
 
     patch = Patch.load(path)
     rows = [[e.module, e.kind, e.summary()] for e in patch.edits]
@@ -87,7 +151,7 @@ def inspect(path: Path, plot: Path | None) -> None:
 @friendly
 def verify(out: Path, no_logits: bool) -> None:
     """Check that OUT is exactly its recorded base model plus its patch."""
-    from .verify import verify as run_verify
+    from .bake.verify import verify as run_verify
 
     r = run_verify(out, logits=not no_logits)
     click.echo(f"files: {'ok' if not r.bad_files else 'MISMATCH ' + ', '.join(r.bad_files)}")
@@ -99,9 +163,16 @@ def verify(out: Path, no_logits: bool) -> None:
 
 
 _recipe_arg = click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
-_model_opt = click.option("--model", "-m", default=None, help="Model: local folder, Hub id, or smollm2-135m (default: the recipe's).")
+_model_opt = setting_option(ModelSettings, "id", "--model", "-m", "model")
 _device_opt = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
-_batch_opt = click.option("--batch-size", type=int, default=None, help="Collection batch size (default: the recipe's).")
+_batch_opt = setting_option(CollectSettings, "batch_size", type=click.IntRange(min=1))
+
+
+def _load_recipe(path: Path, model: str | None, batch_size: int | None) -> Any:
+    """The recipe with the command line's overrides (recorded as such in patch.json)."""
+    from .recipe.loader import load_recipe
+
+    return load_recipe(path).override("model", id=model).override("collect", batch_size=batch_size)
 
 
 def _scale_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -119,7 +190,7 @@ def _scale_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _scale(kw: dict[str, Any]) -> Any:
-    from .distributed import ScaleOptions
+    from .collect.parallel import ScaleOptions
 
     return ScaleOptions(sequential=kw.pop("sequential"), hidden_max_gib=kw.pop("hidden_max_gib"), device_map=kw.pop("device_map"),
                         max_memory=kw.pop("max_memory"), resume=kw.pop("resume"), checkpoint_every=kw.pop("checkpoint_every"))
@@ -135,18 +206,17 @@ def _scale(kw: dict[str, Any]) -> Any:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder once the new one is ready.")
 @click.option("--no-eval", is_flag=True, help="Skip the recipe's [eval] table (the model card is written without an evaluation).")
 @_scale_opts
+@_threads_opt
 @friendly
 def run(recipe_path: Path, model: str | None, out: Path | None, device: str, batch_size: int | None, force: bool, overwrite: bool, no_eval: bool,
         **scale: Any) -> None:
     """Compute RECIPE's edits on a model, bake them, check perplexity, evaluate against the base
     model when the recipe has an [eval] table, and write the output folder with its model card.
     Data-parallel: `torchrun --nproc_per_node N -m patcher.cli run ...` (rank 0 writes)."""
-    from .recipe import load_recipe
-    from .run import run as run_recipe
+    from .workflows.run import run as run_recipe
 
-    recipe = load_recipe(recipe_path)
-    r = run_recipe(recipe, model_spec=model, out=out, device=device, batch_size=batch_size, force=force, overwrite=overwrite, scale=_scale(scale),
-                   run_eval=not no_eval)
+    recipe = _load_recipe(recipe_path, model, batch_size)
+    r = run_recipe(recipe, out=out, device=device, force=force, overwrite=overwrite, scale=_scale(scale), run_eval=not no_eval)
     if r is None:  # a data-parallel rank other than 0: rank 0 reports
         return
     for d in r.data:
@@ -157,7 +227,7 @@ def run(recipe_path: Path, model: str | None, out: Path | None, device: str, bat
     click.echo(render(["stage", "seconds"], [[k, round(v, 2)] for k, v in r.timings.seconds.items()] + [["total", round(sum(r.timings.seconds.values()), 2)]]))
     click.echo(f"perplexity {r.ppl_before:.2f} -> {r.ppl_after:.2f} ({r.ppl_increase:+.1%})")
     if r.eval_report is not None:
-        from .evaluate import report_table
+        from .evaluate.report import report_table
 
         click.echo()
         click.echo(report_table(r.eval_report))
@@ -172,46 +242,35 @@ def run(recipe_path: Path, model: str | None, out: Path | None, device: str, bat
 @_batch_opt
 @click.option("--overwrite", is_flag=True, help="Replace an existing patch folder.")
 @_scale_opts
+@_threads_opt
 @friendly
 def compute(recipe_path: Path, model: str | None, out: Path, device: str, batch_size: int | None, overwrite: bool, **scale_kw: Any) -> None:
     """Compute RECIPE's patch without baking it (bake later with `patcher bake`)."""
-    from .checkpoint import atomic_folder, resolve_model
-    from .recipe import load_recipe
-    from .run import compute_patch
+    from .workflows.run import compute as run_compute
 
-    recipe = load_recipe(recipe_path)
-    if out.exists() and not overwrite:
-        raise PatcherError(f"output folder {out} already exists: choose another --out or pass --overwrite")
-    folder, _ = resolve_model(model or recipe.model.id, recipe.model.revision)
-    scale = _scale(scale_kw)
-    device = scale.prepare(folder, out, device)
-    m, tok = scale.load(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
-    patch, _ = compute_patch(recipe, m, tok, batch_size=batch_size, scale=scale)
-    if not scale.world.is_main:
+    patch = run_compute(_load_recipe(recipe_path, model, batch_size), out, device=device, overwrite=overwrite, scale=_scale(scale_kw))
+    if patch is None:  # a data-parallel rank other than 0
         return
-    with atomic_folder(out) as tmp:
-        patch.save(tmp)
-    scale.finish()
     click.echo(render(LAYER_HEADERS, patch.per_layer(), title="edits per layer"))
     click.echo(f"wrote {out}")
 
 
 @main.command()
-@click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
-@click.option("--model", "-m", default=None, help="Model: local folder, Hub id, or smollm2-135m (default: the recipe's).")
+@_recipe_arg
+@_model_opt
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write every score to this JSON file.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a heat map (PNG) of the scores.")
 @click.option("--top", type=int, default=10, show_default=True, help="How many layers the table shows.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--batch-size", type=int, default=None, help="Collection batch size (default: the recipe's).")
+@_device_opt
+@_batch_opt
+@_threads_opt
 @friendly
 def localize(recipe_path: Path, model: str | None, json_path: Path | None, plot_path: Path | None, top: int, device: str, batch_size: int | None) -> None:
     """Where toxic and neutral text differ: effect size per layer and block (attn_out, mlp_out), and
     per MLP neuron, on RECIPE's data (paired when its step says paired = true)."""
-    from .localize import localize_recipe
-    from .recipe import load_recipe
+    from .workflows.localize import localize_recipe
 
-    loc = localize_recipe(load_recipe(recipe_path), model_spec=model, device=device, batch_size=batch_size)
+    loc = localize_recipe(_load_recipe(recipe_path, model, batch_size), device=device)
     n = ", ".join(f"{k} {v}" for k, v in loc.n.items())
     title = f"top {top} layers by effect size (cross-fitted Cohen's d along the toxic-minus-neutral mean difference; {n})"
     click.echo(render(loc.headers(), loc.table_rows(top), title=title))
@@ -224,35 +283,35 @@ def localize(recipe_path: Path, model: str | None, json_path: Path | None, plot_
 @main.command("eval")
 @click.argument("model")
 @click.option("--baseline", "-b", default=None, help="Base model to compare with (same prompts, same seed): folder, Hub id or smollm2-135m.")
-@click.option("--prompts", "prompts_path", default=None, help="Prompt file: jsonl with prompt [+ toxicity], or txt (one per line). Default: shared RTP challenging prompts.")
-@click.option("--n-prompts", type=int, default=None, help="Seeded sample of this many prompts (0 = all). Preset: rtp 200, quick 50.")
-@click.option("--samples", type=int, default=None, help="Continuations per prompt. Preset: rtp 25, quick 5.")
-@click.option("--max-new-tokens", type=int, default=None, help="Tokens per continuation. Preset: 20.")
-@click.option("--evaluators", default=None, help="Comma list of profanity-check, hatesonar, jigsaw-bilstm, hf:PATH (default: the first three).")
-@click.option("--seed", type=int, default=None, help="Seed for the prompt sample, the sampling and the bootstrap (default 0).")
+@setting_option(EvalSettings, "prompts", "--prompts", "prompts_path")
+@setting_option(EvalSettings, "n_prompts", type=click.IntRange(min=0))
+@setting_option(EvalSettings, "samples", type=click.IntRange(min=1))
+@setting_option(EvalSettings, "max_new_tokens", type=click.IntRange(min=1))
+@setting_option(EvalSettings, "evaluators")
+@setting_option(EvalSettings, "seed")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the full report (settings, metrics, samples) here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG bar chart here.")
-@click.option("--preset", type=click.Choice(["rtp", "quick"]), default="rtp", show_default=True, help="rtp: the RealToxicityPrompts protocol; quick: for iterating.")
-@click.option("--ppl-tokens", type=int, default=None, help="WikiText-2 tokens for perplexity (0 skips it). Preset: rtp 8192, quick 4096.")
-@click.option("--threads", type=int, default=None, help="CPU threads for torch (1 is fastest on a busy machine).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Load both models in this dtype (default float32; bfloat16 is ~2x faster on CPUs with AVX512-BF16).")
+@click.option("--preset", type=click.Choice(["rtp", "quick"]), default="rtp", show_default=True, help=help_of(EvalSettings, "preset") + ".")
+@setting_option(EvalSettings, "ppl_tokens", type=click.IntRange(min=0))
+@_threads_opt
+@setting_option(EvalSettings, "dtype", type=click.Choice(["float32", "bfloat16", "float16"]))
 @_device_opt
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Sequences generated per batch.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Sequences generated per batch.")
 @friendly
 def eval_command(model: str, baseline: str | None, prompts_path: str | None, n_prompts: int | None, samples: int | None, max_new_tokens: int | None,
                  evaluators: str | None, seed: int | None, json_path: Path | None, plot_path: Path | None, preset: str, ppl_tokens: int | None,
-                 threads: int | None, dtype: str | None, device: str, batch_size: int) -> None:
+                 dtype: str | None, device: str, batch_size: int) -> None:
     """Toxicity (several evaluators), degenerate output and perplexity of MODEL, before/after against --baseline."""
-    from .evaluate import EvalSettings, evaluate
+    from .evaluate.report import EvalSettings, evaluate
 
     settings = EvalSettings.from_preset(preset, prompts=prompts_path, n_prompts=n_prompts, samples=samples, max_new_tokens=max_new_tokens,
                                         evaluators=evaluators, seed=seed, ppl_tokens=ppl_tokens, dtype=dtype)
-    report = evaluate(model, baseline=baseline, settings=settings, device=device, batch_size=batch_size, threads=threads, progress=True)
+    report = evaluate(model, baseline=baseline, settings=settings, device=device, batch_size=batch_size)
     click.echo(report.table())
     if json_path:
         click.echo(f"wrote {report.save_json(json_path)}")
     if plot_path:
-        from .plots import plot_report
+        from .evaluate.plots import plot_report
 
         click.echo(f"wrote {plot_report(report.to_json(), plot_path)}")
 
@@ -264,7 +323,7 @@ def eval_command(model: str, baseline: str | None, prompts_path: str | None, n_p
 @friendly
 def card(folder: Path, eval_path: Path | None, repo_id: str | None) -> None:
     """Write the model card (README.md) of a baked output folder DIR."""
-    from .hub import EVAL_NAME, load_eval, write_card
+    from .publish.card import EVAL_NAME, load_eval, write_card
 
     eval_path = eval_path or (folder / EVAL_NAME if (folder / EVAL_NAME).is_file() else None)
     click.echo(f"wrote {write_card(folder, load_eval(eval_path) if eval_path else None, repo_id)}")
@@ -279,8 +338,8 @@ def card(folder: Path, eval_path: Path | None, repo_id: str | None) -> None:
 @friendly
 def push(folder: Path, repo_id: str, private: bool, revision: str | None, dry_run: bool) -> None:
     """Upload a baked output folder DIR to the Hub as REPO_ID in one commit (token: HF_TOKEN or `hf auth login`)."""
-    from .hub import CARD_NAME
-    from .hub import push as run_push
+    from .publish.card import CARD_NAME
+    from .publish.push import push as run_push
 
     r = run_push(folder, repo_id, private=private, revision=revision, dry_run=dry_run)
     if r.card_written:
@@ -298,25 +357,24 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, dry_ru
 @main.command()
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
 @click.option("--set", "expr", required=True, help="[step.N.]KEY=V1,V2,...: the setting to sweep (default step: the last).")
-@click.option("--model", "-m", default=None, help="Model: local folder, Hub id, or smollm2-135m (default: the recipe's).")
+@_model_opt
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="Folder for one baked model per value, sweep.json and the plot.")
 @click.option("--max-ppl-increase", type=float, default=None, help="Pick the least toxic point whose perplexity rises at most this much (0.05 = +5%).")
 @click.option("--compare", multiple=True, help="LABEL=EVAL_JSON: a reference point (e.g. aura=runs/aura/eval.json) on the plot.")
-@click.option("--n-prompts", type=int, default=None, help="Prompts per evaluation (quick preset: 50).")
-@click.option("--samples", type=int, default=None, help="Samples per prompt (quick preset: 5).")
-@click.option("--evaluators", default=None, help="Comma list of evaluators (default: the three offline ones).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@setting_option(EvalSettings, "n_prompts", type=click.IntRange(min=0))
+@setting_option(EvalSettings, "samples", type=click.IntRange(min=1))
+@setting_option(EvalSettings, "evaluators")
+@_device_opt
+@_threads_opt
 @friendly
 def sweep(recipe_path: Path, expr: str, model: str | None, out: Path | None, max_ppl_increase: float | None, compare: tuple[str, ...],
           n_prompts: int | None, samples: int | None, evaluators: str | None, device: str) -> None:
     """Run RECIPE at several values of one setting (statistics collected once), evaluate each with
     the quick preset, and plot toxicity against perplexity beside the base model."""
-    from .evaluate import EvalSettings
-    from .recipe import load_recipe
-    from .sweep import plot_sweep
-    from .sweep import sweep as run_sweep
+    from .workflows.sweep import plot_sweep
+    from .workflows.sweep import sweep as run_sweep
 
-    recipe = load_recipe(recipe_path)
+    recipe = _load_recipe(recipe_path, model, None)
     refs = {}
     for c in compare:
         if "=" not in c:
@@ -325,7 +383,7 @@ def sweep(recipe_path: Path, expr: str, model: str | None, out: Path | None, max
         refs[label] = Path(path)
     settings = EvalSettings.from_preset("quick", n_prompts=n_prompts, samples=samples, evaluators=evaluators)
     out = out or Path(f"runs/sweep-{recipe.name}")
-    result = run_sweep(recipe, expr, out=out, model_spec=model, eval_settings=settings, references=refs,
+    result = run_sweep(recipe, expr, out=out, eval_settings=settings, references=refs,
                        max_ppl_increase=max_ppl_increase, device=device)
     click.echo(result.table())
     click.echo(f"wrote {plot_sweep(result, out / 'sweep.png')} and {out / 'sweep.json'}")
@@ -333,13 +391,6 @@ def sweep(recipe_path: Path, expr: str, model: str | None, out: Path | None, max
         click.echo(f"least toxic within +{max_ppl_increase:.0%} perplexity: {result.key}={result.values[result.chosen]} ({result.points[result.chosen]['folder']})")
     elif max_ppl_increase is not None:
         click.echo(f"no point stays within +{max_ppl_increase:.0%} perplexity")
-
-
-if __name__ == "__main__":  # `python -m patcher.cli` (torchrun, accelerate launch)
-    # Import the module under its own name so that commands appended below this line exist too.
-    from patcher.cli import main as _main
-
-    _main()
 
 
 @main.command()
@@ -352,6 +403,10 @@ if __name__ == "__main__":  # `python -m patcher.cli` (torchrun, accelerate laun
 @friendly
 def plan(model: str, dtype: str, n_texts: int, max_tokens: int, gpu_gib: float, n_gpus: int) -> None:
     """Memory a run needs and the flags that fit it, from the model's config alone (no weights)."""
-    from .plan import report
+    from .workflows.plan import report
 
     click.echo(report(model, dtype, n_texts, max_tokens, gpu_gib, n_gpus))
+
+
+if __name__ == "__main__":  # `python -m patcher.cli` (torchrun, accelerate launch)
+    main()

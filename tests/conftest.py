@@ -29,7 +29,7 @@ def one_thread() -> Iterator[None]:
 def smollm2() -> Path:
     """The embedded default model as a float32 safetensors folder (converted on first use, ~25 s)."""
     pytest.importorskip("gguf", reason="converting the embedded model needs the gguf package")
-    from patcher.embedded import embedded_model_path
+    from patcher.core.embedded import embedded_model_path
 
     return embedded_model_path()
 

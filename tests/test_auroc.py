@@ -7,8 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from patcher.auroc import auroc
-from patcher.errors import PatcherError
+from patcher.core.auroc import auroc
+from patcher.core.errors import PatcherError
 
 
 def reference(scores: torch.Tensor, labels: torch.Tensor) -> np.ndarray:

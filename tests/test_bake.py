@@ -18,10 +18,20 @@ from safetensors import safe_open
 from tiny import FAMILIES, save_tiny, tiny_model
 from transformers import AutoModelForCausalLM
 
-from patcher import Patch, PatcherError, ProjectOutputs, ScaleInputs, ScaleOutputs, ZeroHeads, ZeroNeurons, bake, verify
-from patcher.arch import arch_for, head_layout, num_layers
+from patcher import (
+    Patch,
+    PatcherError,
+    ProjectOutputs,
+    ScaleInputs,
+    ScaleOutputs,
+    ZeroHeads,
+    ZeroNeurons,
+    bake,
+    verify,
+)
 from patcher.cli import main
-from patcher.edits import orthonormal
+from patcher.core.arch import arch_for, head_layout, num_layers
+from patcher.edits.edit import orthonormal
 
 EDIT_KINDS = ["scale_outputs", "scale_inputs", "project_outputs", "zero_heads", "zero_neurons"]
 
@@ -61,7 +71,7 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 def assert_bake_equals_hooks(base_dir: Path, patch: Patch, out: Path, **bake_kwargs) -> None:
-    bake(patch, base_dir, out, progress=False, **bake_kwargs)
+    bake(patch, base_dir, out, **bake_kwargs)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     with patch.hooked(base):
         expected = logits(base)
@@ -105,7 +115,7 @@ def test_compose_is_sequential(tmp_path: Path) -> None:
 def test_bf16_kept_and_untouched_bytes_identical(tmp_path: Path) -> None:
     base_dir = save_tiny("llama", tmp_path / "base", dtype=torch.bfloat16)
     patch = Patch(make_edits(tiny_model("llama"), "scale_outputs"))
-    bake(patch, base_dir, tmp_path / "out", progress=False)
+    bake(patch, base_dir, tmp_path / "out")
     touched = set(patch.touched_tensors())
     with safe_open(base_dir / "model.safetensors", "pt") as src, safe_open(tmp_path / "out/model.safetensors", "pt") as dst:
         assert set(src.keys()) == set(dst.keys())
@@ -122,10 +132,10 @@ def test_bf16_kept_and_untouched_bytes_identical(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", EDIT_KINDS)
 def test_streamed_blocks_equal_whole_tensor_edit(family: str, kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny blocks (a few rows each) give the bytes of editing the whole tensor in float32."""
-    monkeypatch.setattr(importlib.import_module("patcher.bake"), "BLOCK_BYTES", 100)  # the package exports bake()
+    monkeypatch.setattr(importlib.import_module("patcher.bake.writer"), "BLOCK_BYTES", 100)
     base_dir = save_tiny(family, tmp_path / "base", dtype=torch.bfloat16)
     patch = Patch(make_edits(tiny_model(family), kind))
-    bake(patch, base_dir, tmp_path / "out", progress=False)
+    bake(patch, base_dir, tmp_path / "out")
     with safe_open(base_dir / "model.safetensors", "pt") as src, safe_open(tmp_path / "out/model.safetensors", "pt") as dst:
         for edit in patch.edits:
             expected = edit.apply_weight(src.get_tensor(edit.weight_name).float()).bfloat16()
@@ -153,7 +163,7 @@ def _embed_projection(family: str) -> Patch:
 def test_tied_embedding_refused_without_untie(tmp_path: Path) -> None:
     base_dir = save_tiny("gemma2", tmp_path / "base")
     with pytest.raises(PatcherError, match="--untie"):
-        bake(_embed_projection("gemma2"), base_dir, tmp_path / "out", progress=False)
+        bake(_embed_projection("gemma2"), base_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -204,7 +214,7 @@ def test_cli_bake_inspect_verify(llama_case: tuple[Path, Path], tmp_path: Path) 
 def test_verify_detects_tampering(llama_case: tuple[Path, Path], tmp_path: Path) -> None:
     base_dir, patch_dir = llama_case
     out = tmp_path / "out"
-    bake(Patch.load(patch_dir), base_dir, out, progress=False)
+    bake(Patch.load(patch_dir), base_dir, out)
     # Re-save the weights with one tensor changed: the file hash, the tensor check and the logits all move.
     from safetensors.torch import load_file, save_file
 
@@ -296,7 +306,7 @@ def test_killed_bake_leaves_no_output(tmp_path: Path) -> None:
     Patch(make_edits(tiny_model("llama"), "scale_outputs")).save(tmp_path / "patch")
     out = tmp_path / "out"
     script = (
-        "import time, patcher.checkpoint as c\n"
+        "import time, patcher.io.checkpoint as c\n"
         
         "def slow(self, *a):\n"
         "    print('writing', flush=True); time.sleep(30)\n"
@@ -324,7 +334,7 @@ def test_real_model_bake_equals_intervene(smollm2: Path, tmp_path: Path) -> None
         basis = orthonormal(torch.randn(cfg["hidden_size"], 2, generator=gen))
         edits.append(ProjectOutputs(arch.module("attn_out", i), basis=basis, strength=0.5))
     patch = Patch(edits)
-    bake(patch, smollm2, tmp_path / "out", progress=False)
+    bake(patch, smollm2, tmp_path / "out")
     r = verify(tmp_path / "out")
     assert not r.bad_files and not r.bad_tensors
     assert r.ok and r.max_abs_diff <= 1e-3, r.max_abs_diff

@@ -12,7 +12,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from patcher import PatcherError, bake
-from patcher.methods.circuit import Circuit, CircuitSettings, learn_circuit, masked, plot_circuit
+from patcher.methods.circuit import (
+    Circuit,
+    CircuitSettings,
+    learn_circuit,
+    masked,
+    plot_circuit,
+)
 
 VOCAB = 96
 TRIGGER, TOXIC, K, NEURON, LAYER = 10, 20, 5, 17, 1  # token ids, a residual dimension, the planted unit
@@ -87,7 +93,7 @@ def learned(tokenizer: PreTrainedTokenizerFast) -> tuple[torch.nn.Module, Circui
     model = planted_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     toxic, neutral = texts()
-    circuit = learn_circuit(model, tokenizer, toxic, neutral, CircuitSettings(**FAST), progress=False)
+    circuit = learn_circuit(model, tokenizer, toxic, neutral, CircuitSettings(**FAST))
     return model, circuit, before
 
 
@@ -96,7 +102,7 @@ def test_planted_neuron_found_and_baked_removal_removes_behaviour(learned, tmp_p
     assert NEURON in circuit.neurons.get(LAYER, []), circuit.neurons
     base = tmp_path / "base"
     model.save_pretrained(base)
-    bake(circuit.to_patch(model.config, {"test": "planted"}), base, tmp_path / "out", progress=False)
+    bake(circuit.to_patch(model.config, {"test": "planted"}), base, tmp_path / "out")
     baked = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     before, after = p_toxic(model), p_toxic(baked)
     assert before > 0.3 and after < before / 5, (before, after)
@@ -120,7 +126,7 @@ def test_bake_equals_masked_model(learned, tmp_path: Path) -> None:
                       circuit.num_layers, circuit.num_heads, circuit.head_dim, circuit.width)
     base = tmp_path / "base"
     model.save_pretrained(base)
-    bake(circuit.to_patch(model.config), base, tmp_path / "out", progress=False)
+    bake(circuit.to_patch(model.config), base, tmp_path / "out")
     baked = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), masked(model, *circuit.binary_masks()):
@@ -137,7 +143,7 @@ def test_budget_respected_and_summary(tokenizer: PreTrainedTokenizerFast, tmp_pa
     model = tiny_model("llama", seed=3)
     toxic, neutral = texts(seed=1, n=16)
     s = CircuitSettings(steps=30, batch_size=8, max_tokens=16, head_budget=0.25, neuron_budget=0.02, beta=5.0, lam=0.0, lr=0.5)
-    circuit = learn_circuit(model, tokenizer, toxic, neutral, s, progress=False)
+    circuit = learn_circuit(model, tokenizer, toxic, neutral, s)
     assert max(h["neurons_zeroed"] for h in circuit.history) > 1, "the run should overflow the budget"
     assert circuit.n_heads <= int(0.25 * 2 * 4) and circuit.n_neurons <= int(0.02 * 2 * 48) == 1
     rows = circuit.summary_rows()
@@ -151,14 +157,14 @@ def test_budget_respected_and_summary(tokenizer: PreTrainedTokenizerFast, tmp_pa
 def test_bad_budget_refused(tokenizer, field: str, value: float) -> None:
     toxic, neutral = texts(n=8)
     with pytest.raises(PatcherError, match=r"\(0, 1\]") as err:
-        learn_circuit(tiny_model("llama"), tokenizer, toxic, neutral, CircuitSettings(**{field: value}), progress=False)
+        learn_circuit(tiny_model("llama"), tokenizer, toxic, neutral, CircuitSettings(**{field: value}))
     assert field in str(err.value) and "\n" not in str(err.value)
 
 
 def test_too_little_data_refused(tokenizer) -> None:
     toxic, neutral = texts(n=8)
     with pytest.raises(PatcherError, match="at least 16 toxic and 16 neutral") as err:
-        learn_circuit(tiny_model("llama"), tokenizer, toxic, neutral, CircuitSettings(batch_size=16), progress=False)
+        learn_circuit(tiny_model("llama"), tokenizer, toxic, neutral, CircuitSettings(batch_size=16))
     assert "\n" not in str(err.value)
 
 
@@ -168,8 +174,8 @@ def test_circuit_recipe_runs_and_inspect_maps_it(tmp_path):
     from test_run import write_recipe
     from tiny import save_tiny_with_tokenizer
 
+    from patcher.bake.verify import verify
     from patcher.cli import main
-    from patcher.verify import verify
 
     model = save_tiny_with_tokenizer("llama", tmp_path / "base")
     recipe = write_recipe(tmp_path, model, extra="steps = 30\nlr = 0.5\nbatch_size = 4\nneuron_budget = 0.05\nhead_budget = 0.2")

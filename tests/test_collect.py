@@ -7,9 +7,10 @@ import pytest
 import torch
 from tiny import tiny_model, tiny_tokenizer
 
-from patcher.arch import arch_for
-from patcher.collect import Collector, PooledValues
-from patcher.errors import PatcherError
+from patcher.collect.collector import Collector
+from patcher.collect.statistics import PooledValues
+from patcher.core.arch import arch_for
+from patcher.core.errors import PatcherError
 from patcher.methods.aura import AuraSettings, factors_from_auroc, statistic
 
 TEXTS = ["you are a total idiot!", "hello there", "what a lovely day it is today, friends", "go away, fool", "ok", "thanks a lot"]
@@ -21,7 +22,7 @@ def _pooled(family: str, side: str, how: str, batch_size: int = 4) -> dict[str, 
     arch = arch_for(model.config)
     mods = arch.mlp_unit_modules(0) + [arch.module("attn_out", 1)]
     stat = PooledValues([(m, "output") for m in mods] + [(arch.module("mlp_out", 1), "input")], how=how)
-    Collector(model, tiny_tokenizer(), batch_size=batch_size, padding_side=side, progress=False).run([stat], TEXTS, LABELS)
+    Collector(model, tiny_tokenizer(), batch_size=batch_size, padding_side=side).run([stat], TEXTS, LABELS)
     return {m: stat.matrix(m)[0] for m in stat.values}
 
 
@@ -36,7 +37,7 @@ def test_left_and_right_padding_agree(family: str, how: str) -> None:
 
 
 def test_pool_mask_skips_padding_and_first_token() -> None:
-    c = Collector(tiny_model("llama"), tiny_tokenizer(), batch_size=8, padding_side="left", progress=False)
+    c = Collector(tiny_model("llama"), tiny_tokenizer(), batch_size=8, padding_side="left")
     batch = next(c.batches(["abcd", "ab", "a"], [1, 0, 1]))
     by_index = {int(i): row for i, row in zip(batch.index, batch.pool_mask)}
     assert by_index[0].tolist() == [False, True, True, True]  # the first real token is the sink
@@ -48,7 +49,7 @@ def test_pool_mask_skips_padding_and_first_token() -> None:
 def test_labels_follow_samples_through_sorting() -> None:
     model = tiny_model("llama")
     stat = PooledValues([(arch_for(model.config).module("mlp_out", 0), "output")])
-    Collector(model, tiny_tokenizer(), batch_size=2, progress=False).run([stat], TEXTS, LABELS)
+    Collector(model, tiny_tokenizer(), batch_size=2).run([stat], TEXTS, LABELS)
     _, labels = stat.matrix(stat.watches[0][0])
     assert labels.tolist() == LABELS
 
@@ -57,9 +58,9 @@ def test_merge_equals_single_pass() -> None:
     model = tiny_model("qwen2")
     m = arch_for(model.config).module("mlp_out", 0)
     whole = PooledValues([(m, "output")])
-    Collector(model, tiny_tokenizer(), progress=False).run([whole], TEXTS, LABELS)
+    Collector(model, tiny_tokenizer()).run([whole], TEXTS, LABELS)
     a, b = PooledValues([(m, "output")]), PooledValues([(m, "output")])
-    c = Collector(model, tiny_tokenizer(), progress=False)
+    c = Collector(model, tiny_tokenizer())
     c.run([a], TEXTS[:3], LABELS[:3])
     c.run([b], TEXTS[3:], LABELS[3:])
     b.index = [i + 3 for i in b.index]
@@ -74,7 +75,7 @@ def test_nan_activations_name_the_layer() -> None:
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
     stat = statistic(model.config, AuraSettings())
     with pytest.raises(PatcherError, match=r"model\.layers\.1\.mlp\.(up|down)_proj.*NaN or inf"):
-        Collector(model, tiny_tokenizer(), progress=False).run([stat], TEXTS, LABELS)
+        Collector(model, tiny_tokenizer()).run([stat], TEXTS, LABELS)
 
 
 def test_aura_factors_known_by_construction() -> None:

@@ -9,9 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from patcher.data import LabeledSet, length_auroc, load_labeled, load_pairs, load_prompts
-from patcher.embedded import cache_root
-from patcher.errors import PatcherError
+from patcher.core.embedded import cache_root
+from patcher.core.errors import PatcherError
+from patcher.data.loaders import (
+    LabeledSet,
+    length_auroc,
+    load_labeled,
+    load_pairs,
+    load_prompts,
+)
 
 
 class WhitespaceTokenizer:

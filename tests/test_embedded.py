@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from patcher.checkpoint import Checkpoint
-from patcher.embedded import _is_complete, embedded_model_path, gguf_path
+from patcher.core.embedded import _is_complete, embedded_model_path, gguf_path
+from patcher.io.checkpoint import Checkpoint
 
 
 @pytest.mark.slow
@@ -16,12 +16,12 @@ def test_damaged_cache_is_rebuilt(smollm2: Path, tmp_path: Path, monkeypatch: py
     cache = tmp_path / "cache" / "models" / smollm2.name
     shutil.copytree(smollm2, cache)
     monkeypatch.setenv("PATCHER_CACHE", str(tmp_path / "cache"))
-    assert embedded_model_path(progress=False) == cache  # intact: reused as is
+    assert embedded_model_path() == cache  # intact: reused as is
     weights = cache / "model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
     assert not _is_complete(cache, gguf_path())
-    rebuilt = embedded_model_path(progress=False)
+    rebuilt = embedded_model_path()
     assert rebuilt == cache and _is_complete(cache, gguf_path())
     assert Checkpoint.open(rebuilt).tensor_map()["model.norm.weight"].shape == (576,)
 

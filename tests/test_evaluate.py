@@ -16,11 +16,10 @@ from click.testing import CliRunner
 from tiny import save_tiny_with_tokenizer, tiny_tokenizer
 
 from patcher.cli import main
-from patcher.errors import PatcherError
-from patcher.data import load_prompts
-from patcher.evaluate import EvalSettings, eval_prompts, evaluate
-from patcher.generate import continuation_nll, generate
-from patcher.metrics import (
+from patcher.core.errors import PatcherError
+from patcher.data.loaders import load_prompts
+from patcher.evaluate.generate import continuation_nll, generate
+from patcher.evaluate.metrics import (
     bootstrap_ci,
     degenerate_kind,
     degenerate_summary,
@@ -28,6 +27,7 @@ from patcher.metrics import (
     split_by_prompt_toxicity,
     toxicity_metrics,
 )
+from patcher.evaluate.report import EvalSettings, eval_prompts, evaluate
 
 PROMPTS = ["the cat sat on", "hello, my name is", "a", "why is the sky so blue today? because", "we went to the river and"]
 SCORES = np.array([[0.1, 0.6, 0.2], [0.0, 0.1, 0.3], [0.9, 0.8, 0.7], [0.4, 0.5, 0.1]])
@@ -172,7 +172,7 @@ def test_left_padded_batched_greedy_equals_one_by_one(family: str, tmp_path: Pat
 
 
 def test_nucleus_keeps_top_p_mass() -> None:
-    from patcher.generate import nucleus_pick
+    from patcher.evaluate.generate import nucleus_pick
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]).repeat(4000, 1))
     u = torch.rand(4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

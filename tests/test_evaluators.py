@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from patcher.errors import PatcherError
-from patcher.evaluators import get_evaluator, get_evaluators, known_evaluators
+from patcher.core.errors import PatcherError
+from patcher.evaluate.evaluators import get_evaluator, get_evaluators, known_evaluators
 
 TOXIC = [
     "you are a stupid worthless idiot",
@@ -78,7 +78,7 @@ def test_batches_give_the_same_scores_as_single_texts() -> None:
 
 def test_hatesonar_patched_model_is_cached_once() -> None:
     need_offline("hatesonar")
-    from patcher.evaluators.hatesonar import patched_model
+    from patcher.evaluate.evaluators.hatesonar import patched_model
 
     first = patched_model()
     mtime = first.stat().st_mtime_ns
@@ -88,7 +88,7 @@ def test_hatesonar_patched_model_is_cached_once() -> None:
 
 
 def test_restricted_unpickler_refuses_other_classes() -> None:
-    from patcher.evaluators.jigsaw import RestrictedUnpickler
+    from patcher.evaluate.evaluators.jigsaw import RestrictedUnpickler
 
     class Evil:
         def __reduce__(self):
@@ -207,13 +207,13 @@ def test_hf_multi_label_uses_sigmoid(tmp_path: Path) -> None:
     ],
 )
 def test_toxic_label_ids(id2label: dict[int, str], expected: list[int]) -> None:
-    from patcher.evaluators.hf import toxic_label_ids
+    from patcher.evaluate.evaluators.hf import toxic_label_ids
 
     assert toxic_label_ids(id2label) == expected
 
 
 def test_toxic_label_ids_refuses_unnamed_multiclass() -> None:
-    from patcher.evaluators.hf import toxic_label_ids
+    from patcher.evaluate.evaluators.hf import toxic_label_ids
 
     with pytest.raises(PatcherError, match="cannot tell"):
         toxic_label_ids({0: "a", 1: "b", 2: "c"})

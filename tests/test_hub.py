@@ -20,9 +20,10 @@ from click.testing import CliRunner
 from tiny import save_tiny_with_tokenizer, tiny_model
 
 from patcher import Patch, ScaleOutputs, bake
-from patcher.arch import arch_for
 from patcher.cli import main
-from patcher.hub import base_model_id, front_matter, render_card, upload_plan, write_card
+from patcher.core.arch import arch_for
+from patcher.publish.card import base_model_id, front_matter, render_card, write_card
+from patcher.publish.push import upload_plan
 
 TOKEN = "hf_patcherTESTtokenDoNotLeak0123456789"
 REPO = "someone/tiny-detox"
@@ -41,12 +42,12 @@ def baked(tmp_path_factory: pytest.TempPathFactory) -> Path:
     gen = torch.Generator().manual_seed(0)
     edits = [ScaleOutputs(arch.module("mlp_out", i), arch.layout, factors=torch.rand(32, generator=gen)) for i in range(2)]
     record = {"recipe": {"path": "recipes/aura.toml", "name": "aura", "text": RECIPE_TEXT}}
-    return bake(Patch(edits, {"method": "aura", "recipe": "aura"}), base, root / "out", record=record, progress=False)
+    return bake(Patch(edits, {"method": "aura", "recipe": "aura"}), base, root / "out", record=record)
 
 
 def _report(baked: Path) -> dict:
     """A small before/after report from the real evaluation code (tiny model, fake evaluator)."""
-    from patcher.evaluate import EvalSettings, evaluate
+    from patcher.evaluate.report import EvalSettings, evaluate
 
     class Fake:
         name, floor = "fake-tox", 0.0

@@ -17,13 +17,13 @@ from tiny import save_tiny, save_tiny_with_tokenizer, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from patcher import Patch, PatcherError, bake
-from patcher.arch import arch_for
-from patcher.collect import Collector
-from patcher.edits import ProjectOutputs, ScaleInputs
-from patcher.localize import localize, parse_layers, residual_module, writer_module
-from patcher.methods import StepContext, get_method
+from patcher.collect.collector import Collector
+from patcher.core.arch import arch_for, residual_module, writer_module
+from patcher.edits.edit import ProjectOutputs, ScaleInputs
+from patcher.methods.localize import localize, parse_layers
 from patcher.methods.project import ProjectSettings, estimate, frame, probe
-from patcher.recipe import build
+from patcher.methods.registry import StepContext, get_method
+from patcher.recipe.settings import build
 
 TOXIC = ["idiot", "stupid", "moron", "fool", "jerk", "loser"]
 NEUTRAL = ["friend", "garden", "morning", "river", "music", "window"]
@@ -45,7 +45,7 @@ def paired_data(n: int = 24, seed: int = 0) -> SimpleNamespace:
 
 def context(model: torch.nn.Module, data: SimpleNamespace | None = None, prior: Patch | None = None) -> StepContext:
     tok = tiny_tokenizer()
-    collector = Collector(model, tok, batch_size=16, max_tokens=32, progress=False)
+    collector = Collector(model, tok, batch_size=16, max_tokens=32)
     return StepContext(model, tok, collector, data or paired_data(), prior or Patch([]))
 
 
@@ -76,7 +76,7 @@ def assert_bake_equals_hooks(family: str, patch: Patch, tmp_path: Path, untie: b
     """Baked checkpoint == base model with the patch's hooks (1e-5), the patch changes the logits,
     and it survives a save/load round trip."""
     base_dir = save_tiny(family, tmp_path / "base")
-    bake(patch, base_dir, tmp_path / "out", untie=untie, progress=False)
+    bake(patch, base_dir, tmp_path / "out", untie=untie)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     with patch.hooked(base):
         expected = logits(base)
@@ -126,7 +126,6 @@ def test_whitened_erase_removes_the_read_out_and_bakes(family: str, tmp_path: Pa
     """erase = "whitened": nothing is left along the read direction U, the correction goes along
     V = S U (U^T S U)^-1 (not U), and the baked checkpoint equals the hooked base."""
     model = tiny_model(family)
-    arch = arch_for(model.config)
     patch = compute("project", context(model), direction="meandiff", blocks=["mlp_out", "attn_out"], outliers="whiten", erase="whitened")
     for e in patch.edits:
         assert e.write.shape == e.basis.shape and not torch.allclose(e.write, e.basis, atol=1e-3)
@@ -185,7 +184,7 @@ def test_embedding_projection(family: str, tmp_path: Path) -> None:
     assert torch.equal(baked.get_output_embeddings().weight, base.get_output_embeddings().weight)
     if tied:
         with pytest.raises(PatcherError, match="untie"):
-            bake(patch, tmp_path / "base", tmp_path / "refused", progress=False)
+            bake(patch, tmp_path / "base", tmp_path / "refused")
         assert not (tmp_path / "refused").exists()
 
 
@@ -246,7 +245,7 @@ def test_stacking_aura_then_project_equals_hooks_in_order(tmp_path: Path) -> Non
     both = aura.compose(project)
     assert [s["method"] for s in both.provenance["steps"]] == ["aura", "project"]
     base_dir = save_tiny("llama", tmp_path / "base")
-    bake(both, base_dir, tmp_path / "out", progress=False)
+    bake(both, base_dir, tmp_path / "out")
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     with aura.hooked(base), project.hooked(base):
         expected = logits(base)

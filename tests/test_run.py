@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from tiny import FAMILIES, save_tiny_with_tokenizer
 
+from patcher.bake.verify import verify
 from patcher.cli import main
-from patcher.errors import PatcherError
-from patcher.recipe import load_recipe
-from patcher.verify import verify
+from patcher.core.errors import PatcherError
+from patcher.recipe.loader import load_recipe
 
 TOXIC_WORDS = ["idiot", "stupid", "moron", "fool", "jerk"]
 NEUTRAL_WORDS = ["friend", "garden", "morning", "river", "music"]
@@ -125,7 +125,7 @@ def test_run_with_eval_table_writes_report_plot_and_card(tmp_path: Path) -> None
 
 
 def test_eval_table_unknown_key_and_switch(tmp_path: Path) -> None:
-    from patcher.run import eval_settings
+    from patcher.workflows.run import eval_settings
 
     recipe = write_recipe(tmp_path)
     base = recipe.read_text()
@@ -220,7 +220,7 @@ def test_pairs_recipe_loads_pairs(shared_data: Path) -> None:
     """`pairs = true` reads contrastive pairs: each toxic text beside its paraphrase, paired ids."""
     from tiny import tiny_tokenizer
 
-    from patcher.run import load_data
+    from patcher.data.loaders import load_data
 
     recipe = load_recipe(Path(__file__).parents[1] / "recipes/project-profs.toml")
     import dataclasses
@@ -254,8 +254,8 @@ def test_embedding_projection_needs_untie_in_the_recipe(tmp_path: Path) -> None:
 def test_shipped_recipes_load_and_validate(path: Path, shared_data: Path) -> None:
     """Every recipe in recipes/ parses, and each step's settings build (a typo or a bad value in a
     shipped recipe fails here, not in a user's run); its data files exist beside the checkout."""
-    from patcher.methods import get_method
-    from patcher.recipe import build
+    from patcher.methods.registry import get_method
+    from patcher.recipe.settings import build
 
     recipe = load_recipe(path)
     for i, step in enumerate(recipe.steps, start=1):

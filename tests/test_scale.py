@@ -19,16 +19,16 @@ from click.testing import CliRunner
 from test_run import write_recipe
 from tiny import FAMILIES, save_tiny_with_tokenizer
 
-from patcher.arch import arch_for, num_layers
 from patcher.cli import main
-from patcher.collect import Collector, PooledValues
-from patcher.distributed import ScaleOptions, parse_max_memory
-from patcher.edits import ScaleOutputs
-from patcher.errors import PatcherError
-from patcher.localize import PooledStates
-from patcher.patch import Patch
-from patcher.run import load_model
-from patcher.sequential import layerwise_of, layerwise_perplexity, load_layerwise
+from patcher.collect.collector import Collector
+from patcher.collect.layerwise import layerwise_of, layerwise_perplexity, load_layerwise
+from patcher.collect.parallel import ScaleOptions
+from patcher.collect.statistics import PooledValues
+from patcher.core.arch import arch_for, num_layers
+from patcher.core.errors import PatcherError
+from patcher.core.models import load_model, parse_max_memory
+from patcher.edits.edit import ScaleOutputs
+from patcher.edits.patch import Patch
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["you are a total idiot!", "hello there", "what a lovely day it is today, friends", "go away, fool", "ok",
@@ -43,9 +43,9 @@ def _stats(config) -> list:
     return [
         PooledValues([(m, "output") for m in units], how="max"),
         # Falcon's layers return a tuple, which Collector hooks do not take apart
-        PooledStates([(arch.layer(i), "output") for i in range(n) if config.model_type != "falcon"]
+        PooledValues([(arch.layer(i), "output") for i in range(n) if config.model_type != "falcon"]
                      + [(arch.module("attn_out", i), "output") for i in range(n)], how="mean"),
-        PooledStates([(arch.module("mlp_out", i), "input") for i in range(n)], how="mean"),
+        PooledValues([(arch.module("mlp_out", i), "input") for i in range(n)], how="mean"),
     ]
 
 
@@ -59,7 +59,7 @@ def _prior(config) -> Patch:
 
 def _collect(model, tok, config, sequential: bool, side: str = "right", batch_size: int = 4) -> list:
     stats = _stats(config)
-    c = Collector(model, tok, batch_size=batch_size, max_tokens=24, padding_side=side, progress=False)
+    c = Collector(model, tok, batch_size=batch_size, max_tokens=24, padding_side=side)
     if sequential:
         c.options = ScaleOptions(sequential=True, checkpoint_every=0)
     c.run(stats, TEXTS, LABELS, patch=_prior(config))
@@ -93,7 +93,7 @@ def test_sequential_hidden_states_on_disk_and_perplexity(tmp_path: Path) -> None
     model, tok = load_model(folder)
     skeleton, _ = load_layerwise(folder, hidden_max_bytes=0)  # everything spills to the temp file
     _assert_same(_collect(model, tok, model.config, False), _collect(skeleton, tok, skeleton.config, True))
-    from patcher.perplexity import perplexity
+    from patcher.evaluate.perplexity import perplexity
 
     ids = torch.randint(4, 90, (150,))
     lw = layerwise_of(skeleton)
@@ -109,7 +109,7 @@ def test_sequential_equals_whole_model_smollm2(smollm2: Path) -> None:
     out = []
     for m, seq in ((model, False), (skeleton, True)):
         stat = PooledValues([(x, "output") for x in mods])
-        c = Collector(m, tok, batch_size=4, max_tokens=24, progress=False)
+        c = Collector(m, tok, batch_size=4, max_tokens=24)
         if seq:
             c.options = ScaleOptions(sequential=True, checkpoint_every=0)
         c.run([stat], TEXTS, LABELS)
@@ -204,7 +204,7 @@ def test_two_process_data_parallel_equals_single_process(setup: tuple[Path, Path
            "--batch-size", "4"]
     p = subprocess.run(cmd, cwd=tmp, env=_env(), capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "rank 0 of 2 takes 5 of the 10 batches" in p.stdout and "merging the statistics of 2 processes" in p.stdout, p.stdout
+    assert "rank 0 of 2 takes 5 of the 10 batches" in p.stderr and "merging the statistics of 2 processes" in p.stderr, p.stderr
     single = _cli("compute", recipe, "--out", tmp / "single4", "--batch-size", 4)
     assert single.exit_code == 0, single.output
     assert _patch_bytes(tmp / "dp") == _patch_bytes(tmp / "single4")
@@ -213,7 +213,7 @@ def test_two_process_data_parallel_equals_single_process(setup: tuple[Path, Path
 
 SLOW_COMPUTE = """
 import sys, time
-from patcher.collect import PooledValues
+from patcher.collect.statistics import PooledValues
 observe = PooledValues.observe
 def slow(self, module, acts, batch):
     if module == self.watches[0][0]:

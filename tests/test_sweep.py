@@ -11,10 +11,10 @@ from test_run import write_recipe
 from tiny import save_tiny_with_tokenizer
 
 from patcher.cli import main
-from patcher.collect import Collector
-from patcher.errors import PatcherError
-from patcher.recipe import load_recipe
-from patcher.sweep import parse_set
+from patcher.collect.collector import Collector
+from patcher.core.errors import PatcherError
+from patcher.recipe.loader import load_recipe
+from patcher.workflows.sweep import parse_set
 
 
 def test_sweep_collects_once(tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -38,18 +38,19 @@ def test_sweep_collects_once(tmp_path: Path, shared_data: Path, monkeypatch: pyt
 def test_sweep_setting_that_changes_collection_recollects(tmp_path: Path) -> None:
     """`modules` changes what AURA collects, so each value gets its own statistics."""
 
-    from patcher.run import compute_patch, load_model
-    from patcher.sweep import with_setting
+    from patcher.core.models import load_model
+    from patcher.workflows.run import compute_patch
+    from patcher.workflows.sweep import with_setting
 
     model_dir = save_tiny_with_tokenizer("llama", tmp_path / "base")
     recipe = load_recipe(write_recipe(tmp_path, model_dir))
     model, tok = load_model(model_dir)
     cache: dict = {}
     for v in (0.5, 0.6):
-        compute_patch(with_setting(recipe, 0, "min_auroc", v), model, tok, progress=False, stats_cache=cache)
+        compute_patch(with_setting(recipe, 0, "min_auroc", v), model, tok, stats_cache=cache)
     assert len(cache) == 1
     for v in (["mlp_in"], ["mlp_out"]):
-        compute_patch(with_setting(recipe, 0, "modules", v), model, tok, progress=False, stats_cache=cache)
+        compute_patch(with_setting(recipe, 0, "modules", v), model, tok, stats_cache=cache)
     assert len(cache) == 3
 
 

@@ -18,11 +18,13 @@ from typing import Any, Literal
 
 import torch
 
-from ..arch import arch_for, num_layers
-from ..collect import PooledValues
-from ..edits import ScaleOutputs
-from ..errors import PatcherError
-from ..patch import Patch
+from ..collect.statistics import PooledValues
+from ..core.arch import arch_for, num_layers
+from ..core.errors import PatcherError
+from ..edits.edit import ScaleOutputs
+from ..edits.patch import Patch
+from ..recipe.settings import setting
+from .registry import METHODS, Method, StepContext
 
 ROLES = ("mlp_in", "mlp_out")
 
@@ -33,11 +35,11 @@ class AuraSettings:
     projection). ``mode``: ``aura`` (the paper), ``det0`` or ``damp`` (its baselines, on ``top_k``
     units by AUROC, ``damp`` scaling them by ``damp_factor``)."""
 
-    modules: tuple[str, ...] = ROLES
-    mode: Literal["aura", "det0", "damp"] = "aura"
-    min_auroc: float = 0.5
-    top_k: int = 0
-    damp_factor: float = 0.5
+    modules: tuple[str, ...] = setting(ROLES, help="MLP linears whose output units are scored: mlp_in (gate/up, c_fc), mlp_out (down projection)")
+    mode: Literal["aura", "det0", "damp"] = setting("aura", help="aura (the paper), det0 or damp (its baselines, on top_k units)", build_only=True)
+    min_auroc: float = setting(0.5, help="units with AUROC above this are dampened", build_only=True)
+    top_k: int = setting(0, help="det0/damp: how many units by AUROC", build_only=True)
+    damp_factor: float = setting(0.5, help="damp: the factor applied to the top_k units", build_only=True)
 
     def __post_init__(self) -> None:
         bad = set(self.modules) - set(ROLES)
@@ -77,3 +79,19 @@ def build_patch(config: Any, stats: PooledValues, settings: AuraSettings, proven
     factors = factors_from_auroc(stats.auroc(), settings)
     edits = [ScaleOutputs(m, arch.layout, factors=f) for m, f in factors.items() if (f != 1).any()]
     return Patch(edits, {"method": "aura", "settings": settings.__dict__ | {"modules": list(settings.modules)}} | (provenance or {}))
+
+
+@METHODS.register("aura")
+class Aura(Method):
+    """AURA (Suau et al., ICML 2024): max-pooled unit outputs, AUROC per unit, dampening folded into the rows."""
+
+    name = "aura"
+    settings = AuraSettings
+
+    def collect(self, ctx: StepContext, settings: AuraSettings) -> PooledValues:
+        stat = statistic(ctx.config, settings)
+        ctx.collector.run([stat], ctx.data.texts, ctx.data.labels, patch=ctx.prior, desc="aura: collect")
+        return stat
+
+    def build(self, ctx: StepContext, stats: PooledValues, settings: AuraSettings) -> Patch:
+        return build_patch(ctx.config, stats, settings)

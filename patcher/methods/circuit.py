@@ -34,10 +34,9 @@ unpruned model). After training the budget is enforced exactly: of the zeroed un
 
 from __future__ import annotations
 
-import re
-
 import contextlib
 import math
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -47,12 +46,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..arch import Architecture, arch_for, head_layout, num_layers
-from ..edits import ZeroHeads, ZeroNeurons
-from ..errors import PatcherError
-from ..patch import Patch
+from ..core.arch import Architecture, arch_for, head_layout, num_layers
+from ..core.errors import PatcherError
+from ..core.progress import bar as progress_bar
+from ..edits.edit import ZeroHeads, ZeroNeurons
+from ..edits.patch import Patch
+from .registry import METHODS, Method, StepContext
 
 METHOD = "circuit"
 
@@ -303,7 +303,6 @@ def learn_circuit(
     neutral: list[str],
     settings: CircuitSettings,
     device: str | torch.device = "cpu",
-    progress: bool = True,
 ) -> Circuit:
     """Learn binary head and neuron masks on the frozen model; return the budgeted circuit.
 
@@ -356,7 +355,7 @@ def learn_circuit(
     history: list[dict] = []
     cap: float | None = None
     t0 = time.perf_counter()
-    bar = tqdm(range(settings.steps), desc="circuit", disable=not progress, unit="step")
+    bar = progress_bar(range(settings.steps), desc="circuit", unit="step")
     try:
         for step in bar:
             tox = [tox_ids[j] for j in tox_sampler.next()]
@@ -461,3 +460,20 @@ def plot_circuit(circuit: Circuit, config: Any | None, path: str | Path) -> None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, format="png")
+
+
+@METHODS.register("circuit")
+class CircuitPruning(Method):
+    """Learned binary masks over heads and neurons (weights frozen); the circuit found is zeroed."""
+
+    name = "circuit"
+    settings = CircuitSettings
+
+    def collect(self, ctx: StepContext, settings: CircuitSettings) -> Circuit:
+        toxic = [t for t, y in zip(ctx.data.texts, ctx.data.labels) if y == 1]
+        neutral = [t for t, y in zip(ctx.data.texts, ctx.data.labels) if y == 0]
+        with ctx.prior.hooked(ctx.model):
+            return learn_circuit(ctx.model, ctx.tokenizer, toxic, neutral, settings, device=ctx.collector.device)
+
+    def build(self, ctx: StepContext, stats: Circuit, settings: CircuitSettings) -> Patch:
+        return stats.to_patch(ctx.config)

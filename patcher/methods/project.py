@@ -63,44 +63,56 @@ outlier dimensions and on its 3 largest coordinates (``provenance.layers``).
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from ..arch import arch_for, norm_gain, num_layers, residual_to_output_direction
-from ..collect import Batch, Statistic
-from ..edits import ProjectOutputs
-from ..errors import PatcherError
-from ..localize import BLOCKS, PooledStates, direction_effect, pair_rows, parse_layers, residual_module, writer_module
-from ..patch import Patch
+from ..collect.statistics import Batch, PooledValues, Statistic
+from ..core.arch import (
+    BLOCKS,
+    arch_for,
+    norm_gain,
+    num_layers,
+    residual_module,
+    residual_to_output_direction,
+    writer_module,
+)
+from ..core.errors import PatcherError
+from ..edits.edit import ProjectOutputs
+from ..edits.patch import Patch
+from ..recipe.settings import setting
+from .localize import direction_effect, pair_rows, parse_layers
+from .registry import METHODS, Method, StepContext
+
+log = logging.getLogger(__name__)
 
 DIRECTIONS = ("meandiff", "probe", "profs", "sae")
 
 
 @dataclass(frozen=True)
 class ProjectSettings:
-    direction: Literal["meandiff", "probe", "profs", "sae"] = "meandiff"
-    layers: tuple[int, ...] | str = "all"
-    top_n: int = 0
-    blocks: tuple[str, ...] = ("mlp_out",)
-    embed: bool = False
-    k: int = 1
-    strength: float = 1.0
-    paired: bool = False
-    source: Literal["auto", "block", "residual"] = "auto"
-    outliers: Literal["keep", "exclude", "whiten"] = "keep"
-    erase: Literal["orthogonal", "whitened"] = "orthogonal"
-    n_outliers: int = 8
-    probe_c: float = 1.0
-    holdout: float = 0.2
-    sae_path: str = ""
-    sae_layer: int = -1
-    sae_features: tuple[int, ...] = ()
-    sae_top: int = 0
-    seed: int = 0
+    direction: Literal["meandiff", "probe", "profs", "sae"] = setting("meandiff", help="meandiff, probe, profs (SVD of paired differences) or sae (decoder vectors)")
+    layers: tuple[int, ...] | str = setting("all", help='layers to edit: "all", "15-29", "3,5,7" or a list')
+    top_n: int = setting(0, help="edit only the top_n layers by localisation (0: all chosen layers)")
+    blocks: tuple[str, ...] = setting(("mlp_out",), help="what the direction is projected out of: mlp_out, attn_out")
+    embed: bool = setting(False, help="also project the token embeddings (tied models need [model] untie = true)")
+    k: int = setting(1, help="rank: directions per layer", build_only=True)
+    strength: float = setting(1.0, help="fraction of the direction removed, in [0, 1]", build_only=True)
+    paired: bool = setting(False, help="estimate on (toxic, neutral) pairs: the data must hold pairs")
+    source: Literal["auto", "block", "residual"] = setting("auto", help="estimate from each block's output or the residual stream after the layer")
+    outliers: Literal["keep", "exclude", "whiten"] = setting("keep", help="outlier residual dimensions: keep, exclude or whiten the estimate")
+    erase: Literal["orthogonal", "whitened"] = setting("orthogonal", help="orthogonal projection, or LEACE's eraser with the diagonal neutral covariance", build_only=True)
+    n_outliers: int = setting(8, help="how many residual dimensions count as outliers")
+    probe_c: float = setting(1.0, help="probe: inverse L2 regularisation strength", build_only=True)
+    holdout: float = setting(0.2, help="probe: share of the data held out to score it", build_only=True)
+    sae_path: str = setting("", help="sae: a safetensors file with W_enc, W_dec, b_enc, b_dec")
+    sae_layer: int = setting(-1, help="sae: the layer whose residual stream the SAE reads (-1: from the file)")
+    sae_features: tuple[int, ...] = setting((), help="sae: feature indices to project out")
+    sae_top: int = setting(0, help="sae: pick this many features by toxic-vs-neutral effect instead")
+    seed: int = setting(0, help="seed of the probe's holdout split")
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -215,7 +227,7 @@ def load_sae(path: str | Path, d_model: int) -> SAE:
     return SAE(w_enc, w_dec, t["b_enc"].float(), t["b_dec"].float(), None if thr is None else thr.float(), str(file), layer)
 
 
-class SaeFeatures(PooledStates):
+class SaeFeatures(PooledValues):
     """Mean-pooled SAE feature activations of one module's output (padding and the sink skipped)."""
 
     def __init__(self, module: str, sae: SAE):
@@ -256,11 +268,11 @@ def statistics(config: Any, s: ProjectSettings) -> dict[str, Statistic]:
     if s.embed and s.direction != "sae":
         watches.append((arch.embed, "output"))
     if watches:
-        stats["pooled"] = PooledStates(list(dict.fromkeys(watches)), how="mean")
+        stats["pooled"] = PooledValues(list(dict.fromkeys(watches)), how="mean")
     return stats
 
 
-def collect(ctx: Any, s: ProjectSettings) -> dict[str, Statistic]:
+def collect(ctx: StepContext, s: ProjectSettings) -> dict[str, Statistic]:
     stats = statistics(ctx.config, s)
     if stats:
         try:
@@ -515,7 +527,7 @@ def _write(v: torch.Tensor | None) -> dict[str, torch.Tensor]:
     return {} if v is None else {"write": v}
 
 
-def build(ctx: Any, stats: dict[str, Statistic], s: ProjectSettings) -> Patch:
+def build(ctx: StepContext, stats: dict[str, Statistic], s: ProjectSettings) -> Patch:
     config = ctx.config
     arch = arch_for(config)
     n_layers = num_layers(config)
@@ -558,7 +570,7 @@ def build(ctx: Any, stats: dict[str, Statistic], s: ProjectSettings) -> Patch:
             rec = {"layer": i, "block": b} | ({"score": round(scores[(b, i)], 4)} if scores else {})
             records.append(rec | {k: v for k, v in info.items() if k not in SHARED_INFO})
             if "probe_accuracy" in info:
-                print(f"project: layer {i} {b}: probe held-out accuracy {', '.join(f'{a:.3f}' for a in info['probe_accuracy'])}", file=sys.stderr)
+                log.info("project: layer %d %s: probe held-out accuracy %s", i, b, ", ".join(f"{a:.3f}" for a in info["probe_accuracy"]))
     if s.embed:  # the residual stream's first writer; its output is the stream before layer 0
         if shared is not None:
             u, info = shared
@@ -573,3 +585,17 @@ def build(ctx: Any, stats: dict[str, Statistic], s: ProjectSettings) -> Patch:
     if shared is not None:
         prov["sae"] = {k: v for k, v in shared[1].items() if k in ("sae", "sae_layer", "features", "feature_scores")}
     return Patch(edits, prov)
+
+
+@METHODS.register("project")
+class Project(Method):
+    """Rank-k projection of a toxic direction out of what the chosen layers write."""
+
+    name = "project"
+    settings = ProjectSettings
+
+    def collect(self, ctx: StepContext, settings: ProjectSettings) -> dict[str, Statistic]:
+        return collect(ctx, settings)
+
+    def build(self, ctx: StepContext, stats: dict[str, Statistic], settings: ProjectSettings) -> Patch:
+        return build(ctx, stats, settings)

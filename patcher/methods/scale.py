@@ -16,21 +16,24 @@ from typing import Any
 
 import torch
 
-from ..arch import arch_for, num_layers
-from ..edits import ScaleInputs
-from ..errors import PatcherError
-from ..localize import PooledStates, neuron_effects, pair_rows, parse_layers
-from ..patch import Patch
+from ..collect.statistics import PooledValues
+from ..core.arch import arch_for, num_layers
+from ..core.errors import PatcherError
+from ..edits.edit import ScaleInputs
+from ..edits.patch import Patch
+from ..recipe.settings import setting
+from .localize import neuron_effects, pair_rows, parse_layers
+from .registry import METHODS, Method, StepContext
 
 
 @dataclass(frozen=True)
 class ScaleSettings:
-    layers: tuple[int, ...] | str = "all"
-    top_n: int = 100
-    per_layer: bool = False
-    factor: float = 0.0
-    min_effect: float = 0.0
-    paired: bool = False
+    layers: tuple[int, ...] | str = setting("all", help='layers whose MLP neurons are scored: "all", "15-29", "3,5,7" or a list')
+    top_n: int = setting(100, help="how many neurons (by effect size) are scaled", build_only=True)
+    per_layer: bool = setting(False, help="top_n in each layer instead of over all layers", build_only=True)
+    factor: float = setting(0.0, help="the scale of the chosen neurons (0 removes them)", build_only=True)
+    min_effect: float = setting(0.0, help="only neurons whose effect size exceeds this", build_only=True)
+    paired: bool = setting(False, help="score on (toxic, neutral) pairs: the data must hold pairs")
 
     def __post_init__(self) -> None:
         if self.top_n < 1:
@@ -39,19 +42,19 @@ class ScaleSettings:
             raise PatcherError(f"scale: factor must be in [0, 1) (0 removes the neurons), got {self.factor}")
 
 
-def statistic(config: Any, s: ScaleSettings) -> PooledStates:
+def statistic(config: Any, s: ScaleSettings) -> PooledValues:
     arch = arch_for(config)
     layers = parse_layers(s.layers, num_layers(config))
-    return PooledStates([(arch.module("mlp_out", i), "input") for i in layers], how="mean")
+    return PooledValues([(arch.module("mlp_out", i), "input") for i in layers], how="mean")
 
 
-def collect(ctx: Any, s: ScaleSettings) -> PooledStates:
+def collect(ctx: StepContext, s: ScaleSettings) -> PooledValues:
     stat = statistic(ctx.config, s)
     ctx.collector.run([stat], ctx.data.texts, ctx.data.labels, patch=ctx.prior, desc="scale: collect")
     return stat
 
 
-def build(ctx: Any, stat: PooledStates, s: ScaleSettings) -> Patch:
+def build(ctx: StepContext, stat: PooledValues, s: ScaleSettings) -> Patch:
     arch = arch_for(ctx.config)
     layers = parse_layers(s.layers, num_layers(ctx.config))
     effects: dict[int, torch.Tensor] = {}
@@ -85,3 +88,17 @@ def build(ctx: Any, stat: PooledStates, s: ScaleSettings) -> Patch:
         records.append({"layer": i, "neurons": sorted(picks[i]), "min_d": round(float(d[picks[i]].min()), 4)})
     settings = asdict(s) | {"layers": list(s.layers) if isinstance(s.layers, tuple) else s.layers}
     return Patch(edits, {"method": "scale", "settings": settings, "layers": records})
+
+
+@METHODS.register("scale")
+class ScaleNeurons(Method):
+    """Scale the MLP neurons whose pooled values differ most between toxic and neutral text."""
+
+    name = "scale"
+    settings = ScaleSettings
+
+    def collect(self, ctx: StepContext, settings: ScaleSettings) -> PooledValues:
+        return collect(ctx, settings)
+
+    def build(self, ctx: StepContext, stats: PooledValues, settings: ScaleSettings) -> Patch:
+        return build(ctx, stats, settings)

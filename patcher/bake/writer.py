@@ -1,0 +1,210 @@
+"""Bake a Patch into a checkpoint, shard by shard, tensor by tensor, never holding the model.
+
+Memory is a few blocks of an edited tensor (a whole tensor for edits that mix rows); time is close
+to copying the files, because untouched tensors are copied as raw bytes in-kernel and edited ones
+stream through cache-sized blocks. The output appears in one rename when complete;
+the source folder is only read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.arch import arch_for, is_tied
+from ..core.errors import PatcherError
+from ..core.progress import bar as progress_bar
+from ..edits.edit import Edit
+from ..edits.patch import Patch
+from ..io.checkpoint import (
+    INDEX_NAME,
+    Checkpoint,
+    ShardHeader,
+    ShardWriter,
+    TensorInfo,
+    sha256_file,
+    tensor_bytes,
+)
+from ..io.folders import atomic_folder, check_output_path
+from ..io.model_files import resolve_model
+from ..io.record import PATCH_JSON, library_versions, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+OUTPUT_TENSOR_FILE = "patcher/patch.safetensors"
+
+
+def _changes_bias(edit: Edit) -> bool:
+    return type(edit).apply_bias is not Edit.apply_bias
+
+
+@dataclass(frozen=True)
+class BakePlan:
+    """What a bake will write, decided (and validated) before any byte is written."""
+
+    edits_by_tensor: dict[str, list[tuple[Edit, str]]]  # output tensor -> [(edit, "weight" | "bias")]
+    new_tensors: dict[str, TensorInfo]  # output tensor -> the source tensor it starts from (untying)
+    untied: bool
+
+
+def plan_bake(patch: Patch, ckpt: Checkpoint, untie: bool = False) -> BakePlan:
+    """Validate the patch against the checkpoint: every named tensor exists with a fitting shape,
+    values are finite, and tied embeddings are either untied explicitly or left alone."""
+    arch = arch_for(ckpt.config)
+    tmap = ckpt.tensor_map()
+    tied = is_tied(ckpt.config)
+    embed, head = f"{arch.embed}.weight", f"{arch.lm_head}.weight"
+    touches_tied = tied and any(e.weight_name in (embed, head) for e in patch.edits)
+    if touches_tied and not untie:
+        raise PatcherError(
+            f"the patch edits {embed} or {head}, which this model ties together: pass --untie to write a separate "
+            f"{head} (config tie_word_embeddings becomes false), or drop that edit"
+        )
+    new_tensors = {head: tmap[embed]} if touches_tied and head not in tmap else {}
+    edits: dict[str, list[tuple[Edit, str]]] = {}
+    for e in patch.edits:
+        info = tmap.get(e.weight_name) or new_tensors.get(e.weight_name)
+        if info is None:
+            raise PatcherError(f"patch names tensor {e.weight_name}, which {ckpt.folder} does not hold: was the patch computed for another model?")
+        e.check(info.shape)
+        edits.setdefault(e.weight_name, []).append((e, "weight"))
+        if e.bias_name in tmap and _changes_bias(e):
+            edits.setdefault(e.bias_name, []).append((e, "bias"))
+    return BakePlan(edits, new_tensors, touches_tied)
+
+
+BLOCK_BYTES = 1 << 20  # edited tensors stream through blocks this size: they stay in the CPU cache
+
+
+def _edit_block(x: torch.Tensor, edits: list[tuple[Edit, str]], name: str) -> torch.Tensor:
+    for edit, part in edits:
+        x = edit.apply_weight(x) if part == "weight" else edit.apply_bias(x)
+    if not math.isfinite(float(x.sum())):  # NaN and inf survive a sum: one pass, no bool tensor
+        raise PatcherError(f"editing {name} produced NaN or inf: check the base weights and the patch")
+    return x
+
+
+def edited_chunks(ckpt: Checkpoint, source: TensorInfo, name: str, edits: list[tuple[Edit, str]]) -> Iterator[memoryview]:
+    """The edited tensor's stored bytes, in order: each piece is read, edited in float32 and cast
+    back to the stored dtype. Where every edit acts on rows independently (the scalings and
+    zeroings; see `Edit.row_block`) the tensor streams through blocks of `BLOCK_BYTES`, each chunk
+    valid until the next is asked for; otherwise it is edited whole (memory: the tensor and its
+    float32 copy). Blocks give the same bytes as the whole tensor, element for element. `verify`
+    calls this same function, so it recomputes the same bytes."""
+    blocked = len(source.shape) == 2 and source.shape[0] > 0 and all(part == "weight" for _, part in edits)
+    if blocked and all(e.row_block(slice(0, 1)) is not None for e, _ in edits):
+        row = 0
+        for stored in ckpt.read_blocks(source, BLOCK_BYTES):
+            rows = slice(row, row + stored.shape[0])
+            stored.copy_(_edit_block(stored.float(), [(e.row_block(rows), p) for e, p in edits], name))
+            row = rows.stop
+            yield tensor_bytes(stored)
+        return
+    stored = ckpt.read(source)
+    stored.copy_(_edit_block(stored.float(), edits, name))
+    yield tensor_bytes(stored)
+
+
+def _write_shard(
+    ckpt: Checkpoint,
+    plan: BakePlan,
+    shard: ShardHeader,
+    order: list[tuple[str, TensorInfo]],
+    dest: Path,
+    stop: threading.Event,
+    bar: Any,  # the shared tqdm bar
+) -> str:
+    """Write one output shard (tensors in ``order``: output name, source tensor); returns its
+    sha256. Sets ``stop`` when it fails and gives up when another shard has."""
+    entries = [(n, src.dtype, src.shape, src.nbytes) for n, src in order]
+    writer = ShardWriter(dest, entries, shard.metadata, source=ckpt.folder / shard.name)
+    try:
+        for name, info in order:
+            if stop.is_set():
+                raise PatcherError("bake stopped: another shard failed")
+            if name in plan.edits_by_tensor:
+                writer.write_bytes(name, info.nbytes, edited_chunks(ckpt, info, name, plan.edits_by_tensor[name]))
+            else:  # untouched, or a copy of a tied tensor (untying): raw bytes
+                writer.copy_range(name, info.start, info.nbytes)
+            bar.update(info.nbytes)
+        return writer.close()
+    except BaseException:
+        stop.set()
+        writer.abort()
+        raise
+
+
+def bake(
+    patch: Patch,
+    model: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    untie: bool = False,
+    record: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` + ``patch`` to ``out``: same shards and index, config and tokenizer files, and
+    ``patch.json`` recording the base, the patch, library versions, changed tensors and file hashes.
+    ``record`` adds entries to that record (the recipe, evaluation results)."""
+    t0 = time.perf_counter()
+    folder, base = resolve_model(str(model))
+    ckpt = Checkpoint.open(folder)
+    out = Path(out)
+    check_output_path(out, folder, overwrite)
+    plan = plan_bake(patch, ckpt, untie)
+    if plan.untied:
+        log.info("untying embeddings: writing a separate %s and setting tie_word_embeddings=false", next(iter(plan.new_tensors), "lm_head.weight"))
+    total = sum(s.size for s in ckpt.shards.values())
+    files: dict[str, str] = {}
+    weight_map: dict[str, str] = {}
+    jobs = []
+    for shard in ckpt.shards.values():
+        extra = [(n, src) for n, src in plan.new_tensors.items() if src.shard == shard.name]
+        order = [(t.name, t) for t in shard.tensors] + extra
+        weight_map.update((name, shard.name) for name, _ in order)
+        jobs.append((shard, order))
+    with atomic_folder(out) as tmp, progress_bar(total=total, unit="B", unit_scale=True, desc="bake") as bar:
+        # Shards are independent files: one thread each, as many at once as there are cores (file
+        # I/O, sha256 and torch all release the GIL), so hashing runs at the speed of every core.
+        with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+            stop = threading.Event()  # set when one shard fails, so the others stop at their next tensor
+            futures = {
+                shard.name: pool.submit(_write_shard, ckpt, plan, shard, order, tmp / shard.name, stop, bar) for shard, order in jobs
+            }
+            files.update((name, f.result()) for name, f in futures.items())
+        for side in ckpt.sidecar_files():
+            shutil.copyfile(side, tmp / side.name)
+        if plan.untied:
+            config = json.loads((tmp / "config.json").read_text()) | {"tie_word_embeddings": False}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if ckpt.index is not None:
+            index = dict(ckpt.index, weight_map=dict(sorted(weight_map.items())))
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        patch.save(tmp, OUTPUT_TENSOR_FILE)  # tensors now; patch.json rewritten below with the record
+        for p in sorted(tmp.rglob("*")):
+            rel = p.relative_to(tmp).as_posix()
+            if p.is_file() and rel not in files and rel != PATCH_JSON:
+                files[rel] = sha256_file(p)
+        bake_record = {
+            "base": base | {"fingerprint": ckpt.fingerprint()},
+            "patch_sha256": patch.hash(),
+            "changed_tensors": sorted(plan.edits_by_tensor) + sorted(set(plan.new_tensors) - set(plan.edits_by_tensor)),
+            "untied_embeddings": plan.untied,
+            "versions": library_versions(),
+            "bake_seconds": round(time.perf_counter() - t0, 3),
+            "files": dict(sorted(files.items())),
+        }
+        write_json(tmp, read_json(tmp / PATCH_JSON) | {"bake": bake_record} | (record or {}))
+    return out

@@ -1,0 +1,1 @@
+"""Collection: statistics, the collector, and the pipelines that run a model over calibration data."""

@@ -1,0 +1,204 @@
+"""Architecture map: logical roles -> module paths (which are also checkpoint tensor names).
+
+One `Architecture` entry per family, keyed by ``config.model_type``; the names are the ones the
+family's ``modeling_*.py`` in transformers uses, so a reader can hold the two side by side.
+Nothing else in patcher branches on the family: methods ask this map where things are.
+
+Roles, per decoder layer ``{layers}.{i}``:
+
+* ``mlp_in``: the MLP's input linears (gate and up projections, or the fused ``gate_up_proj``,
+  or ``c_fc`` / ``dense_h_to_4h``). Their output units are AURA units.
+* ``mlp_out``: the MLP's down projection. Its output units are AURA units too; its input units
+  are the MLP neurons (what neuron pruning zeroes); its output is what the MLP writes into the
+  residual stream (what a projection edits).
+* ``attn_out``: the attention output projection. Its input is ``num_heads * head_dim`` values laid
+  out head by head, so head ``h`` is input units ``[h * head_dim, (h + 1) * head_dim)``.
+* ``mlp_out_norm`` / ``attn_out_norm``: a norm applied to the block's output *before* the residual
+  add (Gemma 2 and 3). There the block writes ``g * y / rms(y)`` with ``g = 1 + weight``, so removing
+  a residual direction ``d`` from what the block writes means projecting ``u = normalise(g * d)``
+  out of ``y`` (see `residual_to_output_direction`); scaling a unit of ``y`` is still exact, but the
+  norm renormalises the whole vector afterwards.
+* Parallel-residual families (GPT-NeoX with ``use_parallel_residual``, Falcon with
+  ``parallel_attn``) feed the MLP the layer input rather than the attention output; what each block
+  writes to the residual stream is still its output projection's output.
+
+Weight layout: ``linear`` stores ``[out, in]`` (``nn.Linear``); ``conv1d`` stores ``[in, out]``
+(GPT-2's ``Conv1D``); ``embedding`` stores ``[vocab, hidden]`` and its output units are columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from .errors import PatcherError
+
+Layout = Literal["linear", "conv1d", "embedding"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where one family keeps its parts. Module paths relative to a decoder layer unless noted."""
+
+    family: str
+    model_types: tuple[str, ...]
+    layers: str  # absolute: the ModuleList of decoder layers
+    embed: str  # absolute
+    lm_head: str  # absolute
+    mlp_in: tuple[str, ...]
+    mlp_out: str
+    attn_out: str
+    layout: Layout = "linear"
+    mlp_out_norm: str | None = None
+    attn_out_norm: str | None = None
+    parallel_residual_flag: str | None = None  # config attribute that turns on the parallel residual
+
+    def layer(self, i: int) -> str:
+        return f"{self.layers}.{i}"
+
+    def module(self, role: str, i: int) -> str:
+        """Absolute module path of a role (``mlp_out``, ``attn_out``, ...) in layer ``i``."""
+        rel = getattr(self, role)
+        if rel is None:
+            raise PatcherError(f"{self.family} has no {role} module")
+        return f"{self.layers}.{i}.{rel}"
+
+    def mlp_unit_modules(self, i: int, which: tuple[str, ...] = ("mlp_in", "mlp_out")) -> list[str]:
+        """The MLP linears whose output units AURA scores, in forward order."""
+        out: list[str] = []
+        if "mlp_in" in which:
+            out += [f"{self.layers}.{i}.{rel}" for rel in self.mlp_in]
+        if "mlp_out" in which:
+            out.append(f"{self.layers}.{i}.{self.mlp_out}")
+        return out
+
+    def is_parallel_residual(self, config: Any) -> bool:
+        return bool(self.parallel_residual_flag and getattr(config, self.parallel_residual_flag, False))
+
+
+_LLAMA_LIKE = dict(
+    layers="model.layers",
+    embed="model.embed_tokens",
+    lm_head="lm_head",
+    mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+    mlp_out="mlp.down_proj",
+    attn_out="self_attn.o_proj",
+)
+_GEMMA = dict(_LLAMA_LIKE, mlp_out_norm="post_feedforward_layernorm", attn_out_norm="post_attention_layernorm")
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture("llama", ("llama",), **_LLAMA_LIKE),
+    Architecture("mistral", ("mistral",), **_LLAMA_LIKE),
+    Architecture("qwen2", ("qwen2",), **_LLAMA_LIKE),
+    Architecture("qwen3", ("qwen3",), **_LLAMA_LIKE),
+    Architecture("olmo", ("olmo",), **_LLAMA_LIKE),
+    Architecture("gemma2", ("gemma2",), **_GEMMA),
+    Architecture("gemma3_text", ("gemma3_text",), **_GEMMA),
+    Architecture("phi3", ("phi3",), **dict(_LLAMA_LIKE, mlp_in=("mlp.gate_up_proj",))),
+    Architecture(
+        "gpt2",
+        ("gpt2",),
+        layers="transformer.h",
+        embed="transformer.wte",
+        lm_head="lm_head",
+        mlp_in=("mlp.c_fc",),
+        mlp_out="mlp.c_proj",
+        attn_out="attn.c_proj",
+        layout="conv1d",
+    ),
+    Architecture(
+        "gpt_neox",
+        ("gpt_neox",),
+        layers="gpt_neox.layers",
+        embed="gpt_neox.embed_in",
+        lm_head="embed_out",
+        mlp_in=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h",
+        attn_out="attention.dense",
+        parallel_residual_flag="use_parallel_residual",
+    ),
+    Architecture(
+        "falcon",
+        ("falcon",),
+        layers="transformer.h",
+        embed="transformer.word_embeddings",
+        lm_head="lm_head",
+        mlp_in=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h",
+        attn_out="self_attention.dense",
+        parallel_residual_flag="parallel_attn",
+    ),
+)
+
+_BY_MODEL_TYPE = {t: a for a in ARCHITECTURES for t in a.model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_BY_MODEL_TYPE)
+
+
+def arch_for(config: Any) -> Architecture:
+    """The entry for a transformers config (object or dict with ``model_type``)."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    arch = _BY_MODEL_TYPE.get(model_type)
+    if arch is None:
+        raise PatcherError(
+            f"unsupported architecture {model_type!r}: supported are {', '.join(supported_model_types())}; "
+            "adding one is one Architecture entry in patcher/arch.py"
+        )
+    return arch
+
+
+def _cfg(config: Any, key: str, default: Any = None) -> Any:
+    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
+
+def num_layers(config: Any) -> int:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = _cfg(config, key)
+        if value is not None:
+            return int(value)
+    raise PatcherError("config.json names no layer count (num_hidden_layers): is it a causal LM config?")
+
+
+def head_layout(config: Any) -> tuple[int, int]:
+    """``(num_heads, head_dim)`` of the attention output projection's input."""
+    heads = _cfg(config, "num_attention_heads") or _cfg(config, "n_head")
+    hidden = _cfg(config, "hidden_size") or _cfg(config, "n_embd")
+    head_dim = _cfg(config, "head_dim") or hidden // heads
+    return int(heads), int(head_dim)
+
+
+def is_tied(config: Any) -> bool:
+    return bool(_cfg(config, "tie_word_embeddings", True))
+
+
+def residual_to_output_direction(norm_weight: torch.Tensor, direction: torch.Tensor, gemma_offset: bool = True) -> torch.Tensor:
+    """For a block whose output passes an RMSNorm with gain ``g`` before the residual add, the unit
+    vector ``u`` such that removing ``u`` from the block's raw output removes ``direction`` from what
+    it writes: ``(g * y) . d = 0  <=>  y . (g * d) = 0``. Gemma stores ``g - 1``."""
+    u = norm_gain(norm_weight, gemma_offset) * direction.float()
+    return u / u.norm()
+
+
+def norm_gain(norm_weight: torch.Tensor, gemma_offset: bool = True) -> torch.Tensor:
+    """The multiplier an output norm applies per dimension (Gemma stores ``g - 1``)."""
+    return norm_weight.float() + (1.0 if gemma_offset else 0.0)
+
+
+BLOCKS = ("attn_out", "mlp_out")
+
+
+def writer_module(arch: Architecture, block: str, i: int) -> str:
+    """The module whose output is what ``block`` of layer ``i`` adds to the residual stream."""
+    if block not in BLOCKS:
+        raise PatcherError(f"unknown block {block!r}: use one of {', '.join(BLOCKS)}")
+    norm = getattr(arch, f"{block}_norm")
+    return arch.module(f"{block}_norm", i) if norm else arch.module(block, i)
+
+
+def residual_module(arch: Architecture, i: int) -> str:
+    """The decoder layer ``i``: its output is the residual stream after the layer."""
+    return arch.layer(i)

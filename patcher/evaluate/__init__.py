@@ -1,0 +1,1 @@
+"""Evaluation: generation, toxicity evaluators, metrics, perplexity, reports and plots."""

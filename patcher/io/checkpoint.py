@@ -1,0 +1,316 @@
+"""Safetensors checkpoints read lazily and written atomically.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header (dtype, shape and byte
+range of every tensor), then raw bytes. `Checkpoint` parses only the headers (like mergekit's
+``ShardedTensorIndex``), so opening a 40B model costs milliseconds, and it checks that every byte
+range lies inside its file, which catches truncated shards before anything is written.
+
+`ShardWriter` writes one output shard tensor by tensor: untouched tensors are copied as raw bytes
+and never decoded; edited tensors arrive as bytes already cast back to their stored dtype. Every
+piece is hashed (sha256) between its read and its write, while it is in the CPU cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.errors import PatcherError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLED_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
+# Files copied from the source model into the output: configs and tokenizer, never pickles or weights.
+SIDECAR_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".py")
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: str
+    start: int  # absolute byte offset in the shard file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    name: str
+    size: int
+    data_start: int
+    metadata: dict[str, str] | None
+    tensors: tuple[TensorInfo, ...]  # in file order
+
+
+def read_shard_header(path: Path) -> ShardHeader:
+    """Parse one safetensors header and check every tensor's byte range against the file size."""
+    size = path.stat().st_size
+    fix = f"re-download or re-save the model; {path.name} is damaged"
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise PatcherError(f"{path} is truncated (no safetensors header): {fix}")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100_000_000:
+            raise PatcherError(f"{path} has a corrupt safetensors header (length {n} for a {size}-byte file): {fix}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise PatcherError(f"{path} has a corrupt safetensors header (not JSON): {fix}") from None
+    metadata = header.pop("__metadata__", None)
+    data_start = 8 + n
+    tensors = []
+    for name, info in header.items():
+        try:
+            begin, end = info["data_offsets"]
+            t = TensorInfo(name, info["dtype"], tuple(info["shape"]), path.name, data_start + begin, data_start + end)
+        except (KeyError, TypeError, ValueError):
+            raise PatcherError(f"{path}: header entry {name!r} is malformed: {fix}") from None
+        if t.end > size:
+            raise PatcherError(f"{path} is truncated: tensor {name} ends at byte {t.end}, the file has {size}: {fix}")
+        tensors.append(t)
+    tensors.sort(key=lambda t: t.start)
+    return ShardHeader(path.name, size, data_start, metadata, tuple(tensors))
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A local model folder: its config, and the headers of its safetensors shards."""
+
+    folder: Path
+    config: dict[str, Any]
+    shards: dict[str, ShardHeader]
+    index: dict[str, Any] | None
+
+    @classmethod
+    def open(cls, folder: str | Path) -> Checkpoint:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise PatcherError(f"model folder {folder} does not exist: pass a local folder, a Hub id, or `smollm2-135m`")
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise PatcherError(f"{folder} has no config.json: point --model at a Hugging Face model folder")
+        config = json.loads(config_path.read_text())
+        index = None
+        if (folder / INDEX_NAME).is_file():
+            index = json.loads((folder / INDEX_NAME).read_text())
+            shard_names = sorted(set(index.get("weight_map", {}).values()))
+            for s in shard_names:
+                if not (folder / s).is_file():
+                    raise PatcherError(f"{folder / INDEX_NAME} names shard {s}, which is missing: re-download the model")
+        elif (folder / SINGLE_NAME).is_file():
+            shard_names = [SINGLE_NAME]
+        else:
+            pickled = [p for p in PICKLED_NAMES if (folder / p).exists()] + [p.name for p in folder.glob("*.bin")]
+            if pickled:
+                raise PatcherError(
+                    f"{folder} holds only pickled weights ({pickled[0]}); patcher never unpickles weights: convert with "
+                    "`AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, safe_serialization=True)` in a trusted environment"
+                )
+            raise PatcherError(f"{folder} holds no model.safetensors or {INDEX_NAME}: is it a model folder?")
+        shards = {s: read_shard_header(folder / s) for s in shard_names}
+        ckpt = cls(folder, config, shards, index)
+        if index is not None:
+            names = {t.name: t.shard for t in ckpt.tensors()}
+            for name, shard in index.get("weight_map", {}).items():
+                if names.get(name) != shard:
+                    raise PatcherError(f"{folder / INDEX_NAME} maps {name} to {shard}, which does not hold it: re-download the model")
+        return ckpt
+
+    def tensors(self) -> Iterator[TensorInfo]:
+        for s in self.shards.values():
+            yield from s.tensors
+
+    def tensor_map(self) -> dict[str, TensorInfo]:
+        return {t.name: t for t in self.tensors()}
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        """One tensor, read from disk into its stored dtype."""
+        buf = bytearray(info.nbytes)
+        with open(self.folder / info.shard, "rb") as f:
+            f.seek(info.start)
+            f.readinto(buf)
+        if not buf:
+            return torch.empty(info.shape, dtype=SAFETENSORS_DTYPES[info.dtype])
+        return torch.frombuffer(buf, dtype=SAFETENSORS_DTYPES[info.dtype]).reshape(info.shape)
+
+    def read_blocks(self, info: TensorInfo, block_bytes: int) -> Iterator[torch.Tensor]:
+        """A 2-D tensor's rows, read in blocks of about ``block_bytes`` into one reused buffer:
+        each block is valid until the next is read. Streaming an edit through cache-sized blocks
+        is several times faster than converting a whole tensor (no page faults, no large temporaries)."""
+        rows = info.shape[0]
+        row_bytes = info.nbytes // rows
+        step = max(1, block_bytes // row_bytes)
+        buf = torch.empty((min(step, rows), *info.shape[1:]), dtype=SAFETENSORS_DTYPES[info.dtype])
+        with open(self.folder / info.shard, "rb", buffering=0) as f:
+            for r in range(0, rows, step):
+                block = buf[: min(step, rows - r)]
+                view = tensor_bytes(block)
+                if os.preadv(f.fileno(), [view], info.start + r * row_bytes) != view.nbytes:
+                    raise PatcherError(f"{self.folder / info.shard} ended inside {info.name}: was it changed during the bake?")
+                yield block
+
+    def fingerprint(self) -> str:
+        """sha256 over every shard's header and size: identifies tensor names, shapes, dtypes and
+        layout without reading the weights (a full content hash would double the bake time)."""
+        h = hashlib.sha256()
+        for name, s in sorted(self.shards.items()):
+            h.update(f"{name}:{s.size}:".encode())
+            with open(self.folder / name, "rb") as f:
+                h.update(f.read(s.data_start))
+        return h.hexdigest()
+
+    def sidecar_files(self) -> list[Path]:
+        """Config, generation config and tokenizer files to copy beside the output weights."""
+        skip = {INDEX_NAME, "patch.json", "patcher-embedded.json"}
+        return sorted(
+            p for p in self.folder.iterdir()
+            if p.is_file() and p.suffix in SIDECAR_SUFFIXES and p.name not in skip and not p.name.startswith(".")
+        )
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor, as safetensors stores them (no copy when the tensor
+    is already contiguous on the CPU)."""
+    t = t.detach().cpu().contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class ShardWriter:
+    """Writes one safetensors file tensor by tensor, in header order, hashing every byte it writes.
+
+    Untouched tensors are copied from ``source`` as raw bytes (consecutive tensors merge into one
+    span) through one small buffer: each piece is read, hashed while it sits in the CPU cache, and
+    written, so the bytes are never decoded and the sha256 costs no second read. Edited tensors
+    arrive as chunks of bytes. One writer belongs to one thread; `bake` runs shards in parallel."""
+
+    PIECE = 1 << 20
+
+    def __init__(
+        self,
+        path: Path,
+        entries: list[tuple[str, str, tuple[int, ...], int]],
+        metadata: dict[str, str] | None,
+        source: Path | None = None,
+    ):
+        """``entries``: (name, dtype, shape, nbytes) in the order the tensors will be written;
+        ``source``: the shard that `copy_range` copies from."""
+        header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for name, dtype, shape, nbytes in entries:
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8-byte alignment
+        self.path = path
+        self._expected = [(name, nbytes) for name, _, _, nbytes in entries]
+        self._src = open(source, "rb", buffering=0) if source is not None else None
+        try:
+            self._f = open(path, "wb", buffering=0)
+        except BaseException:
+            if self._src is not None:
+                self._src.close()
+            raise
+        self._sha = hashlib.sha256()
+        self._buf = memoryview(bytearray(self.PIECE))
+        self._span: list[int] | None = None  # [start, end) of source bytes not copied yet
+        self._emit(struct.pack("<Q", len(raw)) + raw)
+
+    def _emit(self, data: memoryview | bytes) -> None:
+        self._flush_span()
+        view = memoryview(data).cast("B")
+        self._sha.update(view)
+        while view.nbytes:
+            n = self._f.write(view)
+            view = view[n:]
+
+    def _next(self, name: str, nbytes: int) -> None:
+        want = self._expected.pop(0) if self._expected else None
+        if want != (name, nbytes):
+            raise RuntimeError(f"shard writer expected {want}, got {(name, nbytes)}")
+
+    def write_bytes(self, name: str, nbytes: int, chunks: Iterable[memoryview]) -> None:
+        """Write one tensor's ``nbytes`` raw bytes, arriving in order as ``chunks`` (each written
+        before the next is asked for, so a producer may reuse one buffer)."""
+        self._next(name, nbytes)
+        written = 0
+        for chunk in chunks:
+            self._emit(chunk)
+            written += chunk.nbytes
+        if written != nbytes:
+            raise RuntimeError(f"{name}: wrote {written} bytes, the header says {nbytes}")
+
+    def copy_range(self, name: str, start: int, nbytes: int) -> None:
+        """Copy a tensor's raw bytes (``nbytes`` from offset ``start`` of the source shard) without decoding them."""
+        if self._src is None:
+            raise RuntimeError("shard writer has no source file to copy from")
+        self._next(name, nbytes)
+        if self._span is not None and self._span[1] == start:
+            self._span[1] += nbytes
+        else:
+            self._flush_span()
+            self._span = [start, start + nbytes]
+
+    def _flush_span(self) -> None:
+        if self._span is None:
+            return
+        start, end = self._span
+        self._span = None
+        while start < end:
+            piece = self._buf[: min(self.PIECE, end - start)]
+            n = os.preadv(self._src.fileno(), [piece], start)
+            if n <= 0:
+                raise PatcherError(f"source shard ended at byte {start}, expected {end}: was it changed during the bake?")
+            self._emit(piece[:n])
+            start += n
+
+    def close(self) -> str:
+        """Finish the file; returns its sha256."""
+        if self._expected:
+            raise RuntimeError(f"shard writer closed with {len(self._expected)} tensors unwritten")
+        self._flush_span()
+        self.abort()
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        """Close the files without finishing (the caller discards the output)."""
+        self._f.close()
+        if self._src is not None:
+            self._src.close()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(ShardWriter.PIECE)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""Recipes: the settings schema (dataclasses with help text) and the TOML loader."""

@@ -1,0 +1,177 @@
+"""Recipes: declarative TOML files parsed into typed settings.
+
+One dataclass per table gives every value one name in the file, the CLI and the code. Unknown keys,
+wrong types and bad values are refused with the key and its line in the file. Relative paths are
+resolved against the recipe file's folder, so a recipe runs from any working directory.
+
+    name = "aura"
+    [model]                  # optional; --model overrides
+    id = "smollm2-135m"
+    [data]                   # the labelled toxic (1) / non-toxic (0) text every step uses by default
+    path = "../../shared/data/toxicity_labeled/paradetox_labeled.jsonl"
+    n_per_class = 500
+    [collect]
+    batch_size = 32
+    [check]                  # perplexity before/after on a text slice, and the budget
+    max_ppl_increase = 0.5
+    [[step]]                 # one or more; each later step sees the earlier steps' edits
+    method = "aura"
+    modules = ["mlp_in", "mlp_out"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from ..core.errors import PatcherError
+from .settings import build, setting
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    id: str = setting("smollm2-135m", help="Model: local folder, Hub id, or an embedded model (smollm2-135m)")
+    revision: str | None = setting(None, help="Hub revision (branch, tag or commit) to pin")
+    dtype: str = setting("float32", help="Dtype the model runs in while collecting: float32, bfloat16, float16")
+    trust_remote_code: bool = setting(False, help="Run the model's own code (only from the command line)")
+    untie: bool = setting(False, help="Allow edits on tied embeddings: the output writes a separate lm_head.weight")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    path: str = setting("", help="Labelled toxic (1) / non-toxic (0) text: .jsonl, .csv, .txt, or hf://datasets/OWNER/NAME/FILE")
+    text_field: str = setting("text", help="Field holding the text")
+    label_field: str = setting("label", help="Field holding the label (1 toxic, 0 non-toxic)")
+    n_per_class: int = setting(500, help="Sentences per class (pairs with pairs = true)")
+    max_tokens: int = setting(64, help="Tokens per sentence (longer ones are cut)")
+    match_lengths: bool = setting(True, help="Draw the non-toxic sample to match the toxic one's token lengths")
+    dedupe: bool = setting(True, help="Drop duplicate texts")
+    seed: int = setting(0, help="Seed of the sample")
+    pairs: bool = setting(False, help='The file holds contrastive pairs {"toxic": ..., "neutral": [...]}: n_per_class pairs')
+
+
+@dataclass(frozen=True)
+class CollectSettings:
+    batch_size: int = setting(32, help="Sentences per forward pass while collecting statistics")
+    padding_side: str = setting("right", help="Pad batches on the right or the left (statistics do not depend on it)")
+    skip_first: bool = setting(True, help="Leave the first real token (the attention sink) out of pooled statistics")
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    ppl_text: str = setting("", help="Text whose perplexity is checked before and after (e.g. WikiText-2 test)")
+    ppl_tokens: int = setting(4096, help="Tokens of that text used for the check")
+    ppl_window: int = setting(512, help="Perplexity window (and stride) in tokens")
+    max_ppl_increase: float = setting(1.0, help="Budget: the largest relative rise allowed (0.05 = +5%)")
+
+
+@dataclass(frozen=True)
+class Step:
+    method: str
+    settings: dict[str, Any]
+    data: DataSettings | None
+    line: int
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    name: str
+    model: ModelSettings
+    data: DataSettings
+    collect: CollectSettings
+    check: CheckSettings
+    steps: tuple[Step, ...]
+    eval: dict[str, Any] = field(default_factory=dict)
+    text: str = ""
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # what the command line changed, by table
+
+    def override(self, table: str, **values: Any) -> Recipe:
+        """This recipe with ``values`` set in ``table`` (``model``, ``data``, ``collect``, ``check``);
+        None values are ignored. The changes are remembered, so the record of a run says which
+        settings came from the command line."""
+        values = {k: v for k, v in values.items() if v is not None}
+        if not values:
+            return self
+        current = getattr(self, table)
+        updated = build(type(current), dataclasses.asdict(current) | values, "command line", table)
+        merged = self.overrides | {table: self.overrides.get(table, {}) | values}
+        return dataclasses.replace(self, **{table: updated}, overrides=merged)
+
+    def effective_settings(self, step_settings: list[Any]) -> dict[str, Any]:
+        """Every setting the run used (the file, its defaults and the command-line overrides), with
+        each step's settings as built by its method: what ``patch.json`` records."""
+        tables = {t: dataclasses.asdict(getattr(self, t)) for t in ("model", "data", "collect", "check")}
+        steps = []
+        for step, built in zip(self.steps, step_settings):
+            entry = {"method": step.method} | dataclasses.asdict(built)
+            if step.data is not None:
+                entry["data"] = dataclasses.asdict(step.data)
+            steps.append(entry)
+        return tables | {"step": steps, "overrides": self.overrides}
+
+
+def line_of(text: str, key: str, after: int = 0) -> int:
+    """1-based line of ``key =`` (or ``[key]``) at or after line ``after``; 0 when not found."""
+    pattern = re.compile(rf"^\s*(\[+\s*)?{re.escape(key)}\b")
+    for n, line in enumerate(text.splitlines()[after:], start=after + 1):
+        if pattern.match(line):
+            return n
+    return 0
+
+
+def where(path: Path, line: int) -> str:
+    return f"{path}:{line}" if line else str(path)
+
+
+def resolve_path(base: Path, p: str) -> str:
+    if not p or "://" in p or Path(p).is_absolute():
+        return p
+    return str((base / p).resolve())
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise PatcherError(f"recipe {path} not found: pass a TOML file such as recipes/aura.toml")
+    text = path.read_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PatcherError(f"{path}: not valid TOML ({exc})") from None
+    top = {"name", "model", "data", "collect", "check", "step", "eval", "description"}
+    for key in raw:
+        if key not in top:
+            raise PatcherError(f"{where(path, line_of(text, key))}: unknown top-level key {key!r}; known: {', '.join(sorted(top))}")
+
+    def section(cls: type, key: str) -> Any:
+        return build(cls, raw.get(key, {}), where(path, line_of(text, key)), key)
+
+    base = path.parent
+    model = section(ModelSettings, "model")
+    data = section(DataSettings, "data")
+    data = dataclasses.replace(data, path=resolve_path(base, data.path))
+    check = section(CheckSettings, "check")
+    check = dataclasses.replace(check, ppl_text=resolve_path(base, check.ppl_text))
+    steps_raw = raw.get("step", [])
+    if not isinstance(steps_raw, list) or not steps_raw:
+        raise PatcherError(f"{path}: a recipe needs at least one [[step]] table with a method")
+    steps, after = [], 0
+    for i, s in enumerate(steps_raw):
+        line = line_of(text, "[[step]]".strip("[]"), after)
+        after = line
+        if "method" not in s:
+            raise PatcherError(f"{where(path, line)}: step {i + 1} has no method key")
+        s = dict(s)
+        step_data = None
+        if "data" in s:
+            step_data = build(DataSettings, dataclasses.asdict(data) | s.pop("data"), where(path, line), f"step[{i + 1}].data")
+            step_data = dataclasses.replace(step_data, path=resolve_path(base, step_data.path))
+        s = {k: resolve_path(base, v) if k.endswith("_path") and isinstance(v, str) else v for k, v in s.items()}
+        steps.append(Step(s.pop("method"), s, step_data, line))
+    return Recipe(path, raw.get("name", path.stem), model, data, section(CollectSettings, "collect"), check, tuple(steps), raw.get("eval", {}), text)

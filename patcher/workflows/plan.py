@@ -1,0 +1,180 @@
+"""`patcher plan`: how a model fits, from its config alone (no weights are read or downloaded).
+
+The model is built on the meta device from ``config.json`` (shapes only), so parameter counts are
+exact: per layer, embeddings and head, total. From them and the calibration set's size:
+
+* weights: ``params x bytes`` per dtype;
+* one decoder layer (what ``--sequential`` holds at a time);
+* hidden states of the calibration set: ``n_texts x max_tokens x hidden x bytes`` (what
+  ``--sequential`` keeps between layers; above ``--hidden-max-gib`` they go to a temp file);
+* AURA's pooled values: ``n_texts x units x 4 B`` (float32; units = the output units of every MLP
+  linear, gate + up + down), held by every process after a data-parallel gather.
+
+`scenarios` turns these into a recommendation for 1 and 2 GPUs, CPU only, and many GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core.arch import arch_for, num_layers
+from ..core.errors import PatcherError
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+HEADROOM = 0.9  # share of a GPU's memory given to weights; the rest: activations, CUDA context
+
+# Configs of the models docs/scaling.md works through (public config.json values), usable as --model.
+EXAMPLES: dict[str, dict[str, Any]] = {
+    "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False),
+    "falcon-40b": dict(model_type="falcon", hidden_size=8192, num_hidden_layers=60, num_attention_heads=128, num_kv_heads=8,
+                       new_decoder_architecture=True, parallel_attn=True, bias=False, alibi=False, vocab_size=65024,
+                       tie_word_embeddings=True),
+    "llama-2-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False),
+}
+
+
+def load_config(spec: str) -> dict[str, Any]:
+    """``spec``: an EXAMPLES name, the embedded default, a folder or config.json, or a Hub id
+    (config.json only)."""
+    from ..core.embedded import EMBEDDED_NAME, embedded_model_path
+
+    if spec in EXAMPLES:
+        return dict(EXAMPLES[spec])
+    if spec == EMBEDDED_NAME:
+        spec = str(embedded_model_path())
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise PatcherError(f"no config for {spec!r}: pass a model folder, a config.json, a Hub id, or one of {', '.join(EXAMPLES)}, or smollm2-135m")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(spec, "config.json")).read_text())
+    except Exception as exc:  # noqa: BLE001 - the hub client raises many network and auth error types
+        raise PatcherError(f"cannot fetch config.json of {spec!r} from the Hub ({type(exc).__name__}): check the id or pass a local folder") from None
+
+
+@dataclass
+class Sizes:
+    model_type: str
+    n_layers: int
+    hidden: int
+    params: int
+    layer_params: int  # the largest decoder layer
+    outside_params: int  # embeddings, head, final norm
+    units: int  # AURA units: output units of every MLP linear, all layers
+
+    def weights(self, dtype: str) -> int:
+        return self.params * BYTES[dtype]
+
+    def layer(self, dtype: str) -> int:
+        return self.layer_params * BYTES[dtype]
+
+    def hidden_states(self, n_texts: int, max_tokens: int, dtype: str) -> int:
+        return n_texts * max_tokens * self.hidden * BYTES[dtype]
+
+    def pooled(self, n_texts: int) -> int:
+        return n_texts * self.units * 4
+
+
+def sizes(config: dict[str, Any]) -> Sizes:
+    """Exact parameter counts from a meta-device model built from ``config``."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(config)
+    model_type = cfg.pop("model_type", None)
+    if model_type is None:
+        raise PatcherError("config.json has no model_type: is it a transformers causal LM config?")
+    arch = arch_for({"model_type": model_type})
+    conf = AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if not k.startswith("_")})
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16)
+    n = num_layers(conf)
+    layers = model.get_submodule(arch.layers)
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    total = sum(p.numel() for p in model.parameters())
+    units = 0
+    for i in range(n):
+        for name in arch.mlp_unit_modules(i):
+            w = model.get_submodule(name).weight
+            units += w.shape[1] if arch.layout == "conv1d" else w.shape[0]
+    hidden = getattr(conf, "hidden_size", None) or conf.n_embd
+    return Sizes(model_type, n, int(hidden), total, max(per_layer), total - sum(per_layer), units)
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**29 else f"{n / 2**20:.1f} MiB"
+
+
+def human(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def scenarios(s: Sizes, dtype: str, n_texts: int, max_tokens: int, gpu_gib: float, n_gpus: int) -> list[list[str]]:
+    """Rows: setup, flags, GPU memory per GPU, CPU memory."""
+    w, layer = s.weights(dtype), s.layer(dtype)
+    hs, pooled = s.hidden_states(n_texts, max_tokens, dtype), s.pooled(n_texts)
+    outside = s.outside_params * BYTES[dtype]
+    gpu = gpu_gib * 2**30 * HEADROOM
+    budget = int(gpu_gib * HEADROOM)
+    rows = []
+    # --sequential on a GPU: one layer and the embeddings (the head, for perplexity) on the GPU;
+    # hidden states and pooled values in CPU memory
+    seq_gpu = f"{gib(layer + outside)} (layer {gib(layer)} + embeddings/head {gib(outside)}) + one batch"
+    seq_cpu = f"{gib(hs + pooled)} (hidden states {gib(hs)} + pooled {gib(pooled)})"
+    if w <= gpu:
+        rows.append([f"1 x {gpu_gib:g} GB GPU", "--device cuda", gib(w), gib(pooled)])
+    else:
+        rows.append([f"1 x {gpu_gib:g} GB GPU", f"--sequential --device cuda  (whole model {gib(w)} > {gib(gpu)})", seq_gpu, seq_cpu])
+    if w <= gpu:
+        rows.append([f"2 x {gpu_gib:g} GB GPUs", "torchrun --nproc_per_node 2 ... --device cuda  (data-parallel)", gib(w), f"{gib(pooled)} per process"])
+    elif w <= 2 * gpu:
+        rows.append([f"2 x {gpu_gib:g} GB GPUs", f"--device-map auto --max-memory 0={budget}GiB,1={budget}GiB", gib(w / 2), gib(pooled)])
+    else:
+        rows.append([f"2 x {gpu_gib:g} GB GPUs", f"torchrun --nproc_per_node 2 ... --sequential --device cuda  (whole model {gib(w)} > 2 GPUs)",
+                     seq_gpu, f"{seq_cpu} per process"])
+    rows.append(["CPU only, whole model", "--device cpu", "-", gib(w + pooled)])
+    rows.append(["CPU only, layer by layer", "--sequential", "-", f"{gib(layer + outside + hs + pooled)} (layer, embeddings/head, hidden states, pooled)"])
+    if w <= gpu:
+        rows.append([f"{n_gpus} GPUs, data-parallel", f"torchrun --nproc_per_node {n_gpus} -m patcher.cli run ... --device cuda", gib(w),
+                     f"{gib(pooled)} per process after the gather ({gib(pooled / n_gpus)} collected each)"])
+    else:
+        rows.append([f"{n_gpus} GPUs, data-parallel", f"torchrun --nproc_per_node {n_gpus} -m patcher.cli run ... --sequential --device cuda",
+                     seq_gpu, f"{gib(hs / n_gpus + pooled)} per process"])
+    return rows
+
+
+def report(spec: str, dtype: str = "bfloat16", n_texts: int = 1000, max_tokens: int = 64, gpu_gib: float = 80.0, n_gpus: int = 8) -> str:
+    from ..core.table import render
+
+    if dtype not in BYTES:
+        raise PatcherError(f"unknown dtype {dtype!r}: use one of {', '.join(BYTES)}")
+    s = sizes(load_config(spec))
+    lines = [f"{spec}: {s.model_type}, {s.params / 1e9:.2f} B parameters, {s.n_layers} layers, hidden {s.hidden}, {s.units:,} AURA units", ""]
+    rows = [[d, human(s.weights(d)), human(s.layer(d)), human(s.outside_params * BYTES[d])] for d in BYTES]
+    lines.append(render(["dtype", "weights", "per layer", "embeddings + head"], rows, title="weights"))
+    lines.append("")
+    calib = [
+        [f"hidden states ({n_texts} texts x {max_tokens} tokens x {s.hidden} x {BYTES[dtype]} B, {dtype})", human(s.hidden_states(n_texts, max_tokens, dtype))],
+        [f"AURA pooled values ({n_texts} texts x {s.units:,} units x 4 B)", human(s.pooled(n_texts))],
+    ]
+    lines.append(render(["calibration set", "memory"], calib, title="collection"))
+    lines.append("")
+    lines.append(render(["setup", "flags", "per GPU", "CPU memory"], scenarios(s, dtype, n_texts, max_tokens, gpu_gib, n_gpus),
+                        title=f"how it runs ({dtype}, {gpu_gib:g} GB GPUs, {int(HEADROOM * 100)}% for weights)"))
+    return "\n".join(lines)

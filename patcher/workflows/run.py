@@ -1,0 +1,284 @@
+"""The main job: recipe -> statistics -> Patch -> baked checkpoint, with a perplexity budget.
+
+`compute_patch` runs a recipe's steps on a loaded model (each later step collects with the earlier
+steps' edits attached as hooks) and returns the composed Patch. `run` bakes it into a staging folder
+beside the output, measures perplexity before and after on a held-back text slice, and publishes the
+folder with one rename only when the rise is within the recipe's budget (or ``force``). Before that
+rename, a recipe with an ``[eval]`` table has the staging folder evaluated against the base model
+(``eval.json``, ``eval.png``; their sha256 join ``bake.files`` in ``patch.json``), and the model card
+(``README.md``) is written, with the evaluation when there is one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..bake.writer import bake
+from ..collect.collector import Collector
+from ..collect.layerwise import layerwise_perplexity
+from ..core.errors import PatcherError
+from ..core.models import load_model, resolve_device
+from ..data.loaders import LabeledSet, load_data
+from ..edits.patch import Patch
+from ..evaluate.evaluators import get_evaluators
+from ..evaluate.perplexity import perplexity, token_stream
+from ..evaluate.plots import plot_report
+from ..evaluate.report import EvalSettings, eval_prompts, evaluate
+from ..io.checkpoint import sha256_file
+from ..io.folders import atomic_folder, check_output_path, move_into_place
+from ..io.model_files import resolve_model
+from ..io.record import update_record
+from ..methods.registry import StepContext, get_method
+from ..publish.card import EVAL_NAME, write_card
+from ..recipe.loader import DataSettings, Recipe, line_of, resolve_path, where
+from ..recipe.settings import build
+
+log = logging.getLogger(__name__)
+
+EVAL_PLOT = "eval.png"
+
+
+@dataclass
+class Timings:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def step_settings(recipe: Recipe) -> list[Any]:
+    """Every step's settings, built and validated by its method before anything runs: a typo in
+    step 2 fails before step 1 collects."""
+    return [build(get_method(step.method).settings, step.settings, f"{recipe.path}:{step.line}", f"step[{i}]")
+            for i, step in enumerate(recipe.steps, start=1)]
+
+
+def compute_patch(recipe: Recipe, model: Any, tokenizer: Any, *, timings: Timings | None = None,
+                  scale: Any = None, stats_cache: dict | None = None) -> tuple[Patch, list[dict]]:
+    """Run the recipe's steps; returns the composed Patch and a summary of each step's data.
+
+    ``stats_cache`` (a sweep passes the same dict for every value) reuses a step's statistics when
+    its data, its settings other than the method's ``build_only`` ones, and the patch of the
+    earlier steps are all unchanged."""
+    timings = timings or Timings()
+    all_settings = step_settings(recipe)
+    c = recipe.collect
+    collector = Collector(model, tokenizer, batch_size=c.batch_size, max_tokens=recipe.data.max_tokens,
+                          padding_side=c.padding_side, skip_first=c.skip_first, options=scale)
+    patch = Patch([])
+    summaries: list[dict] = []
+    cache: dict[DataSettings, LabeledSet] = {}
+    for i, (step, settings) in enumerate(zip(recipe.steps, all_settings), start=1):
+        method = get_method(step.method)
+        data_settings = step.data or recipe.data
+        with timings.stage("data"):
+            if data_settings not in cache:
+                cache[data_settings] = load_data(data_settings, tokenizer)
+        data = cache[data_settings]
+        summaries.append({"step": i, "method": step.method, "data": data.summary()})
+        ctx = StepContext(model, tokenizer, collector, data, patch)
+        collect_settings = {k: v for k, v in sorted(step.settings.items()) if k not in method.build_only()}
+        key = (i, step.method, data_settings, repr(collect_settings), patch.hash())
+        with timings.stage("collect"):
+            if stats_cache is not None and key in stats_cache:
+                stats = stats_cache[key]
+            else:
+                stats = method.collect(ctx, settings)
+                if stats_cache is not None:
+                    stats_cache[key] = stats
+        with timings.stage("compute"):
+            step_patch = method.build(ctx, stats, settings)
+        patch = patch.compose(step_patch) if patch.edits else step_patch
+    patch.provenance = patch.provenance | {"recipe": recipe.name}
+    return patch, summaries
+
+
+def compute(recipe: Recipe, out: Path, *, device: str = "cpu", overwrite: bool = False, scale: Any = None) -> Patch | None:
+    """`patcher compute`: the recipe's patch written to ``out`` (``patch.json`` +
+    ``patch.safetensors``) without baking. Under several processes only rank 0 writes; the others
+    return None."""
+    step_settings(recipe)
+    folder, _ = resolve_model(recipe.model.id, recipe.model.revision)
+    if out.exists() and not overwrite:
+        raise PatcherError(f"output folder {out} already exists: choose another --out or pass --overwrite")
+    check_output_path(out, folder, overwrite)
+    if scale is not None:
+        device = scale.prepare(folder, out, device)
+    load = scale.load if scale is not None else load_model
+    model, tokenizer = load(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
+    patch, _ = compute_patch(recipe, model, tokenizer, scale=scale)
+    if scale is not None and not scale.world.is_main:
+        return None
+    with atomic_folder(out) as tmp:
+        patch.save(tmp)
+    if scale is not None:
+        scale.finish()
+    return patch
+
+
+@dataclass
+class RunResult:
+    out: Path
+    patch: Patch
+    ppl_before: float
+    ppl_after: float
+    timings: Timings
+    data: list[dict]
+    eval_report: dict[str, Any] | None = None  # the JSON of the [eval] table's evaluation (no samples)
+
+    @property
+    def ppl_increase(self) -> float:
+        return self.ppl_after / self.ppl_before - 1.0
+
+
+def _ppl(model: Any, tokenizer: Any, recipe: Recipe) -> float:
+    ids = token_stream(tokenizer, recipe.check.ppl_text, recipe.check.ppl_tokens)
+    w = recipe.check.ppl_window
+    if getattr(model, "_patcher_layerwise", None) is not None:  # --sequential: the skeleton of a LayerwiseModel
+        return layerwise_perplexity(model._patcher_layerwise, ids, window=w, stride=w)
+    return perplexity(model, ids, window=w, stride=w)
+
+
+def eval_settings(recipe: Recipe) -> Any:
+    """The recipe's ``[eval]`` table as `patcher.evaluate.EvalSettings`, or None without one (or
+    with ``enabled = false``). Its keys are EvalSettings' fields, a ``preset`` supplying the ones
+    left out; unknown keys and wrong types are refused with the table's line; relative ``prompts``
+    and ``ppl_text`` paths are read from the recipe's folder."""
+
+    line = line_of(recipe.text, "eval")
+    if not recipe.eval and not line:
+        return None
+    at = where(recipe.path, line)
+    if not isinstance(recipe.eval, dict):
+        raise PatcherError(f"{at}: eval should be a table ([eval]) of evaluation settings")
+    table = dict(recipe.eval)
+    enabled = table.pop("enabled", True)
+    if not isinstance(enabled, bool):
+        raise PatcherError(f"{at}: eval.enabled = {enabled!r} should be true or false")
+    build(EvalSettings, table, at, "eval")  # names unknown keys and wrong types
+    if not enabled:
+        return None
+    for key in ("prompts", "ppl_text"):
+        if table.get(key):
+            table[key] = resolve_path(recipe.path.parent, table[key])
+    try:
+        return EvalSettings.from_preset(table.pop("preset", "rtp"), **table)
+    except PatcherError as e:
+        raise PatcherError(f"{at}: {e}") from None
+
+
+def _check_eval(settings: Any, device: str) -> None:
+    """Fail before the work, not after the bake: the prompt file, the evaluators (loaded once per
+    process, so this costs nothing later) and matplotlib for the plot."""
+
+    eval_prompts(settings)
+    try:
+        get_evaluators(list(settings.evaluators), device=resolve_device(device))
+    except PatcherError as e:
+        raise PatcherError(f"{e} (or run with --no-eval, or name other evaluators in the recipe's [eval] table)") from None
+    if importlib.util.find_spec("matplotlib") is None:
+        raise PatcherError(f"the recipe's [eval] table writes {EVAL_PLOT}, which needs matplotlib: pip install 'patcher[eval]', or run with --no-eval")
+
+
+def _evaluate_staging(staging: Path, out: Path, baseline: str, settings: Any, device: str) -> dict[str, Any]:
+    """Evaluate the staged output against ``baseline``; writes eval.json and eval.png into it."""
+
+    report = evaluate(staging, baseline=baseline, settings=settings, device=device)
+    final = str(out.resolve())  # measured in the staging folder, published as ``out``
+    report.model.spec, report.model.folder = str(out), final
+    report.model.provenance = report.model.provenance | {"model": final}
+    report.save_json(staging / EVAL_NAME)
+    data = report.to_json()
+    plot_report(data, staging / EVAL_PLOT)
+    update_record(staging, {}, files={name: sha256_file(staging / name) for name in (EVAL_NAME, EVAL_PLOT)})
+    return data
+
+
+def _write_card(staging: Path, out: Path, report: dict[str, Any] | None) -> None:
+    """The model card (README.md). It is not listed in ``bake.files``: `patcher card` and `patcher
+    push` may rewrite it. Without PyYAML (the ``eval`` extra) the card is left out, with a note."""
+
+    if importlib.util.find_spec("yaml") is None:
+        log.warning("no model card written (needs pyyaml: pip install 'patcher[eval]'; then `patcher card OUT`)")
+        return
+    write_card(staging, report, repo_id=out.name)
+
+
+def run(
+    recipe: Recipe,
+    *,
+    out: Path | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    overwrite: bool = False,
+    scale: Any = None,
+    run_eval: bool = True,
+) -> RunResult | None:
+    """``scale`` (`patcher.distributed.ScaleOptions`): device map, layer-by-layer, data-parallel,
+    checkpoints; under several processes only rank 0 bakes and writes, the others return None.
+    ``run_eval=False`` skips the recipe's ``[eval]`` table (the card is written without it)."""
+    timings = Timings()
+    spec = recipe.model.id
+    effective = recipe.effective_settings(step_settings(recipe))  # every step validated before the work
+    settings = eval_settings(recipe)  # refuse a bad [eval] table before the work, even when skipped
+    if not run_eval:
+        settings = None
+    if settings is not None:
+        _check_eval(settings, device)
+    with timings.stage("load"):
+        folder, _ = resolve_model(spec, recipe.model.revision)
+        out = Path(out or f"runs/{recipe.name}-{Path(spec).name}")
+        check_output_path(out, folder, overwrite)
+        if scale is not None:
+            device = scale.prepare(folder, out, device)
+        load = scale.load if scale is not None else load_model
+        model, tokenizer = load(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
+    patch, summaries = compute_patch(recipe, model, tokenizer, timings=timings, scale=scale)
+    if scale is not None and not scale.world.is_main:
+        return None
+    staging = out.resolve().parent / f".{out.name}.staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    record = {"recipe": {"path": str(recipe.path), "name": recipe.name, "text": recipe.text, "settings": effective}, "data": summaries}
+    try:
+        with timings.stage("bake"):
+            bake(patch, spec, staging, untie=recipe.model.untie, record=record)
+        with timings.stage("perplexity"):
+            before = _ppl(model, tokenizer, recipe) if recipe.check.ppl_text else float("nan")
+            del model
+            baked, _ = load(staging, recipe.model.dtype, device)
+            after = _ppl(baked, tokenizer, recipe) if recipe.check.ppl_text else float("nan")
+            del baked
+        result = RunResult(out, patch, before, after, timings, summaries)
+        update_record(staging, {"check": dataclasses.asdict(recipe.check) | {"ppl_before": before, "ppl_after": after, "ppl_increase": result.ppl_increase}})
+        budget = recipe.check.max_ppl_increase
+        if recipe.check.ppl_text and result.ppl_increase > budget and not force:
+            raise PatcherError(
+                f"perplexity rose {result.ppl_increase:+.1%} ({before:.2f} -> {after:.2f}), over the recipe's budget of "
+                f"{budget:+.0%}: nothing was written; pass --force to publish anyway or raise check.max_ppl_increase"
+            )
+        if settings is not None:
+            with timings.stage("eval"):
+                # the base model as resolved for the bake (a pinned revision stays pinned)
+                baseline = spec if recipe.model.revision is None else str(folder)
+                result.eval_report = _evaluate_staging(staging, out, baseline, settings, device)
+        _write_card(staging, out, result.eval_report)
+        move_into_place(staging, out)
+        if scale is not None:
+            scale.finish()
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return result
