@@ -1,22 +1,33 @@
-"""Collection throughput: AURA's hooked, pooled forward passes vs plain forward passes over the
-same batches, and AUROC time vs forward time. Prints ratios measured in one run.
+"""Collection throughput of every method, and a collection beside a competing PyTorch job.
 
-    python benchmarks/collect.py [--model smollm2-135m] [--n-per-class 500] [--repeats 2]
+    python benchmarks/collect.py [--model smollm2-135m] [--n-per-class 500] [--repeats 2] [--no-contention]
 
-Both sides skip the LM head beyond the last position (`logits_to_keep=1`), so the ratio
-measures what hooks and pooling cost.
+1. For each method's shipped recipe (first step), the method's own ``collect`` (its statistics,
+   hooks and pooling) against plain forward passes over the same batches; both skip the LM head
+   beyond the last position (`logits_to_keep=1`), so the ratio measures what hooks and statistics
+   cost. Circuit pruning trains masks instead of collecting and is not in this table.
+2. AUROC time (AURA's) against the forward passes' time.
+3. `patcher compute recipes/aura.toml` end to end, alone and beside a 2-thread PyTorch matmul loop
+   in another process (the competitor keeps torch's default spinning OpenMP wait policy): the
+   slowdown a user sees on a shared machine.
 
-Target (issue 4): collection throughput >= 0.85x plain forward passes; AUROC time below the
-forward passes' time.
+Targets: throughput >= 0.85x plain forward passes for every method (issue 12); AUROC time below
+the forward time (issue 4); slowdown beside the competitor <= 2.2x (issue 12).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,65 +35,106 @@ from patcher.collect.collector import Collector
 from patcher.core.models import load_model
 from patcher.core.table import render
 from patcher.data.loaders import load_data
+from patcher.edits.patch import Patch
 from patcher.io.model_files import resolve_model
-from patcher.methods.aura import AuraSettings, statistic
+from patcher.methods import StepContext, get_method
 from patcher.recipe.loader import load_recipe
+from patcher.recipe.settings import build
 
 ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ("aura.toml", "project-meandiff.toml", "scale-neurons.toml")
+COMPETITOR = "import torch\ntorch.set_num_threads(2)\na = torch.randn(1024, 1024)\nwhile True:\n    a = (a @ a).tanh()\n"
+
+
+def plain_pass(model: Any, batches: list) -> float:
+    """Seconds of plain forward passes (no hooks) over ``batches``."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in batches:
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=False, logits_to_keep=1)
+    return time.perf_counter() - t0
+
+
+def timed_collect(method: Any, ctx: StepContext, settings: Any) -> tuple[float, Any]:
+    """Seconds of the method's own collection, and its statistics."""
+    t0 = time.perf_counter()
+    stats = method.collect(ctx, settings)
+    return time.perf_counter() - t0, stats
+
+
+def method_rows(model: Any, tok: Any, n_per_class: int, repeats: int) -> tuple[list[dict], Any]:
+    """Per recipe: plain forward time and the method's collect time over the same batches."""
+    rows, aura_stats = [], None
+    for name in RECIPES:
+        recipe = load_recipe(ROOT / "recipes" / name)
+        step = recipe.steps[0]
+        method = get_method(step.method)
+        settings = build(method.settings, step.settings, name, "step[1]")
+        data = load_data(dataclasses.replace(step.data or recipe.data, n_per_class=n_per_class), tok)
+        collector = Collector(model, tok, batch_size=recipe.collect.batch_size, max_tokens=recipe.data.max_tokens)
+        batches = list(collector.batches(data.texts, data.labels))
+        ctx = StepContext(model, tok, collector, data, Patch([]))
+        plain_pass(model, batches)  # warm-up
+        plain_t, collect_t = [], []
+        for _ in range(repeats):  # alternate so drift hits both equally
+            plain_t.append(plain_pass(model, batches))
+            seconds, stats = timed_collect(method, ctx, settings)
+            collect_t.append(seconds)
+        if step.method == "aura":
+            aura_stats = stats
+        p, c = statistics.median(plain_t), statistics.median(collect_t)
+        rows.append({"recipe": name, "method": step.method, "texts": len(data.texts), "plain_s": p, "collect_s": c, "throughput_ratio": p / c})
+    return rows, aura_stats
+
+
+def timed_compute(out: Path) -> float:
+    """Seconds of `patcher compute recipes/aura.toml` in a fresh process (as a user runs it)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # patcher's own default, not the caller's
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "patcher.cli", "-q", "compute", str(ROOT / "recipes/aura.toml"), "--out", str(out), "--overwrite"],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def contention() -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        alone = timed_compute(Path(tmp) / "alone")
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        rival = subprocess.Popen([sys.executable, "-c", COMPETITOR], env=env)
+        try:
+            time.sleep(2)  # the competitor is busy before the collection starts
+            beside = timed_compute(Path(tmp) / "beside")
+        finally:
+            rival.kill()
+            rival.wait()
+    return {"compute_alone_s": alone, "compute_beside_s": beside, "slowdown": beside / alone}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--recipe", default=str(ROOT / "recipes/aura.toml"))
     ap.add_argument("--n-per-class", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--no-contention", action="store_true", help="skip the run beside a competing PyTorch job")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
-    recipe = load_recipe(args.recipe)
     folder, _ = resolve_model(args.model)
     model, tok = load_model(folder)
-    from dataclasses import replace
-
-    data = load_data(replace(recipe.data, n_per_class=args.n_per_class), tok)
-    collector = Collector(model, tok, batch_size=recipe.collect.batch_size, max_tokens=recipe.data.max_tokens)
-    batches = list(collector.batches(data.texts, data.labels))
-    n_tokens = int(sum(b.attention_mask.sum() for b in batches))
-
-    def plain() -> float:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            for b in batches:
-                model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=False, logits_to_keep=1)
-        return time.perf_counter() - t0
-
-    stat = None
-
-    def hooked() -> float:
-        nonlocal stat
-        stat = statistic(model.config, AuraSettings())
-        t0 = time.perf_counter()
-        collector.run([stat], data.texts, data.labels)
-        return time.perf_counter() - t0
-
-    plain_t, hooked_t = [], []
-    plain()  # warm-up
-    for _ in range(args.repeats):  # alternate so drift hits both equally
-        plain_t.append(plain())
-        hooked_t.append(hooked())
+    rows, aura = method_rows(model, tok, args.n_per_class, args.repeats)
+    print(render(["recipe", "method", "texts", "plain s", "collect s", "throughput ratio"],
+                 [[r["recipe"], r["method"], r["texts"], round(r["plain_s"], 2), round(r["collect_s"], 2), round(r["throughput_ratio"], 3)] for r in rows],
+                 title=f"collection vs plain forward passes ({torch.get_num_threads()} threads; target >= 0.85)"))
     t0 = time.perf_counter()
-    aurocs = stat.auroc()
+    aura.auroc()
     auroc_t = time.perf_counter() - t0
-    units = sum(a.numel() for a in aurocs.values())
-    p, h = statistics.median(plain_t), statistics.median(hooked_t)
-    result = {
-        "model": args.model, "texts": len(data.texts), "real_tokens": n_tokens, "units": units,
-        "plain_s": p, "collect_s": h, "auroc_s": auroc_t,
-        "throughput_ratio": p / h, "auroc_over_forward": auroc_t / p, "threads": torch.get_num_threads(),
-    }
-    print(render(["measure", "value"], [[k, round(v, 4) if isinstance(v, float) else v] for k, v in result.items()], title="collection benchmark"))
-    print(f"collection throughput / plain forward = {p / h:.3f} (target >= 0.85); AUROC time / forward time = {auroc_t / p:.3f} (target < 1)")
+    forward = next(r["plain_s"] for r in rows if r["method"] == "aura")
+    print(f"AUROC time / forward time = {auroc_t / forward:.3f} (target < 1)")
+    result: dict = {"model": args.model, "threads": torch.get_num_threads(), "methods": rows, "auroc_s": auroc_t, "auroc_over_forward": auroc_t / forward}
+    if not args.no_contention:
+        result["contention"] = c = contention()
+        print(f"patcher compute aura.toml: alone {c['compute_alone_s']:.1f} s, beside a 2-thread PyTorch job {c['compute_beside_s']:.1f} s: "
+              f"slowdown {c['slowdown']:.2f}x (target <= 2.2)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import FAMILIES, save_tiny, tiny_model
 from safetensors import safe_open
-from tiny import FAMILIES, save_tiny, tiny_model
 from transformers import AutoModelForCausalLM
 
 from patcher import (
@@ -43,11 +43,18 @@ def make_edits(model: torch.nn.Module, kind: str, seed: int = 1) -> list:
     gen = torch.Generator().manual_seed(seed)
     heads, head_dim = head_layout(model.config)
     edits = []
+
+    def shape(m: str) -> tuple[int, ...]:
+        return tuple(params[f"{m}.weight"].shape)
+
+    def out_units(m: str) -> int:
+        return shape(m)[0 if arch.layout == "linear" else 1]
+
+    def in_units(m: str) -> int:
+        return shape(m)[1 if arch.layout == "linear" else 0]
+
     for i in range(num_layers(model.config)):
         mlp_in, mlp_out, attn_out = arch.mlp_unit_modules(i)[0], arch.module("mlp_out", i), arch.module("attn_out", i)
-        shape = lambda m: tuple(params[f"{m}.weight"].shape)  # noqa: E731
-        out_units = lambda m: shape(m)[0 if arch.layout == "linear" else 1]  # noqa: E731
-        in_units = lambda m: shape(m)[1 if arch.layout == "linear" else 0]  # noqa: E731
         if kind == "scale_outputs":
             for m in (mlp_in, mlp_out):
                 edits.append(ScaleOutputs(m, arch.layout, factors=torch.rand(out_units(m), generator=gen)))
@@ -307,7 +314,7 @@ def test_killed_bake_leaves_no_output(tmp_path: Path) -> None:
     out = tmp_path / "out"
     script = (
         "import time, patcher.io.checkpoint as c\n"
-        
+
         "def slow(self, *a):\n"
         "    print('writing', flush=True); time.sleep(30)\n"
         "c.ShardWriter.write_bytes = slow\n"

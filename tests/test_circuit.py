@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_model
+from helpers import tiny_model, write_recipe
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -171,8 +171,7 @@ def test_too_little_data_refused(tokenizer) -> None:
 def test_circuit_recipe_runs_and_inspect_maps_it(tmp_path):
     """`patcher run` with a circuit step on a tiny model, then `inspect --plot` on the output."""
     from click.testing import CliRunner
-    from test_run import write_recipe
-    from tiny import save_tiny_with_tokenizer
+    from helpers import save_tiny_with_tokenizer
 
     from patcher.bake.verify import verify
     from patcher.cli import main

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_model, tiny_tokenizer
+from helpers import tiny_model, tiny_tokenizer
 
 from patcher.collect.collector import Collector
 from patcher.collect.statistics import PooledValues

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny import save_tiny_with_tokenizer, tiny_tokenizer
+from helpers import save_tiny_with_tokenizer, tiny_tokenizer
 
 from patcher.cli import main
 from patcher.core.errors import PatcherError

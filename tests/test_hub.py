@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from tiny import save_tiny_with_tokenizer, tiny_model
+from helpers import save_tiny_with_tokenizer, tiny_model
 
 from patcher import Patch, ScaleOutputs, bake
 from patcher.cli import main

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import save_tiny, save_tiny_with_tokenizer, tiny_model, tiny_tokenizer
 from safetensors.torch import save_file
-from tiny import save_tiny, save_tiny_with_tokenizer, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from patcher import Patch, PatcherError, bake
@@ -273,7 +273,7 @@ def train_sae(model: torch.nn.Module, data: SimpleNamespace, layer: int, width: 
     b_dec = torch.nn.Parameter(x.mean(0).clone())
     opt = torch.optim.Adam([w_enc, w_dec, b_enc, b_dec], lr=1e-2)
     first = last = None
-    for step in range(steps):
+    for _ in range(steps):
         f = torch.relu((x - b_dec) @ w_enc + b_enc)
         recon = ((f @ w_dec + b_dec - x) ** 2).sum(1).mean()
         loss = recon + 1e-3 * f.abs().sum(1).mean()

@@ -5,59 +5,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import random
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import FAMILIES, save_tiny_with_tokenizer, write_recipe
 from safetensors import safe_open
-from tiny import FAMILIES, save_tiny_with_tokenizer
 
 from patcher.bake.verify import verify
 from patcher.cli import main
 from patcher.core.errors import PatcherError
 from patcher.recipe.loader import load_recipe
-
-TOXIC_WORDS = ["idiot", "stupid", "moron", "fool", "jerk"]
-NEUTRAL_WORDS = ["friend", "garden", "morning", "river", "music"]
-
-
-def write_labeled(path: Path, n: int = 40, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        rows.append({"text": f"you {rng.choice(TOXIC_WORDS)} number {i}", "label": 1})
-        rows.append({"text": f"the {rng.choice(NEUTRAL_WORDS)} number {i}", "label": 0})
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
-def write_recipe(folder: Path, model: Path | None = None, budget: float = 100.0, extra: str = "") -> Path:
-    write_labeled(folder / "data.jsonl")
-    (folder / "ppl.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
-    model_line = f'[model]\nid = "{model}"\n' if model else ""
-    text = f"""name = "t"
-{model_line}
-[data]
-path = "data.jsonl"
-n_per_class = 20
-max_tokens = 32
-
-[collect]
-batch_size = 8
-
-[check]
-ppl_text = "ppl.txt"
-ppl_tokens = 256
-ppl_window = 64
-max_ppl_increase = {budget}
-
-[[step]]
-method = "aura"
-{extra}
-"""
-    (folder / "recipe.toml").write_text(text)
-    return folder / "recipe.toml"
 
 
 def _cli(*args: str):
@@ -218,7 +176,7 @@ def test_real_smollm2_small_sample(smollm2: Path, shared_data: Path, tmp_path: P
 
 def test_pairs_recipe_loads_pairs(shared_data: Path) -> None:
     """`pairs = true` reads contrastive pairs: each toxic text beside its paraphrase, paired ids."""
-    from tiny import tiny_tokenizer
+    from helpers import tiny_tokenizer
 
     from patcher.data.loaders import load_data
 
@@ -262,3 +220,47 @@ def test_shipped_recipes_load_and_validate(path: Path, shared_data: Path) -> Non
         build(get_method(step.method).settings, step.settings, str(path), f"step[{i}]")
         data = step.data or recipe.data
         assert Path(data.path).is_file(), data.path
+
+
+def test_bad_key_in_second_step_fails_before_any_forward_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every step's settings are validated before the model is loaded: a typo in step 2 costs no
+    collection of step 1 (no model loaded, no forward pass)."""
+    import patcher.collect.parallel as parallel_module
+    import patcher.workflows.run as run_module
+
+    model = save_tiny_with_tokenizer("llama", tmp_path / "base")
+    recipe = write_recipe(tmp_path, model, extra='\n[[step]]\nmethod = "project"\nstrenght = 0.5\n')
+    calls = {"load": 0, "forward": 0}
+    real_load = run_module.load_model
+
+    def counting_load(*args: object, **kwargs: object) -> tuple:
+        calls["load"] += 1
+        m, tok = real_load(*args, **kwargs)
+        m.register_forward_pre_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1))
+        return m, tok
+
+    monkeypatch.setattr(run_module, "load_model", counting_load)
+    monkeypatch.setattr(parallel_module, "load_model", counting_load)  # the CLI loads through its ScaleOptions
+    r = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
+    assert "unknown key step[2].strenght" in r.output
+    assert calls == {"load": 0, "forward": 0}
+    # the same recipe without the typo does load and run the model
+    recipe.write_text(recipe.read_text().replace("strenght", "strength"))
+    r = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert calls["load"] >= 1 and calls["forward"] > 0
+
+
+def test_patch_json_records_effective_settings_with_cli_overrides(tmp_path: Path) -> None:
+    model = save_tiny_with_tokenizer("llama", tmp_path / "base")
+    recipe = write_recipe(tmp_path, None)
+    r = CliRunner().invoke(main, ["run", str(recipe), "--model", str(model), "--batch-size", "3", "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "out" / "patch.json").read_text())
+    settings = meta["recipe"]["settings"]
+    assert settings["collect"]["batch_size"] == 3  # the recipe says 8: the command line wins
+    assert settings["model"]["id"] == str(model)
+    assert settings["overrides"] == {"model": {"id": str(model)}, "collect": {"batch_size": 3}}
+    assert settings["step"][0]["method"] == "aura" and settings["step"][0]["min_auroc"] == 0.5  # defaults filled in
+    assert verify(tmp_path / "out").ok

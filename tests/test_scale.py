@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from test_run import write_recipe
-from tiny import FAMILIES, save_tiny_with_tokenizer
+from helpers import FAMILIES, save_tiny_with_tokenizer, write_recipe
 
 from patcher.cli import main
 from patcher.collect.collector import Collector

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_run import write_recipe
-from tiny import save_tiny_with_tokenizer
+from helpers import save_tiny_with_tokenizer, write_recipe
 
 from patcher.cli import main
 from patcher.collect.collector import Collector

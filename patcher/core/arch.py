@@ -53,7 +53,6 @@ class Architecture:
     layout: Layout = "linear"
     mlp_out_norm: str | None = None
     attn_out_norm: str | None = None
-    parallel_residual_flag: str | None = None  # config attribute that turns on the parallel residual
 
     def layer(self, i: int) -> str:
         return f"{self.layers}.{i}"
@@ -73,9 +72,6 @@ class Architecture:
         if "mlp_out" in which:
             out.append(f"{self.layers}.{i}.{self.mlp_out}")
         return out
-
-    def is_parallel_residual(self, config: Any) -> bool:
-        return bool(self.parallel_residual_flag and getattr(config, self.parallel_residual_flag, False))
 
 
 _LLAMA_LIKE = dict(
@@ -117,7 +113,6 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         mlp_in=("mlp.dense_h_to_4h",),
         mlp_out="mlp.dense_4h_to_h",
         attn_out="attention.dense",
-        parallel_residual_flag="use_parallel_residual",
     ),
     Architecture(
         "falcon",
@@ -128,7 +123,6 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         mlp_in=("mlp.dense_h_to_4h",),
         mlp_out="mlp.dense_4h_to_h",
         attn_out="self_attention.dense",
-        parallel_residual_flag="parallel_attn",
     ),
 )
 

@@ -101,10 +101,6 @@ class EvalSettings:
     dtype: str = setting("float32", help="Load both models in this dtype (float32, bfloat16, float16)")
 
     @classmethod
-    def preset_names(cls) -> list[str]:
-        return list(PRESETS)
-
-    @classmethod
     def from_preset(cls, name: str = "rtp", **overrides: Any) -> EvalSettings:
         """A preset with explicit values on top; a None override means "keep the preset's"."""
         if name not in PRESETS:

@@ -286,7 +286,7 @@ def collect(ctx: StepContext, s: ProjectSettings) -> dict[str, Statistic]:
 
 
 def _hidden(config: Any) -> int:
-    return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd"))
+    return int(getattr(config, "hidden_size", None) or config.n_embd)
 
 
 # -- directions --------------------------------------------------------------------------------------

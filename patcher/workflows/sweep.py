@@ -111,7 +111,7 @@ def plot_sweep(result: SweepResult, path: str | Path) -> Path:
         for p in result.points:
             ax.annotate(str(p["value"]), (p["ppl"], p["toxicity_probability"][e]), fontsize=7, color=line.get_color())
         ax.scatter([result.base["ppl"]], [result.base["toxicity_probability"][e]], marker="s", color=line.get_color(), edgecolor="black")
-        for (label, ref), marker in zip(result.references.items(), REFERENCE_MARKERS):
+        for ref, marker in zip(result.references.values(), REFERENCE_MARKERS):
             if e in ref["toxicity_probability"]:
                 ax.scatter([ref["ppl"]], [ref["toxicity_probability"][e]], marker=marker, color=line.get_color(), edgecolor="black")
     ax.scatter([], [], marker="s", color="white", edgecolor="black", label="base")

@@ -1,7 +1,11 @@
-"""Tiny random models of every supported family, built from configs (no download)."""
+"""Shared test helpers: tiny random models of every supported family built from configs (no
+download), their tokenizers, and small recipes with their data. Test modules import from here,
+never from each other."""
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 import torch
@@ -59,3 +63,45 @@ def save_tiny_with_tokenizer(family: str, folder: Path, **kwargs) -> Path:
     save_tiny(family, folder, **kwargs)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+TOXIC_WORDS = ["idiot", "stupid", "moron", "fool", "jerk"]
+NEUTRAL_WORDS = ["friend", "garden", "morning", "river", "music"]
+
+
+def write_labeled(path: Path, n: int = 40, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        rows.append({"text": f"you {rng.choice(TOXIC_WORDS)} number {i}", "label": 1})
+        rows.append({"text": f"the {rng.choice(NEUTRAL_WORDS)} number {i}", "label": 0})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def write_recipe(folder: Path, model: Path | None = None, budget: float = 100.0, extra: str = "") -> Path:
+    write_labeled(folder / "data.jsonl")
+    (folder / "ppl.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    model_line = f'[model]\nid = "{model}"\n' if model else ""
+    text = f"""name = "t"
+{model_line}
+[data]
+path = "data.jsonl"
+n_per_class = 20
+max_tokens = 32
+
+[collect]
+batch_size = 8
+
+[check]
+ppl_text = "ppl.txt"
+ppl_tokens = 256
+ppl_window = 64
+max_ppl_increase = {budget}
+
+[[step]]
+method = "aura"
+{extra}
+"""
+    (folder / "recipe.toml").write_text(text)
+    return folder / "recipe.toml"
