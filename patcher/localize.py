@@ -44,6 +44,7 @@ import torch
 from .arch import Architecture, arch_for, num_layers
 from .collect import Batch, PooledValues
 from .errors import PatcherError
+from .numerics import floor_variance
 
 BLOCKS = ("attn_out", "mlp_out")
 
@@ -145,7 +146,10 @@ def cohens_d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if na < 2 or nb < 2:
         raise PatcherError(f"an effect size needs at least 2 samples per class, got {na} toxic and {nb} neutral")
     var = ((na - 1) * a.var(0) + (nb - 1) * b.var(0)) / (na + nb - 2)
-    d = (a.mean(0) - b.mean(0)) / var.sqrt()
+    # floored relative to the largest column's variance: a nearly constant unit (a dead neuron's rounding
+    # noise) must not get a huge d from a difference of the same tiny size
+    d = (a.mean(0) - b.mean(0)) / floor_variance(var).sqrt()
+    d[var == 0] = 0.0
     return torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0).float()
 
 

@@ -34,6 +34,7 @@ from .methods import StepContext, get_method
 from .patch import Patch
 from .perplexity import perplexity, token_stream
 from .recipe import DataSettings, Recipe, _line_of, _resolve, _where, build
+from .tokens import leading_specials
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EVAL_PLOT = "eval.png"
@@ -167,8 +168,8 @@ def _ppl(model: Any, tokenizer: Any, recipe: Recipe) -> float:
     if getattr(model, "_patcher_layerwise", None) is not None:  # --sequential: the skeleton of a LayerwiseModel
         from .sequential import layerwise_perplexity
 
-        return layerwise_perplexity(model._patcher_layerwise, ids, window=w, stride=w)
-    return perplexity(model, ids, window=w, stride=w)
+        return layerwise_perplexity(model._patcher_layerwise, ids, window=w, stride=w, prefix=leading_specials(tokenizer))
+    return perplexity(model, ids, window=w, stride=w, prefix=leading_specials(tokenizer))
 
 
 def eval_settings(recipe: Recipe) -> Any:
