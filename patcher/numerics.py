@@ -25,7 +25,9 @@ from .errors import PatcherError
 
 # A variance below this fraction of the largest one is raised to it: 1e-12 of the variance is 1e-6 of
 # the std, below float32's resolution of the largest coordinates, so it never changes a real estimate
-# (SmolLM2's smallest neutral std is ~1e-3 of its largest) and only ever replaces rounding noise or zero.
+# and only ever replaces rounding noise or zero. Measured on 200 ParaDetox pairs (mean-pooled residual
+# stream after each layer, neutral side), the smallest std is at least 3.7e-3 of the largest on
+# SmolLM2-135M and 8.3e-4 on Gemma 3 270M.
 VAR_FLOOR = 1e-12
 # Ridge on the diagonal covariance S in the whitened erase, relative to its largest entry.
 RIDGE = 1e-9

@@ -328,6 +328,8 @@ def test_layer_out_of_range_names_valid_range() -> None:
     with pytest.raises(PatcherError, match="valid layers are 0-1"):
         compute("scale", context(tiny_model("llama")), layers="0-3")
     assert parse_layers("15-29", 30) == list(range(15, 30))
+    assert parse_layers("50%-100%", 30) == list(range(15, 30)) and parse_layers("50%-100%", 18) == list(range(9, 18))
+    assert parse_layers("0%-25%", 18) == [0, 1, 2, 3, 4]
     assert parse_layers("1,3, 5-6", 30) == [1, 3, 5, 6]
     assert parse_layers([2, 0], 30) == [0, 2]
 
