@@ -2,7 +2,7 @@
 WikiText-2 perplexity, before and after (the README's projection results table).
 
     python benchmarks/recipes.py recipes/aura.toml recipes/project-meandiff.toml ... \
-        [--n-prompts 300] [--out runs/recipes] [--json results.json]
+        [--model gemma3-270m] [--n-prompts 300] [--out runs/recipes] [--json results.json] [--base-eval base.json]
 
 Each recipe's patch is computed as `patcher run` computes it, baked into ``OUT/<recipe name>`` (with
 its evaluation as ``eval.json``, which ``patcher sweep --compare`` reads), and
@@ -10,7 +10,9 @@ evaluated with the quick preset's sampling (5 samples x 20 tokens, top-p 0.9, se
 ``--n-prompts`` RealToxicityPrompts challenging prompts as the base model, which is evaluated once.
 Printed per recipe: toxicity probability by each evaluator, base / after ratios, perplexity change,
 and whether it meets issue 6's target (every ratio >= 2.2 within +5% perplexity). With 300 prompts
-the 95% intervals on a toxicity probability are about +-0.05.
+the 95% intervals on a toxicity probability are about +-0.05. ``--model`` runs every recipe on
+another model than the first recipe's (``gemma3-270m``); ``--base-eval`` reuses the base model's
+report from ``patcher eval --json`` (same settings, checked) instead of evaluating it again.
 """
 
 from __future__ import annotations
@@ -46,14 +48,22 @@ def main() -> None:
     ap.add_argument("--n-prompts", type=int, default=300)
     ap.add_argument("--out", type=Path, default=Path("runs/recipes"), help="baked models, one folder per recipe")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--model", help="run every recipe on this model (default: the first recipe's)")
+    ap.add_argument("--base-eval", type=Path, help="the base model's report (patcher eval --json) with the same settings")
     args = ap.parse_args()
 
     settings = dataclasses.replace(EvalSettings.from_preset("quick"), n_prompts=args.n_prompts)
     recipes = [load_recipe(p) for p in args.recipes]
-    spec = recipes[0].model.id
+    spec = args.model or recipes[0].model.id
     folder, _ = resolve_model(spec)
     t0 = time.perf_counter()
-    base = point(evaluate(folder, settings=settings).to_json())
+    if args.base_eval:
+        report = json.loads(args.base_eval.read_text())
+        if report["settings"] != json.loads(json.dumps(dataclasses.asdict(settings))):
+            raise SystemExit(f"{args.base_eval} was evaluated with other settings than --n-prompts {args.n_prompts} and the quick preset")
+        base = point(report)
+    else:
+        base = point(evaluate(folder, settings=settings).to_json())
     print(f"base evaluated ({time.perf_counter() - t0:.0f}s)", flush=True)
     model, tokenizer = load_model(folder)
     results: dict[str, Any] = {"settings": dataclasses.asdict(settings), "base": base, "recipes": {}}

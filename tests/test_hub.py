@@ -104,6 +104,22 @@ def test_card_base_model_and_license_from_record(baked: Path, tmp_path: Path) ->
     assert fm["license"] == "other" and "base_model" not in fm
 
 
+def test_gemma_terms_travel_with_the_weights(tmp_path: Path) -> None:
+    """A base folder carrying the Gemma Terms of Use (as the gemma3-270m conversion leaves it): the
+    bake copies the file, `verify` hashes cover it, and the card names the terms and the license."""
+    base = save_tiny_with_tokenizer("gemma3_text", tmp_path / "base")
+    (base / "GEMMA_TERMS.html").write_text("<html>Gemma Terms of Use</html>")
+    arch = arch_for(tiny_model("gemma3_text").config)
+    out = bake(Patch([ScaleOutputs(arch.module("mlp_out", 0), arch.layout, factors=torch.full((32,), 0.5))], {"method": "aura"}),
+               base, tmp_path / "out", progress=False)
+    assert (out / "GEMMA_TERMS.html").read_text() == "<html>Gemma Terms of Use</html>"
+    assert "GEMMA_TERMS.html" in json.loads((out / "patch.json").read_text())["bake"]["files"]
+    card = render_card(out, None)
+    assert front_matter(card)["license"] == "gemma"
+    assert "[Gemma Terms of Use](https://ai.google.dev/gemma/terms)" in card and "`GEMMA_TERMS.html`" in card
+    assert base_model_id({"model": "gemma3-270m"}) == "google/gemma-3-270m"
+
+
 def test_card_needs_a_baked_folder(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["card", str(tmp_path)])
     assert r.exit_code == 2 and "holds no patch.json" in r.output

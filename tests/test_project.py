@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import save_tiny, save_tiny_with_tokenizer, tiny_model, tiny_tokenizer
+from helpers import paired_data, save_tiny, save_tiny_with_tokenizer, tiny_model, tiny_tokenizer
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
@@ -28,19 +28,6 @@ from patcher.recipe.settings import build
 TOXIC = ["idiot", "stupid", "moron", "fool", "jerk", "loser"]
 NEUTRAL = ["friend", "garden", "morning", "river", "music", "window"]
 
-
-
-def paired_data(n: int = 24, seed: int = 0) -> SimpleNamespace:
-    """Toxic/neutral sentences that differ in one word, with pair ids (like ParaDetox)."""
-    rng = random.Random(seed)
-    texts, labels, pair_ids = [], [], []
-    for i in range(n):
-        frame = rng.choice(["you are a {} and {}", "what a {} {}", "the {} said {}"])
-        tail = f"number {i}"
-        texts += [frame.format(rng.choice(TOXIC), tail), frame.format(rng.choice(NEUTRAL), tail)]
-        labels += [1, 0]
-        pair_ids += [i, i]
-    return SimpleNamespace(texts=texts, labels=labels, pair_ids=pair_ids, source="test")
 
 
 def context(model: torch.nn.Module, data: SimpleNamespace | None = None, prior: Patch | None = None) -> StepContext:
@@ -327,6 +314,8 @@ def test_layer_out_of_range_names_valid_range() -> None:
     with pytest.raises(PatcherError, match="valid layers are 0-1"):
         compute("scale", context(tiny_model("llama")), layers="0-3")
     assert parse_layers("15-29", 30) == list(range(15, 30))
+    assert parse_layers("50%-100%", 30) == list(range(15, 30)) and parse_layers("50%-100%", 18) == list(range(9, 18))
+    assert parse_layers("0%-25%", 18) == [0, 1, 2, 3, 4]
     assert parse_layers("1,3, 5-6", 30) == [1, 3, 5, 6]
     assert parse_layers([2, 0], 30) == [0, 2]
 

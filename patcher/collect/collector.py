@@ -21,6 +21,7 @@ from torch import nn
 from ..core.errors import PatcherError
 from ..core.hooks import Hooks
 from ..core.progress import bar
+from ..core.tokens import leading_specials
 from ..edits.patch import Patch
 from .statistics import Batch, Side, Statistic
 
@@ -66,6 +67,8 @@ class Collector:
         empty = [i for i, e in enumerate(enc) if not e]
         if empty:
             raise PatcherError(f"text #{empty[0]} tokenizes to nothing: drop empty texts from the data")
+        prefix = leading_specials(self.tokenizer)  # Gemma's <bos>, as generation sees prompts; the sink skip_first drops
+        enc = [prefix + e for e in enc]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
         for start in range(0, len(order), self.batch_size):

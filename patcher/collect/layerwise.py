@@ -350,9 +350,10 @@ def layerwise_of(model: Any) -> LayerwiseModel | None:
 
 
 @torch.inference_mode()
-def layerwise_perplexity(lw: LayerwiseModel, ids: torch.Tensor, window: int = 1024, stride: int = 512) -> float:
-    """`patcher.perplexity.perplexity` (same windows, same scoring) with all windows taken through
-    the model layer by layer."""
+def layerwise_perplexity(lw: LayerwiseModel, ids: torch.Tensor, window: int = 1024, stride: int = 512,
+                         prefix: list[int] | None = None) -> float:
+    """`patcher.perplexity.perplexity` (same windows, same scoring, same ``prefix``) with all windows
+    taken through the model layer by layer."""
     spans = []
     prev_end = 0
     for begin in range(0, len(ids) - 1, stride):
@@ -361,7 +362,8 @@ def layerwise_perplexity(lw: LayerwiseModel, ids: torch.Tensor, window: int = 10
         prev_end = end
         if end == len(ids):
             break
-    chunks = [ids[b:e][None] for b, e, _ in spans]
+    pre = torch.tensor(prefix or [], dtype=ids.dtype)
+    chunks = [torch.cat([pre, ids[b:e]])[None] for b, e, _ in spans]
     store = lw.layer_passes([(c, None, None) for c in chunks], desc="perplexity (layer by layer)")
     nll, count = 0.0, 0
     try:

@@ -21,6 +21,7 @@ import torch
 
 from ..core.auroc import auroc
 from ..core.errors import PatcherError
+from ..core.numerics import first_bad
 
 Side = Literal["input", "output"]
 
@@ -47,11 +48,17 @@ class Statistic:
         raise NotImplementedError
 
 
-def _check_finite(module: str, pooled: torch.Tensor) -> None:
-    if not torch.isfinite(pooled).all():
-        raise PatcherError(
-            f"activations of {module} hold NaN or inf (fp16 overflow?): collect with --dtype float32 or bfloat16"
-        )
+def _check_finite(module: str, pooled: torch.Tensor, acts: torch.Tensor, how: str) -> None:
+    """Refuse non-finite pooled values, naming the module, the unit and the cause: fp16 overflow
+    only when the activations are float16; otherwise the model (or an earlier step's edits, which
+    are attached while a later step collects) produced it."""
+    if torch.isfinite(pooled).all():
+        return
+    sample, unit = first_bad(pooled)
+    why = ("fp16 overflow: collect with --dtype float32 or bfloat16" if acts.dtype == torch.float16 else
+           f"the forward pass itself produced it in {acts.dtype} (the base weights, or the edits of an earlier step, which are "
+           "attached while a later step collects): check them with `patcher verify` or run the steps one at a time")
+    raise PatcherError(f"{how}-pooled activations of {module} hold NaN or inf at unit {unit} (batch row {sample}): {why}")
 
 
 class PooledValues(Statistic):
@@ -70,12 +77,12 @@ class PooledValues(Statistic):
         self.index: list[torch.Tensor] = []
 
     def observe(self, module: str, acts: torch.Tensor, batch: Batch) -> None:
-        mask = batch.pool_mask.unsqueeze(-1)
+        mask = batch.pool_mask.unsqueeze(-1).to(acts.device)
         if self.how == "max":
             pooled = acts.float().masked_fill(~mask, float("-inf")).amax(dim=1)
-        else:
-            pooled = (acts.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-        _check_finite(module, pooled)
+        else:  # float64 sum; masked_fill, not a product, so nothing at a padded position can leak in
+            pooled = acts.double().masked_fill(~mask, 0.0).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        _check_finite(module, pooled, acts, self.how)
         self.values[module].append(pooled.to(self.store_dtype).cpu())
         if module == self.watches[0][0]:
             self.labels.append(batch.labels.cpu())

@@ -31,14 +31,18 @@ def token_stream(tokenizer, path: str | Path, max_tokens: int | None) -> torch.T
 
 
 @torch.inference_mode()
-def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 1024, stride: int = 512) -> float:
-    """exp(mean negative log-likelihood) of ``ids`` under ``model``."""
+def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 1024, stride: int = 512,
+               prefix: list[int] | None = None) -> float:
+    """exp(mean negative log-likelihood) of ``ids`` under ``model``. ``prefix`` (the tokenizer's
+    leading special tokens, `patcher.core.tokens.leading_specials`: Gemma's ``<bos>``) starts every
+    window as context and is never scored; the window's text tokens are scored as without it."""
     device = next(model.parameters()).device
+    pre = torch.tensor(prefix or [], dtype=ids.dtype)
     nll, count, prev_end = 0.0, 0, 0
     starts = range(0, len(ids) - 1, stride)
     for begin in bar(starts, desc="perplexity"):
         end = min(begin + window, len(ids))
-        chunk = ids[begin:end].to(device)[None]
+        chunk = torch.cat([pre, ids[begin:end]]).to(device)[None]
         logits = model(input_ids=chunk, use_cache=False).logits.float()
         new = end - max(prev_end, begin + 1)  # tokens not scored yet (the first token has no context)
         logp = torch.log_softmax(logits[0, -new - 1 : -1], dim=-1)

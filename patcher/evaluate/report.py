@@ -31,6 +31,7 @@ import torch
 from ..core.errors import PatcherError
 from ..core.models import DTYPES, load_model, resolve_device
 from ..core.table import render
+from ..core.tokens import leading_specials
 from ..data.loaders import PromptSet, load_prompts
 from ..data.local import default_data_file
 from ..io.model_files import resolve_model
@@ -260,7 +261,7 @@ def _evaluate_one(
         from .perplexity import perplexity
 
         log.info("eval: WikiText-2 perplexity of %s", spec)
-        ppl = perplexity(model, ppl_ids_for(tok), window=settings.ppl_window, stride=settings.ppl_stride)
+        ppl = perplexity(model, ppl_ids_for(tok), window=settings.ppl_window, stride=settings.ppl_stride, prefix=leading_specials(tok))
         seconds["wikitext perplexity"] = time.perf_counter() - t0
     others: list[tuple[list[list[float]], list[list[list[int]]]]] = []
     f = settings.fluency_samples or settings.samples

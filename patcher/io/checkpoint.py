@@ -30,6 +30,7 @@ SINGLE_NAME = "model.safetensors"
 PICKLED_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
 # Files copied from the source model into the output: configs and tokenizer, never pickles or weights.
 SIDECAR_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".py")
+LICENSE_FILES = ("LICENSE", "LICENSE.md", "NOTICE", "NOTICE.md", "GEMMA_TERMS.html")  # copied beside the weights too
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -192,7 +193,7 @@ class Checkpoint:
         skip = {INDEX_NAME, "patch.json", "patcher-embedded.json"}
         return sorted(
             p for p in self.folder.iterdir()
-            if p.is_file() and p.suffix in SIDECAR_SUFFIXES and p.name not in skip and not p.name.startswith(".")
+            if p.is_file() and (p.suffix in SIDECAR_SUFFIXES or p.name in LICENSE_FILES) and p.name not in skip and not p.name.startswith(".")
         )
 
 

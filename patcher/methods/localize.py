@@ -33,6 +33,7 @@ norm's output, so the watched module is the norm (`writer_module`).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,11 +45,14 @@ import torch
 from ..collect.statistics import PooledValues
 from ..core.arch import BLOCKS, arch_for, num_layers, writer_module
 from ..core.errors import PatcherError
+from ..core.numerics import floor_variance
 
 
 def parse_layers(spec: Any, n_layers: int, what: str = "layers") -> list[int]:
-    """``"all"``, a range ``"15-29"``, a comma list ``"3,5,7"``, or a list of ints -> sorted layers,
-    each checked against ``0..n_layers-1``."""
+    """``"all"``, a range ``"15-29"``, a range of depth ``"50%-100%"`` (layers ``floor(0.5 n)`` to
+    ``ceil(1.0 n) - 1``, so one recipe picks the upper half of a 30-layer SmolLM2, 15-29, and of an
+    18-layer Gemma 3, 9-17), a comma list ``"3,5,7"``, or a list of ints -> sorted layers, each
+    checked against ``0..n_layers-1``."""
     valid = f"valid layers are 0-{n_layers - 1} (the model has {n_layers})"
     if isinstance(spec, str):
         s = spec.strip().lower()
@@ -59,7 +63,13 @@ def parse_layers(spec: Any, n_layers: int, what: str = "layers") -> list[int]:
             for part in s.split(","):
                 part = part.strip()
                 m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
-                if m:
+                pct = re.fullmatch(r"(\d+(?:\.\d+)?)%\s*-\s*(\d+(?:\.\d+)?)%", part)
+                if pct:
+                    lo_p, hi_p = float(pct.group(1)), float(pct.group(2))
+                    if not 0 <= lo_p < hi_p <= 100:
+                        raise PatcherError(f"{what} = {spec!r}: a depth range needs 0% <= low < high <= 100%")
+                    out += list(range(math.floor(lo_p / 100 * n_layers), math.ceil(hi_p / 100 * n_layers)))
+                elif m:
                     lo, hi = int(m.group(1)), int(m.group(2))
                     if lo > hi:
                         raise PatcherError(f"{what} = {spec!r}: range {part} runs backwards; write low-high")
@@ -116,7 +126,10 @@ def cohens_d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if na < 2 or nb < 2:
         raise PatcherError(f"an effect size needs at least 2 samples per class, got {na} toxic and {nb} neutral")
     var = ((na - 1) * a.var(0) + (nb - 1) * b.var(0)) / (na + nb - 2)
-    d = (a.mean(0) - b.mean(0)) / var.sqrt()
+    # floored relative to the largest column's variance: a nearly constant unit (a dead neuron's rounding
+    # noise) must not get a huge d from a difference of the same tiny size
+    d = (a.mean(0) - b.mean(0)) / floor_variance(var).sqrt()
+    d[var == 0] = 0.0
     return torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0).float()
 
 

@@ -81,6 +81,7 @@ from ..core.arch import (
     writer_module,
 )
 from ..core.errors import PatcherError
+from ..core.numerics import RIDGE, floor_variance, require_finite, ridge_inverse, safe_reciprocal
 from ..edits.edit import ProjectOutputs
 from ..edits.patch import Patch
 from ..recipe.settings import setting
@@ -326,9 +327,11 @@ def frame(x: torch.Tensor, labels: torch.Tensor, s: ProjectSettings) -> Frame:
 
 
 def neutral_std(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-dimension std over neutral samples, floored at 1% of its median (no zero divisors)."""
-    std = x[labels == 0].double().std(0)
-    return std.clamp(min=float(1e-2 * std.median().clamp(min=1e-12)))
+    """Per-dimension std over neutral samples (float64), its variance floored relative to the
+    largest (`patcher.core.numerics.floor_variance`: zero and rounding-level spreads), then floored at 1%
+    of its median, so that no nearly constant dimension dominates a whitened estimate."""
+    std = floor_variance(x[labels == 0].double().var(0)).sqrt()
+    return std.clamp(min=float(1e-2 * std.median()))
 
 
 def whitened_write(u: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -336,8 +339,10 @@ def whitened_write(u: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     what ``U`` reads while moving the output least in whitened coordinates, so the few huge
     dimensions absorb the correction in proportion to their spread (diagonal LEACE eraser,
     Belrose et al. 2023) instead of the small dimensions taking all of it."""
-    su = (std.double() ** 2)[:, None] * u.double()
-    return (su @ torch.linalg.inv(u.double().T @ su)).float()
+    var = std.double() ** 2
+    ridge = RIDGE * float(var.max())  # S + ridge I: U^T V = I stays exact, the inverse stays bounded
+    u = u.double()
+    return ((var + ridge)[:, None] * u @ ridge_inverse(u.T @ (var[:, None] * u), ridge)).float()
 
 
 def meandiff(z: torch.Tensor, labels: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -420,8 +425,8 @@ def probe(z: torch.Tensor, labels: torch.Tensor, pairs: tuple[torch.Tensor, torc
 
 def basis(d: torch.Tensor, what: str) -> torch.Tensor:
     """Orthonormal basis of the columns of ``d``, refusing (near-)dependent columns."""
-    if not torch.isfinite(d).all():
-        raise PatcherError(f"{what}: the direction holds NaN or inf (constant activations?)")
+    require_finite(d, f"{what}: the direction", "the pooled states hold NaN/inf or a dimension's spread is zero; "
+                   "run `patcher localize` on the recipe to see which layer's statistics are broken")
     sv = torch.linalg.svdvals(d.double())
     if sv.numel() == 0 or sv[0] == 0 or sv[-1] < 1e-8 * sv[0]:
         raise PatcherError(f"{what}: the {d.shape[1]} directions are (close to) linearly dependent or zero: lower k or pick other features")
@@ -457,6 +462,7 @@ def estimate(x: torch.Tensor, labels: torch.Tensor, pair_ids: Any, s: ProjectSet
     info |= _shares(u, f.outlier_dims)
     if s.erase == "whitened":
         info["write"] = whitened_write(u, neutral_std(x, labels))
+        require_finite(info["write"], f"{what}: whitened write direction", "the neutral covariance is degenerate; use erase = \"orthogonal\"")
     if s.outliers != "keep" and s.direction != "probe":  # the same estimate without the handling, for the record
         w0 = meandiff(x.double(), labels, pairs) if s.direction == "meandiff" else profs(x.double(), pairs, s.k)  # type: ignore[arg-type]
         info["outlier_share_if_kept"] = _shares(basis(w0, what), f.outlier_dims)["outlier_share"]
@@ -516,8 +522,12 @@ def _to_block_output(model: Any, arch: Any, block: str, i: int, u: torch.Tensor,
     u_out = basis(torch.stack(cols, 1), f"project: layer {i} {block}")
     if v is None:
         return u_out, None
-    raw = v.double() / norm_gain(weight).double()[:, None]
-    return u_out, (raw @ torch.linalg.inv(u_out.double().T @ raw)).float()
+    # the block writes g * y / rms(y): a write v in the residual needs v / g in y, and nothing where g = 0
+    raw = v.double() * safe_reciprocal(norm_gain(weight))[:, None]
+    write = (raw @ torch.linalg.inv(u_out.double().T @ raw)).float()
+    require_finite(write, f"project: layer {i} {block} write direction", "the block's output norm gain is (close to) zero "
+                   "where the direction writes: use erase = \"orthogonal\"")
+    return u_out, write
 
 
 SHARED_INFO = ("sae", "sae_layer", "features", "feature_scores", "write")  # not repeated in each layer's record

@@ -13,13 +13,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..core.embedded import EMBEDDED
 from ..core.errors import PatcherError
 from ..io.record import read_record
 
 CARD_NAME = "README.md"
 EVAL_NAME = "eval.json"
 # Models patcher knows by a short name: the Hub id and license of what they were converted from.
-KNOWN_BASES = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
+KNOWN_BASES = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"), "gemma3-270m": ("google/gemma-3-270m", "gemma")}
 # Public data files (shared/data) -> the Hub dataset they come from, for the card's metadata.
 KNOWN_DATASETS = (
     ("paradetox", "s-nlp/paradetox"),
@@ -104,7 +105,17 @@ def base_license(base: dict[str, Any]) -> str:
     spec = str(base.get("model", ""))
     if spec in KNOWN_BASES:
         return KNOWN_BASES[spec][1]
+    if folder is not None and base_terms(folder):
+        return "gemma"
     return "other"
+
+
+def base_terms(folder: str | Path) -> list[tuple[str, str, str]]:
+    """(title, url, file name) of each license-terms file of an embedded model (the Gemma Terms of
+    Use) that sits in ``folder``: the conversion puts it beside the base weights and the bake copies
+    it into the output, so a baked folder's card names the terms its weights come under."""
+    return [(m.terms_name or m.terms_file, m.terms_url or "", m.terms_file) for m in EMBEDDED.values()
+            if m.terms_file and (Path(folder) / m.terms_file).is_file()]
 
 
 def methods(meta: dict[str, Any]) -> list[str]:
@@ -198,6 +209,9 @@ def render_card(folder: str | Path, eval_report: dict[str, Any] | None = None, r
     )
     if base.get("source"):
         lines += ["", f"Base weights: {base['source']}."]
+    for title, url, file in base_terms(folder):
+        lines += ["", (f"**License.** The base model's weights are provided under the [{title}]({url}); this model, derived from them, "
+                       f"comes under the same terms. Their text is in `{file}` in this folder.")]
     lines += ["", "## What was changed", ""]
     from ..edits.patch import Patch
 

@@ -35,7 +35,7 @@ from .settings import build, setting
 
 @dataclass(frozen=True)
 class ModelSettings:
-    id: str = setting("smollm2-135m", help="Model: local folder, Hub id, or an embedded model (smollm2-135m)")
+    id: str = setting("smollm2-135m", help="Model: local folder, Hub id, or an embedded model (smollm2-135m, gemma3-270m)")
     revision: str | None = setting(None, help="Hub revision (branch, tag or commit) to pin")
     dtype: str = setting("float32", help="Dtype the model runs in while collecting: float32, bfloat16, float16")
     trust_remote_code: bool = setting(False, help="Run the model's own code (only from the command line)")

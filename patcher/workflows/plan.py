@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.arch import arch_for, num_layers
+from ..core.embedded import EMBEDDED, embedded_model_path
 from ..core.errors import PatcherError
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -43,12 +44,10 @@ EXAMPLES: dict[str, dict[str, Any]] = {
 def load_config(spec: str) -> dict[str, Any]:
     """``spec``: an EXAMPLES name, the embedded default, a folder or config.json, or a Hub id
     (config.json only)."""
-    from ..core.embedded import EMBEDDED_NAME, embedded_model_path
-
     if spec in EXAMPLES:
         return dict(EXAMPLES[spec])
-    if spec == EMBEDDED_NAME:
-        spec = str(embedded_model_path())
+    if spec in EMBEDDED:
+        spec = str(embedded_model_path(name=spec))
     path = Path(spec).expanduser()
     if path.is_dir():
         path = path / "config.json"

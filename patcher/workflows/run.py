@@ -27,6 +27,7 @@ from ..collect.collector import Collector
 from ..collect.layerwise import layerwise_perplexity
 from ..core.errors import PatcherError
 from ..core.models import load_model, resolve_device
+from ..core.tokens import leading_specials
 from ..data.loaders import LabeledSet, load_data
 from ..edits.patch import Patch
 from ..evaluate.evaluators import get_evaluators
@@ -147,8 +148,8 @@ def _ppl(model: Any, tokenizer: Any, recipe: Recipe) -> float:
     ids = token_stream(tokenizer, recipe.check.ppl_text, recipe.check.ppl_tokens)
     w = recipe.check.ppl_window
     if getattr(model, "_patcher_layerwise", None) is not None:  # --sequential: the skeleton of a LayerwiseModel
-        return layerwise_perplexity(model._patcher_layerwise, ids, window=w, stride=w)
-    return perplexity(model, ids, window=w, stride=w)
+        return layerwise_perplexity(model._patcher_layerwise, ids, window=w, stride=w, prefix=leading_specials(tokenizer))
+    return perplexity(model, ids, window=w, stride=w, prefix=leading_specials(tokenizer))
 
 
 def eval_settings(recipe: Recipe) -> Any:
