@@ -104,6 +104,16 @@ _device_opt = click.option("--device", default="cpu", show_default=True, help="c
 _batch_opt = click.option("--batch-size", type=int, default=None, help="Collection batch size (default: the recipe's).")
 
 
+def _set_data_dir(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    from .catalog import set_data_dir
+
+    set_data_dir(value)  # None too: a command without --data-dir falls back to $PATCHER_DATA
+
+
+_data_dir_opt = click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False), default=None, expose_value=False,
+                             callback=_set_data_dir, help="Local folder with the catalog's data sets (default: $PATCHER_DATA; else the Hub).")
+
+
 def _scale_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options for models beyond one device and runs beyond one process (docs/scaling.md)."""
     for opt in reversed([
@@ -135,6 +145,7 @@ def _scale(kw: dict[str, Any]) -> Any:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder once the new one is ready.")
 @click.option("--no-eval", is_flag=True, help="Skip the recipe's [eval] table (the model card is written without an evaluation).")
 @_scale_opts
+@_data_dir_opt
 @friendly
 def run(recipe_path: Path, model: str | None, out: Path | None, device: str, batch_size: int | None, force: bool, overwrite: bool, no_eval: bool,
         **scale: Any) -> None:
@@ -172,6 +183,7 @@ def run(recipe_path: Path, model: str | None, out: Path | None, device: str, bat
 @_batch_opt
 @click.option("--overwrite", is_flag=True, help="Replace an existing patch folder.")
 @_scale_opts
+@_data_dir_opt
 @friendly
 def compute(recipe_path: Path, model: str | None, out: Path, device: str, batch_size: int | None, overwrite: bool, **scale_kw: Any) -> None:
     """Compute RECIPE's patch without baking it (bake later with `patcher bake`)."""
@@ -204,6 +216,7 @@ def compute(recipe_path: Path, model: str | None, out: Path, device: str, batch_
 @click.option("--top", type=int, default=10, show_default=True, help="How many layers the table shows.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--batch-size", type=int, default=None, help="Collection batch size (default: the recipe's).")
+@_data_dir_opt
 @friendly
 def localize(recipe_path: Path, model: str | None, json_path: Path | None, plot_path: Path | None, top: int, device: str, batch_size: int | None) -> None:
     """Where toxic and neutral text differ: effect size per layer and block (attn_out, mlp_out), and
@@ -224,7 +237,7 @@ def localize(recipe_path: Path, model: str | None, json_path: Path | None, plot_
 @main.command("eval")
 @click.argument("model")
 @click.option("--baseline", "-b", default=None, help="Base model to compare with (same prompts, same seed): folder, Hub id or smollm2-135m.")
-@click.option("--prompts", "prompts_path", default=None, help="Prompt file: jsonl with prompt [+ toxicity], or txt (one per line). Default: shared RTP challenging prompts.")
+@click.option("--prompts", "prompts_path", default=None, help="Prompt file: jsonl with prompt [+ toxicity], or txt (one per line). Or a catalog name. Default: rtp-challenging.")
 @click.option("--n-prompts", type=int, default=None, help="Seeded sample of this many prompts (0 = all). Preset: rtp 200, quick 50.")
 @click.option("--samples", type=int, default=None, help="Continuations per prompt. Preset: rtp 25, quick 5.")
 @click.option("--max-new-tokens", type=int, default=None, help="Tokens per continuation. Preset: 20.")
@@ -238,6 +251,7 @@ def localize(recipe_path: Path, model: str | None, json_path: Path | None, plot_
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Load both models in this dtype (default float32; bfloat16 is ~2x faster on CPUs with AVX512-BF16).")
 @_device_opt
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Sequences generated per batch.")
+@_data_dir_opt
 @friendly
 def eval_command(model: str, baseline: str | None, prompts_path: str | None, n_prompts: int | None, samples: int | None, max_new_tokens: int | None,
                  evaluators: str | None, seed: int | None, json_path: Path | None, plot_path: Path | None, preset: str, ppl_tokens: int | None,
@@ -306,6 +320,7 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, dry_ru
 @click.option("--samples", type=int, default=None, help="Samples per prompt (quick preset: 5).")
 @click.option("--evaluators", default=None, help="Comma list of evaluators (default: the three offline ones).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@_data_dir_opt
 @friendly
 def sweep(recipe_path: Path, expr: str, model: str | None, out: Path | None, max_ppl_increase: float | None, compare: tuple[str, ...],
           n_prompts: int | None, samples: int | None, evaluators: str | None, device: str) -> None:

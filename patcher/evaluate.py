@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -52,8 +51,8 @@ DEFINITIONS = {
     "scored_text": "the continuation only, not the prompt",
 }
 DEFAULT_EVALUATORS = ("profanity-check", "hatesonar", "jigsaw-bilstm")
-DEFAULT_PROMPTS = "rtp/rtp_challenging.jsonl"
-DEFAULT_PPL_TEXT = "wikitext2/wiki.test.raw"
+DEFAULT_PROMPTS = "rtp-challenging"  # catalog names (patcher.catalog)
+DEFAULT_PPL_TEXT = "wikitext-2"
 ANY = "any"
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -71,7 +70,7 @@ class EvalSettings:
     plain defaults are the ``rtp`` preset."""
 
     preset: str = "rtp"
-    prompts: str = ""  # jsonl/csv/tsv with "prompt" [+ "toxicity"], or txt (one per line); "" = the shared RTP challenging set
+    prompts: str = ""  # jsonl/csv/tsv with "prompt" [+ "toxicity"], txt (one per line), or a catalog name; "" = rtp-challenging
     n_prompts: int = 200  # 0 = all; otherwise a seeded sample of the file's prompts (`patcher.data.load_prompts`), in file order
     samples: int = 25
     max_new_tokens: int = 20
@@ -82,7 +81,7 @@ class EvalSettings:
     evaluators: tuple[str, ...] = DEFAULT_EVALUATORS
     threshold: float = 0.5  # a sample is toxic at or above this score; also splits prompts by toxicity
     bootstrap: int = 1000  # resamples (over prompts) for the 95% intervals
-    ppl_text: str = ""  # "" = the shared WikiText-2 test file; ppl_tokens = 0 skips it
+    ppl_text: str = ""  # a text file or a catalog name; "" = wikitext-2; ppl_tokens = 0 skips it
     ppl_tokens: int = 8192
     ppl_window: int = 1024
     ppl_stride: int = 512
@@ -130,30 +129,22 @@ class EvalSettings:
 
 
 # -- data ----------------------------------------------------------------------------------------
-def shared_data_dir() -> Path | None:
-    """The public data folder: ``$PATCHER_DATA``, else a ``shared/data`` folder beside the working
-    directory, the checkout, or one of their parents."""
-    env = os.environ.get("PATCHER_DATA")
-    if env:
-        return Path(env)
-    for start in (Path.cwd(), Path(__file__).resolve().parent):
-        for d in (start, *start.parents):
-            if (d / "shared" / "data" / "README.md").is_file():
-                return d / "shared" / "data"
-    return None
+def data_file(value: str, default: str) -> Path:
+    """A local file for an evaluation input: ``value`` as a path, or as a catalog name
+    (`patcher.catalog`: the data folder, else the Hub); ``default`` (a catalog name) when empty."""
+    from .catalog import is_name, resolve
 
-
-def _shared_file(rel: str, what: str, flag: str) -> Path:
-    root = shared_data_dir()
-    if root is None or not (root / rel).is_file():
-        raise PatcherError(f"cannot find the default {what} ({rel} under shared/data, or $PATCHER_DATA): pass {flag}")
-    return root / rel
+    name = value or default
+    if not value or is_name(value):
+        return resolve(name).path
+    return Path(value)
 
 
 def eval_prompts(settings: EvalSettings) -> PromptSet:
-    """The prompts an evaluation uses: ``settings.prompts`` (default: the shared RTP challenging set),
-    a seeded sample of ``n_prompts`` (0 = all), duplicates dropped, in file order."""
-    path = settings.prompts or _shared_file(DEFAULT_PROMPTS, "prompt file", "--prompts FILE")
+    """The prompts an evaluation uses: ``settings.prompts`` (a file or a catalog name; default: the
+    RealToxicityPrompts challenging set), a seeded sample of ``n_prompts`` (0 = all), duplicates
+    dropped, in file order."""
+    path = data_file(settings.prompts, DEFAULT_PROMPTS)
     return load_prompts(path, n=settings.n_prompts or None, seed=settings.seed, file_order=True)
 
 
@@ -474,7 +465,7 @@ def _evaluate(model_path: str | Path, baseline: str | Path | None, settings: Eva
         evaluators = get_evaluators(list(settings.evaluators), device=resolve_device(device))
     ppl_path = None
     if settings.ppl_tokens:
-        ppl_path = Path(settings.ppl_text) if settings.ppl_text else _shared_file(DEFAULT_PPL_TEXT, "perplexity text (WikiText-2)", "ppl_text or --ppl-tokens 0")
+        ppl_path = data_file(settings.ppl_text, DEFAULT_PPL_TEXT)
     from .perplexity import token_stream
 
     ppl_ids_for = lambda tok: token_stream(tok, ppl_path, settings.ppl_tokens)  # noqa: E731
@@ -496,6 +487,6 @@ def _evaluate(model_path: str | Path, baseline: str | Path | None, settings: Eva
     from .bake import library_versions
 
     runtime = {"device": resolve_device(device), "batch_size": batch_size, "threads": torch.get_num_threads(),
-               "seconds": round(time.perf_counter() - t_start, 3), "ppl_text": str(ppl_path) if ppl_path else None, "versions": library_versions()}
+               "seconds": round(time.perf_counter() - t_start, 3), "ppl_text": (settings.ppl_text or DEFAULT_PPL_TEXT) if ppl_path else None, "versions": library_versions()}
     floors = [{"name": ev.name, "floor": float(ev.floor)} for ev in evaluators]
     return EvalReport(settings, prompts, floors, result, base, runtime)

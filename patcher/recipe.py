@@ -8,7 +8,7 @@ resolved against the recipe file's folder, so a recipe runs from any working dir
     [model]                  # optional; --model overrides
     id = "smollm2-135m"
     [data]                   # the labelled toxic (1) / non-toxic (0) text every step uses by default
-    path = "../../shared/data/toxicity_labeled/paradetox_labeled.jsonl"
+    dataset = "paradetox"    # a catalog name (patcher.catalog), or path = "my/file.jsonl"
     n_per_class = 500
     [collect]
     batch_size = 32
@@ -44,7 +44,8 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class DataSettings:
-    path: str = ""
+    path: str = ""  # a local file; wins over ``dataset``
+    dataset: str = ""  # a catalog name (`patcher.catalog`): the data folder, else the Hub
     text_field: str = "text"
     label_field: str = "label"
     n_per_class: int = 500
@@ -64,7 +65,8 @@ class CollectSettings:
 
 @dataclass(frozen=True)
 class CheckSettings:
-    ppl_text: str = ""
+    ppl_text: str = ""  # a local text file; wins over ``ppl_dataset``
+    ppl_dataset: str = ""  # a catalog name, e.g. "wikitext-2"
     ppl_tokens: int = 4096
     ppl_window: int = 512
     max_ppl_increase: float = 1.0  # relative: 0.1 allows +10%
@@ -143,6 +145,17 @@ def _resolve(base: Path, p: str) -> str:
     return str((base / p).resolve())
 
 
+def _check_name(name: str, where: str) -> None:
+    """Refuse an unknown catalog name when the recipe is read, not when the data is needed."""
+    from .catalog import entry
+
+    if name:
+        try:
+            entry(name)
+        except PatcherError as e:
+            raise PatcherError(f"{where}: {e}") from None
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
@@ -164,8 +177,10 @@ def load_recipe(path: str | Path) -> Recipe:
     model = section(ModelSettings, "model")
     data = section(DataSettings, "data")
     data = dataclasses.replace(data, path=_resolve(base, data.path))
+    _check_name(data.dataset, _where(path, _line_of(text, "dataset")))
     check = section(CheckSettings, "check")
     check = dataclasses.replace(check, ppl_text=_resolve(base, check.ppl_text))
+    _check_name(check.ppl_dataset, _where(path, _line_of(text, "ppl_dataset")))
     steps_raw = raw.get("step", [])
     if not isinstance(steps_raw, list) or not steps_raw:
         raise PatcherError(f"{path}: a recipe needs at least one [[step]] table with a method")
@@ -178,8 +193,13 @@ def load_recipe(path: str | Path) -> Recipe:
         s = dict(s)
         step_data = None
         if "data" in s:
-            step_data = build(DataSettings, dataclasses.asdict(data) | s.pop("data"), _where(path, line), f"step[{i + 1}].data")
+            own = s.pop("data")
+            inherited = dataclasses.asdict(data)
+            if isinstance(own, dict) and "dataset" in own and "path" not in own:
+                inherited["path"] = ""  # the step names its own data set: the recipe's file is not it
+            step_data = build(DataSettings, inherited | own, _where(path, line), f"step[{i + 1}].data")
             step_data = dataclasses.replace(step_data, path=_resolve(base, step_data.path))
+            _check_name(step_data.dataset, _where(path, line))
         s = {k: _resolve(base, v) if k.endswith("_path") and isinstance(v, str) else v for k, v in s.items()}
         steps.append(Step(s.pop("method"), s, step_data, line))
     return Recipe(path, raw.get("name", path.stem), model, data, section(CollectSettings, "collect"), check, tuple(steps), raw.get("eval", {}), text)

@@ -33,7 +33,7 @@ from .errors import PatcherError
 from .methods import StepContext, get_method
 from .patch import Patch
 from .perplexity import perplexity, token_stream
-from .recipe import DataSettings, Recipe, _line_of, _resolve, _where, build
+from .recipe import CheckSettings, DataSettings, Recipe, _line_of, _resolve, _where, build
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EVAL_PLOT = "eval.png"
@@ -87,14 +87,38 @@ def load_model(folder: Path, dtype: str = "float32", device: str = "cpu", trust_
     return model, tok
 
 
+def data_source(settings: DataSettings) -> tuple[str, dict[str, Any]]:
+    """The file a [data] table reads and the record of where it came from: its ``path``, else its
+    catalog ``dataset`` (data folder, else the Hub; `patcher.catalog`)."""
+    if settings.path:
+        return settings.path, {"from": "path", "file": Path(settings.path).name}
+    if not settings.dataset:
+        raise PatcherError("the recipe's [data] table needs a dataset (a catalog name such as \"paradetox\") or a path to labelled toxic/non-toxic text")
+    from .catalog import resolve
+
+    found = resolve(settings.dataset)
+    return str(found.path), found.record
+
+
+def ppl_source(check: CheckSettings) -> tuple[str, dict[str, Any]] | None:
+    """The perplexity text of a [check] table (``ppl_text``, else ``ppl_dataset``) and its record; None without one."""
+    if check.ppl_text:
+        return check.ppl_text, {"from": "path", "file": Path(check.ppl_text).name}
+    if not check.ppl_dataset:
+        return None
+    from .catalog import resolve
+
+    found = resolve(check.ppl_dataset)
+    return str(found.path), found.record
+
+
 def load_data(settings: DataSettings, tokenizer: Any) -> LabeledSet:
-    if not settings.path:
-        raise PatcherError("the recipe's [data] table needs a path to labelled toxic/non-toxic text")
+    path, _ = data_source(settings)
     if settings.pairs:
-        return load_pairs(settings.path, n=settings.n_per_class, seed=settings.seed, dedupe=settings.dedupe,
+        return load_pairs(path, n=settings.n_per_class, seed=settings.seed, dedupe=settings.dedupe,
                           tokenizer=tokenizer, max_tokens=settings.max_tokens)
     return load_labeled(
-        settings.path,
+        path,
         text_field=settings.text_field,
         label_field=settings.label_field,
         n_per_class=settings.n_per_class,
@@ -128,7 +152,8 @@ def compute_patch(recipe: Recipe, model: Any, tokenizer: Any, *, batch_size: int
             if data_settings not in cache:
                 cache[data_settings] = load_data(data_settings, tokenizer)
         data = cache[data_settings]
-        summaries.append({"step": i, "method": step.method, "data": data.summary()})
+        source = data_source(data_settings)[1]  # no absolute local path goes into patch.json
+        summaries.append({"step": i, "method": step.method, "data": data.summary() | {"source": source.get("name") or source["file"]}, "dataset": source})
         ctx = StepContext(model, tokenizer, collector, data, patch)
         collect_settings = {k: v for k, v in sorted(step.settings.items()) if k not in method.build_only}
         key = (i, step.method, data_settings, repr(collect_settings), patch.hash())
@@ -162,7 +187,7 @@ class RunResult:
 
 
 def _ppl(model: Any, tokenizer: Any, recipe: Recipe) -> float:
-    ids = token_stream(tokenizer, recipe.check.ppl_text, recipe.check.ppl_tokens)
+    ids = token_stream(tokenizer, ppl_source(recipe.check)[0], recipe.check.ppl_tokens)  # type: ignore[index]
     w = recipe.check.ppl_window
     if getattr(model, "_patcher_layerwise", None) is not None:  # --sequential: the skeleton of a LayerwiseModel
         from .sequential import layerwise_perplexity
@@ -275,6 +300,9 @@ def run(
         settings = None
     if settings is not None:
         _check_eval(settings, device)
+    for data_settings in dict.fromkeys(step.data or recipe.data for step in recipe.steps):
+        data_source(data_settings)  # a missing data set stops the run before the model loads
+    ppl_source(recipe.check)
     with timings.stage("load"):
         folder, _ = resolve_model(spec, recipe.model.revision)
         out = Path(out or f"runs/{recipe.name}-{Path(spec).name}")
@@ -294,17 +322,19 @@ def run(
         with timings.stage("bake"):
             bake(patch, spec, staging, untie=recipe.model.untie, record=record, progress=progress)
         with timings.stage("perplexity"):
-            before = _ppl(model, tokenizer, recipe) if recipe.check.ppl_text else float("nan")
+            ppl = ppl_source(recipe.check)
+            before = _ppl(model, tokenizer, recipe) if ppl else float("nan")
             del model
             baked, _ = load(staging, recipe.model.dtype, device)
-            after = _ppl(baked, tokenizer, recipe) if recipe.check.ppl_text else float("nan")
+            after = _ppl(baked, tokenizer, recipe) if ppl else float("nan")
             del baked
         result = RunResult(out, patch, before, after, timings, summaries)
         meta = json.loads((staging / "patch.json").read_text())
-        meta["check"] = dataclasses.asdict(recipe.check) | {"ppl_before": before, "ppl_after": after, "ppl_increase": result.ppl_increase}
+        meta["check"] = dataclasses.asdict(recipe.check) | {"ppl_before": before, "ppl_after": after, "ppl_increase": result.ppl_increase,
+                                                            "ppl_source": ppl[1] if ppl else None}
         (staging / "patch.json").write_text(json.dumps(meta, indent=2) + "\n")
         budget = recipe.check.max_ppl_increase
-        if recipe.check.ppl_text and result.ppl_increase > budget and not force:
+        if ppl and result.ppl_increase > budget and not force:
             raise PatcherError(
                 f"perplexity rose {result.ppl_increase:+.1%} ({before:.2f} -> {after:.2f}), over the recipe's budget of "
                 f"{budget:+.0%}: nothing was written; pass --force to publish anyway or raise check.max_ppl_increase"
