@@ -289,10 +289,12 @@ def run(
     progress: bool = True,
     scale: Any = None,
     run_eval: bool = True,
+    stats_cache: dict | None = None,
 ) -> RunResult | None:
     """``scale`` (`patcher.distributed.ScaleOptions`): device map, layer-by-layer, data-parallel,
     checkpoints; under several processes only rank 0 bakes and writes, the others return None.
-    ``run_eval=False`` skips the recipe's ``[eval]`` table (the card is written without it)."""
+    ``run_eval=False`` skips the recipe's ``[eval]`` table (the card is written without it).
+    ``stats_cache`` is `compute_patch`'s: runs of recipes that share a step's statistics collect them once."""
     timings = Timings()
     spec = model_spec or recipe.model.id
     settings = eval_settings(recipe)  # refuse a bad [eval] table before the work, even when skipped
@@ -311,7 +313,8 @@ def run(
             device = scale.prepare(folder, out, device)
         load = scale.load if scale is not None else load_model
         model, tokenizer = load(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
-    patch, summaries = compute_patch(recipe, model, tokenizer, batch_size=batch_size, timings=timings, progress=progress, scale=scale)
+    patch, summaries = compute_patch(recipe, model, tokenizer, batch_size=batch_size, timings=timings, progress=progress, scale=scale,
+                                     stats_cache=stats_cache)
     if scale is not None and not scale.world.is_main:
         return None
     staging = out.resolve().parent / f".{out.name}.staging"
