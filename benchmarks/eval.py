@@ -4,7 +4,7 @@
                               [--n-full 200] [--full] [--json FILE]
 
 1. Loads the embedded SmolLM2-135M-Instruct (float32) and the prompts the ``rtp`` preset uses (a
-   seeded sample of 200 from the shared RTP challenging set), and warms up once (untimed).
+   seeded sample of 200 from the RTP challenging set), and warms up once (untimed).
 2. (a) Generation throughput with the ``rtp`` settings (20 new tokens, top_p 0.9, temperature 1,
    seeded sampler), counting generated tokens only:
    - batched: ``--prompts`` prompts x 25 samples through `patcher.generate.generate` with
@@ -41,15 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from patcher.core.table import render
-from patcher.data.local import default_data_file
 from patcher.evaluate.generate import continuation_nll, generate
-from patcher.evaluate.report import (
-    DEFAULT_EVALUATORS,
-    DEFAULT_PPL_TEXT,
-    EvalSettings,
-    eval_prompts,
-    load_lm,
-)
+from patcher.evaluate.report import DEFAULT_EVALUATORS, DEFAULT_PPL_TEXT, EvalSettings, data_file, eval_prompts, load_lm
 
 
 class Clock:
@@ -148,7 +141,7 @@ def main() -> None:
     from patcher.evaluate.perplexity import perplexity, token_stream
 
     windows = ppl_windows(rtp.ppl_tokens, rtp.ppl_window, rtp.ppl_stride)
-    ids = token_stream(tok, default_data_file(DEFAULT_PPL_TEXT, "WikiText-2", "--ppl-text"), rtp.ppl_window)
+    ids = token_stream(tok, data_file("", DEFAULT_PPL_TEXT), rtp.ppl_window)
     with Clock() as c_win:
         perplexity(model, ids, window=rtp.ppl_window, stride=rtp.ppl_window)
     with Clock() as c_flu:

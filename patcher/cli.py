@@ -175,6 +175,16 @@ def _load_recipe(path: Path, model: str | None, batch_size: int | None) -> Any:
     return load_recipe(path).override("model", id=model).override("collect", batch_size=batch_size)
 
 
+def _set_data_dir(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    from .data.catalog import set_data_dir
+
+    set_data_dir(value)  # None too: a command without --data-dir falls back to $PATCHER_DATA
+
+
+_data_dir_opt = click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False), default=None, expose_value=False,
+                             callback=_set_data_dir, help="Local folder with the catalog's data sets (default: $PATCHER_DATA; else the Hub).")
+
+
 def _scale_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options for models beyond one device and runs beyond one process (docs/scaling.md)."""
     for opt in reversed([
@@ -207,6 +217,7 @@ def _scale(kw: dict[str, Any]) -> Any:
 @click.option("--no-eval", is_flag=True, help="Skip the recipe's [eval] table (the model card is written without an evaluation).")
 @_scale_opts
 @_threads_opt
+@_data_dir_opt
 @friendly
 def run(recipe_path: Path, model: str | None, out: Path | None, device: str, batch_size: int | None, force: bool, overwrite: bool, no_eval: bool,
         **scale: Any) -> None:
@@ -243,6 +254,7 @@ def run(recipe_path: Path, model: str | None, out: Path | None, device: str, bat
 @click.option("--overwrite", is_flag=True, help="Replace an existing patch folder.")
 @_scale_opts
 @_threads_opt
+@_data_dir_opt
 @friendly
 def compute(recipe_path: Path, model: str | None, out: Path, device: str, batch_size: int | None, overwrite: bool, **scale_kw: Any) -> None:
     """Compute RECIPE's patch without baking it (bake later with `patcher bake`)."""
@@ -264,6 +276,7 @@ def compute(recipe_path: Path, model: str | None, out: Path, device: str, batch_
 @_device_opt
 @_batch_opt
 @_threads_opt
+@_data_dir_opt
 @friendly
 def localize(recipe_path: Path, model: str | None, json_path: Path | None, plot_path: Path | None, top: int, device: str, batch_size: int | None) -> None:
     """Where toxic and neutral text differ: effect size per layer and block (attn_out, mlp_out), and
@@ -297,6 +310,7 @@ def localize(recipe_path: Path, model: str | None, json_path: Path | None, plot_
 @setting_option(EvalSettings, "dtype", type=click.Choice(["float32", "bfloat16", "float16"]))
 @_device_opt
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Sequences generated per batch.")
+@_data_dir_opt
 @friendly
 def eval_command(model: str, baseline: str | None, prompts_path: str | None, n_prompts: int | None, samples: int | None, max_new_tokens: int | None,
                  evaluators: str | None, seed: int | None, json_path: Path | None, plot_path: Path | None, preset: str, ppl_tokens: int | None,
@@ -366,6 +380,7 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, dry_ru
 @setting_option(EvalSettings, "evaluators")
 @_device_opt
 @_threads_opt
+@_data_dir_opt
 @friendly
 def sweep(recipe_path: Path, expr: str, model: str | None, out: Path | None, max_ppl_increase: float | None, compare: tuple[str, ...],
           n_prompts: int | None, samples: int | None, evaluators: str | None, device: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("PATCHER_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+# The recipes name their data sets from patcher's catalog: here they read this project's public data
+# folder (the layout patcher.data.catalog documents) instead of the Hub.
+if SHARED_DATA.is_dir():
+    os.environ.setdefault("PATCHER_DATA", str(SHARED_DATA))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -111,7 +111,7 @@ def test_gemma_terms_travel_with_the_weights(tmp_path: Path) -> None:
     (base / "GEMMA_TERMS.html").write_text("<html>Gemma Terms of Use</html>")
     arch = arch_for(tiny_model("gemma3_text").config)
     out = bake(Patch([ScaleOutputs(arch.module("mlp_out", 0), arch.layout, factors=torch.full((32,), 0.5))], {"method": "aura"}),
-               base, tmp_path / "out", progress=False)
+               base, tmp_path / "out")
     assert (out / "GEMMA_TERMS.html").read_text() == "<html>Gemma Terms of Use</html>"
     assert "GEMMA_TERMS.html" in json.loads((out / "patch.json").read_text())["bake"]["files"]
     card = render_card(out, None)

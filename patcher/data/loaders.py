@@ -34,7 +34,8 @@ import torch
 
 from ..core.auroc import auroc
 from ..core.errors import PatcherError
-from ..recipe.loader import DataSettings
+from ..recipe.loader import CheckSettings, DataSettings
+from .catalog import resolve
 
 _HF_URL = re.compile(r"hf://datasets/(?P<repo>[^/@\s]+/[^/@\s]+)(?:@(?P<revision>[^/\s]+))?/(?P<file>[^\s]+)")
 _SUFFIXES = (".jsonl", ".csv", ".tsv", ".txt")
@@ -512,15 +513,35 @@ def _lengths_auroc(lengths: list[int], labels: list[int]) -> float:
     return float(auroc(torch.tensor(lengths, dtype=torch.float64), torch.tensor(labels)))
 
 
+def data_source(settings: DataSettings) -> tuple[str, dict[str, Any]]:
+    """The file a [data] table reads and the record of where it came from: its ``path``, else its
+    catalog ``dataset`` (data folder, else the Hub; `patcher.data.catalog`)."""
+    if settings.path:
+        return settings.path, {"from": "path", "file": Path(settings.path).name}
+    if not settings.dataset:
+        raise PatcherError("the recipe's [data] table needs a dataset (a catalog name such as \"paradetox\") or a path to labelled toxic/non-toxic text")
+    found = resolve(settings.dataset)
+    return str(found.path), found.record
+
+
+def ppl_source(check: CheckSettings) -> tuple[str, dict[str, Any]] | None:
+    """The perplexity text of a [check] table (``ppl_text``, else ``ppl_dataset``) and its record; None without one."""
+    if check.ppl_text:
+        return check.ppl_text, {"from": "path", "file": Path(check.ppl_text).name}
+    if not check.ppl_dataset:
+        return None
+    found = resolve(check.ppl_dataset)
+    return str(found.path), found.record
+
+
 def load_data(settings: DataSettings, tokenizer: Any) -> LabeledSet:
     """The labelled set a recipe's ``[data]`` table (or a step's own ``data``) describes."""
-    if not settings.path:
-        raise PatcherError("the recipe's [data] table needs a path to labelled toxic/non-toxic text")
+    path, _ = data_source(settings)
     if settings.pairs:
-        return load_pairs(settings.path, n=settings.n_per_class, seed=settings.seed, dedupe=settings.dedupe,
+        return load_pairs(path, n=settings.n_per_class, seed=settings.seed, dedupe=settings.dedupe,
                           tokenizer=tokenizer, max_tokens=settings.max_tokens)
     return load_labeled(
-        settings.path,
+        path,
         text_field=settings.text_field,
         label_field=settings.label_field,
         n_per_class=settings.n_per_class,

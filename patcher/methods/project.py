@@ -19,9 +19,10 @@ Directions (``direction``):
 * ``profs``: ProFS (Uppaal et al., ICLR 2025). Paired toxic/neutral states X-, X+; remove the top
   singular vector of X+ (the shared "context" direction) from the differences T = X- - X+, and take
   the top-k right singular vectors of what is left. Needs ``paired = true``.
-* ``sae``: decoder vectors of a sparse autoencoder (a local safetensors file in the common layout,
-  ``W_enc`` [d_model, d_sae], ``W_dec`` [d_sae, d_model], ``b_enc``, ``b_dec``, optional JumpReLU
-  ``threshold``) that reads the residual stream after layer ``sae_layer``. Features are given by
+* ``sae``: decoder vectors of a sparse autoencoder (a SAELens folder, a Gemma Scope ``params.npz``,
+  a safetensors file with ``W_enc`` [d_model, d_sae], ``W_dec`` [d_sae, d_model], ``b_enc``,
+  ``b_dec``, optional JumpReLU ``threshold``, or any of these as ``hf://...``; `patcher.methods.saes`) that
+  reads the residual stream after layer ``sae_layer`` (from ``cfg.json`` where the SAE has one). Features are given by
   index (``sae_features``) or picked as the ``sae_top`` features whose mean activation rises most on
   toxic text (difference of means times decoder norm). One basis for every chosen layer.
 
@@ -65,7 +66,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -87,6 +87,7 @@ from ..edits.patch import Patch
 from ..recipe.settings import setting
 from .localize import direction_effect, pair_rows, parse_layers
 from .registry import METHODS, Method, StepContext
+from .saes import SAE, read_sae
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class ProjectSettings:
             raise PatcherError(f"project: holdout must be in (0, 1), got {self.holdout}")
         if self.direction == "sae":
             if not self.sae_path:
-                raise PatcherError("project: direction = \"sae\" needs sae_path (a safetensors file with W_enc, W_dec, b_enc, b_dec)")
+                raise PatcherError("project: direction = \"sae\" needs sae_path (a SAELens folder, a params.npz, a safetensors file, or hf://OWNER/NAME/path)")
             if bool(self.sae_features) == bool(self.sae_top):
                 raise PatcherError("project: direction = \"sae\" needs exactly one of sae_features (indices) or sae_top (how many to pick)")
             if self.outliers == "whiten":
@@ -157,77 +158,6 @@ class ProjectSettings:
 
 
 # -- SAE ---------------------------------------------------------------------------------------------
-@dataclass
-class SAE:
-    """A sparse autoencoder in the common layout: ``f = act((x - b_dec) @ W_enc + b_enc)``,
-    ``x_hat = f @ W_dec + b_dec``. JumpReLU SAEs (a ``threshold`` tensor, Gemma Scope) do not
-    subtract ``b_dec`` from the input."""
-
-    W_enc: torch.Tensor
-    W_dec: torch.Tensor
-    b_enc: torch.Tensor
-    b_dec: torch.Tensor
-    threshold: torch.Tensor | None = None
-    path: str = ""
-    layer: int | None = None
-
-    @property
-    def width(self) -> int:
-        return self.W_enc.shape[1]
-
-    @property
-    def d_model(self) -> int:
-        return self.W_enc.shape[0]
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        if self.threshold is not None:
-            pre = x @ self.W_enc.to(x) + self.b_enc.to(x)
-            return pre * (pre > self.threshold.to(x))
-        return torch.relu((x - self.b_dec.to(x)) @ self.W_enc.to(x) + self.b_enc.to(x))
-
-
-def load_sae(path: str | Path, d_model: int) -> SAE:
-    """Read an SAE from a safetensors file or a folder holding one (``sae_weights.safetensors`` as
-    SAELens writes it, or the only ``*.safetensors``); ``cfg.json`` beside it may give ``hook_layer``."""
-    import json
-
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if path.is_dir():
-        cands = [path / "sae_weights.safetensors"] if (path / "sae_weights.safetensors").is_file() else sorted(path.glob("*.safetensors"))
-        if len(cands) != 1:
-            raise PatcherError(f"SAE folder {path} should hold one .safetensors file (found {len(cands)}): pass the file itself")
-        file = cands[0]
-    else:
-        file = path
-    if not file.is_file():
-        raise PatcherError(f"SAE file {file} not found: sae_path must name a local safetensors file (relative paths are from the working directory)")
-    if file.suffix != ".safetensors":
-        raise PatcherError(f"SAE file {file}: only safetensors are read (pickled weights are refused)")
-    t = load_file(str(file))
-    missing = [k for k in ("W_enc", "W_dec", "b_enc", "b_dec") if k not in t]
-    if missing:
-        raise PatcherError(f"SAE file {file} lacks {', '.join(missing)}: expected W_enc [d_model, d_sae], W_dec [d_sae, d_model], b_enc, b_dec")
-    w_enc, w_dec = t["W_enc"].float(), t["W_dec"].float()
-    if w_enc.ndim != 2 or w_dec.ndim != 2 or w_dec.shape != (w_enc.shape[1], w_enc.shape[0]):
-        raise PatcherError(f"SAE file {file}: W_enc {list(w_enc.shape)} and W_dec {list(w_dec.shape)} should be [d_model, d_sae] and [d_sae, d_model]")
-    if w_enc.shape[0] != d_model:
-        raise PatcherError(
-            f"SAE {file} reads {w_enc.shape[0]}-dim activations but the model's hidden size is {d_model}: "
-            "it was trained on another model; use an SAE for this model's residual stream"
-        )
-    layer = None
-    cfg = file.parent / "cfg.json"
-    if cfg.is_file():
-        try:
-            layer = json.loads(cfg.read_text()).get("hook_layer")
-        except json.JSONDecodeError:
-            layer = None
-    thr = t.get("threshold")
-    return SAE(w_enc, w_dec, t["b_enc"].float(), t["b_dec"].float(), None if thr is None else thr.float(), str(file), layer)
-
-
 class SaeFeatures(PooledValues):
     """Mean-pooled SAE feature activations of one module's output (padding and the sink skipped)."""
 
@@ -243,6 +173,9 @@ class SaeFeatures(PooledValues):
 
 # -- collecting --------------------------------------------------------------------------------------
 def _sae_layer(s: ProjectSettings, sae: SAE, layers: list[int], n_layers: int) -> int:
+    if s.sae_layer >= 0 and sae.layer is not None and s.sae_layer != sae.layer:
+        raise PatcherError(f"project: sae_layer = {s.sae_layer} but the SAE {sae.path} reads the residual stream after layer {sae.layer}: "
+                           f"set sae_layer = {sae.layer} or leave it out")
     layer = s.sae_layer if s.sae_layer >= 0 else (sae.layer if sae.layer is not None else layers[-1])
     if not 0 <= layer < n_layers:
         raise PatcherError(f"project: sae_layer {layer} is out of range; valid layers are 0-{n_layers - 1} (the model has {n_layers})")
@@ -258,7 +191,7 @@ def statistics(config: Any, s: ProjectSettings) -> dict[str, Statistic]:
     if s.resolved_source == "block" and s.direction != "sae" or s.top_n:
         watches += [(writer_module(arch, b, i), "output") for i in layers for b in s.blocks]
     if s.direction == "sae":
-        sae = load_sae(s.sae_path, _hidden(config))
+        sae = read_sae(s.sae_path, _hidden(config), n_layers)
         layer = _sae_layer(s, sae, layers, n_layers)
         if s.sae_top:
             stats["sae"] = SaeFeatures(residual_module(arch, layer), sae)
@@ -471,7 +404,7 @@ def estimate(x: torch.Tensor, labels: torch.Tensor, pair_ids: Any, s: ProjectSet
 
 def sae_basis(ctx: Any, stats: dict[str, Statistic], s: ProjectSettings) -> tuple[torch.Tensor, dict[str, Any]]:
     config = ctx.config
-    sae = load_sae(s.sae_path, _hidden(config))
+    sae = read_sae(s.sae_path, _hidden(config), num_layers(config))
     layers = parse_layers(s.layers, num_layers(config))
     layer = _sae_layer(s, sae, layers, num_layers(config))
     if s.sae_features:

@@ -21,10 +21,11 @@ CARD_NAME = "README.md"
 EVAL_NAME = "eval.json"
 # Models patcher knows by a short name: the Hub id and license of what they were converted from.
 KNOWN_BASES = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"), "gemma3-270m": ("google/gemma-3-270m", "gemma")}
-# Public data files (shared/data) -> the Hub dataset they come from, for the card's metadata.
+# Public data files and catalog names (patcher.data.catalog) -> the Hub dataset they come from, for the card's metadata.
 KNOWN_DATASETS = (
     ("paradetox", "s-nlp/paradetox"),
     ("rtp_", "allenai/real-toxicity-prompts"),
+    ("rtp-", "allenai/real-toxicity-prompts"),
     ("real-toxicity", "allenai/real-toxicity-prompts"),
     ("wiki.test.raw", "Salesforce/wikitext"),
     ("wikitext", "Salesforce/wikitext"),

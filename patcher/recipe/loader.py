@@ -8,7 +8,7 @@ resolved against the recipe file's folder, so a recipe runs from any working dir
     [model]                  # optional; --model overrides
     id = "smollm2-135m"
     [data]                   # the labelled toxic (1) / non-toxic (0) text every step uses by default
-    path = "../../shared/data/toxicity_labeled/paradetox_labeled.jsonl"
+    dataset = "paradetox"    # a catalog name (patcher.data.catalog), or path = "my/file.jsonl"
     n_per_class = 500
     [collect]
     batch_size = 32
@@ -44,7 +44,8 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class DataSettings:
-    path: str = setting("", help="Labelled toxic (1) / non-toxic (0) text: .jsonl, .csv, .txt, or hf://datasets/OWNER/NAME/FILE")
+    path: str = setting("", help="A local file of labelled toxic (1) / non-toxic (0) text (.jsonl, .csv, .txt); wins over dataset")
+    dataset: str = setting("", help='A catalog name (patcher.data.catalog, e.g. "paradetox"): the data folder, else the Hub')
     text_field: str = setting("text", help="Field holding the text")
     label_field: str = setting("label", help="Field holding the label (1 toxic, 0 non-toxic)")
     n_per_class: int = setting(500, help="Sentences per class (pairs with pairs = true)")
@@ -64,7 +65,8 @@ class CollectSettings:
 
 @dataclass(frozen=True)
 class CheckSettings:
-    ppl_text: str = setting("", help="Text whose perplexity is checked before and after (e.g. WikiText-2 test)")
+    ppl_text: str = setting("", help="A local text file whose perplexity is checked before and after; wins over ppl_dataset")
+    ppl_dataset: str = setting("", help='A catalog name for that text, e.g. "wikitext-2"')
     ppl_tokens: int = setting(4096, help="Tokens of that text used for the check")
     ppl_window: int = setting(512, help="Perplexity window (and stride) in tokens")
     max_ppl_increase: float = setting(1.0, help="Budget: the largest relative rise allowed (0.05 = +5%)")
@@ -170,7 +172,11 @@ def load_recipe(path: str | Path) -> Recipe:
         s = dict(s)
         step_data = None
         if "data" in s:
-            step_data = build(DataSettings, dataclasses.asdict(data) | s.pop("data"), where(path, line), f"step[{i + 1}].data")
+            own = s.pop("data")
+            inherited = dataclasses.asdict(data)
+            if isinstance(own, dict) and "dataset" in own and "path" not in own:
+                inherited["path"] = ""  # the step names its own data set: the recipe's file is not it
+            step_data = build(DataSettings, inherited | own, where(path, line), f"step[{i + 1}].data")
             step_data = dataclasses.replace(step_data, path=resolve_path(base, step_data.path))
         s = {k: resolve_path(base, v) if k.endswith("_path") and isinstance(v, str) else v for k, v in s.items()}
         steps.append(Step(s.pop("method"), s, step_data, line))

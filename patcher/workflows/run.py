@@ -28,7 +28,8 @@ from ..collect.layerwise import layerwise_perplexity
 from ..core.errors import PatcherError
 from ..core.models import load_model, resolve_device
 from ..core.tokens import leading_specials
-from ..data.loaders import LabeledSet, load_data
+from ..data.catalog import entry
+from ..data.loaders import LabeledSet, data_source, load_data, ppl_source
 from ..edits.patch import Patch
 from ..evaluate.evaluators import get_evaluators
 from ..evaluate.perplexity import perplexity, token_stream
@@ -60,8 +61,15 @@ class Timings:
 
 
 def step_settings(recipe: Recipe) -> list[Any]:
-    """Every step's settings, built and validated by its method before anything runs: a typo in
-    step 2 fails before step 1 collects."""
+    """Every step's settings, built and validated by its method, and every catalog name the recipe
+    uses, checked before anything runs: a typo in step 2 fails before step 1 collects."""
+    for key, name in [("dataset", recipe.data.dataset), ("ppl_dataset", recipe.check.ppl_dataset)] + [
+            ("dataset", step.data.dataset) for step in recipe.steps if step.data is not None]:
+        if name:
+            try:
+                entry(name)
+            except PatcherError as e:
+                raise PatcherError(f"{where(recipe.path, line_of(recipe.text, key))}: {e}") from None
     return [build(get_method(step.method).settings, step.settings, f"{recipe.path}:{step.line}", f"step[{i}]")
             for i, step in enumerate(recipe.steps, start=1)]
 
@@ -88,7 +96,8 @@ def compute_patch(recipe: Recipe, model: Any, tokenizer: Any, *, timings: Timing
             if data_settings not in cache:
                 cache[data_settings] = load_data(data_settings, tokenizer)
         data = cache[data_settings]
-        summaries.append({"step": i, "method": step.method, "data": data.summary()})
+        source = data_source(data_settings)[1]  # no absolute local path goes into patch.json
+        summaries.append({"step": i, "method": step.method, "data": data.summary() | {"source": source.get("name") or source["file"]}, "dataset": source})
         ctx = StepContext(model, tokenizer, collector, data, patch)
         collect_settings = {k: v for k, v in sorted(step.settings.items()) if k not in method.build_only()}
         key = (i, step.method, data_settings, repr(collect_settings), patch.hash())
@@ -145,7 +154,7 @@ class RunResult:
 
 
 def _ppl(model: Any, tokenizer: Any, recipe: Recipe) -> float:
-    ids = token_stream(tokenizer, recipe.check.ppl_text, recipe.check.ppl_tokens)
+    ids = token_stream(tokenizer, ppl_source(recipe.check)[0], recipe.check.ppl_tokens)  # type: ignore[index]
     w = recipe.check.ppl_window
     if getattr(model, "_patcher_layerwise", None) is not None:  # --sequential: the skeleton of a LayerwiseModel
         return layerwise_perplexity(model._patcher_layerwise, ids, window=w, stride=w, prefix=leading_specials(tokenizer))
@@ -226,18 +235,26 @@ def run(
     overwrite: bool = False,
     scale: Any = None,
     run_eval: bool = True,
+    stats_cache: dict | None = None,
 ) -> RunResult | None:
     """``scale`` (`patcher.distributed.ScaleOptions`): device map, layer-by-layer, data-parallel,
     checkpoints; under several processes only rank 0 bakes and writes, the others return None.
-    ``run_eval=False`` skips the recipe's ``[eval]`` table (the card is written without it)."""
+    ``run_eval=False`` skips the recipe's ``[eval]`` table (the card is written without it).
+    ``stats_cache`` is `compute_patch`'s: runs of recipes that share a step's statistics collect them once."""
     timings = Timings()
     spec = recipe.model.id
     effective = recipe.effective_settings(step_settings(recipe))  # every step validated before the work
+    for data_settings in dict.fromkeys(step.data or recipe.data for step in recipe.steps):
+        data_source(data_settings)  # a missing data set stops the run before the model loads
+    ppl = ppl_source(recipe.check)
     settings = eval_settings(recipe)  # refuse a bad [eval] table before the work, even when skipped
     if not run_eval:
         settings = None
     if settings is not None:
         _check_eval(settings, device)
+    for data_settings in dict.fromkeys(step.data or recipe.data for step in recipe.steps):
+        data_source(data_settings)  # a missing data set stops the run before the model loads
+    ppl_source(recipe.check)
     with timings.stage("load"):
         folder, _ = resolve_model(spec, recipe.model.revision)
         out = Path(out or f"runs/{recipe.name}-{Path(spec).name}")
@@ -246,7 +263,7 @@ def run(
             device = scale.prepare(folder, out, device)
         load = scale.load if scale is not None else load_model
         model, tokenizer = load(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
-    patch, summaries = compute_patch(recipe, model, tokenizer, timings=timings, scale=scale)
+    patch, summaries = compute_patch(recipe, model, tokenizer, timings=timings, scale=scale, stats_cache=stats_cache)
     if scale is not None and not scale.world.is_main:
         return None
     staging = out.resolve().parent / f".{out.name}.staging"
@@ -257,15 +274,17 @@ def run(
         with timings.stage("bake"):
             bake(patch, spec, staging, untie=recipe.model.untie, record=record)
         with timings.stage("perplexity"):
-            before = _ppl(model, tokenizer, recipe) if recipe.check.ppl_text else float("nan")
+            ppl = ppl_source(recipe.check)
+            before = _ppl(model, tokenizer, recipe) if ppl else float("nan")
             del model
             baked, _ = load(staging, recipe.model.dtype, device)
-            after = _ppl(baked, tokenizer, recipe) if recipe.check.ppl_text else float("nan")
+            after = _ppl(baked, tokenizer, recipe) if ppl else float("nan")
             del baked
         result = RunResult(out, patch, before, after, timings, summaries)
-        update_record(staging, {"check": dataclasses.asdict(recipe.check) | {"ppl_before": before, "ppl_after": after, "ppl_increase": result.ppl_increase}})
+        update_record(staging, {"check": dataclasses.asdict(recipe.check) | {"ppl_before": before, "ppl_after": after, "ppl_increase": result.ppl_increase,
+                                                                           "ppl_source": ppl[1] if ppl else None}})
         budget = recipe.check.max_ppl_increase
-        if recipe.check.ppl_text and result.ppl_increase > budget and not force:
+        if ppl and result.ppl_increase > budget and not force:
             raise PatcherError(
                 f"perplexity rose {result.ppl_increase:+.1%} ({before:.2f} -> {after:.2f}), over the recipe's budget of "
                 f"{budget:+.0%}: nothing was written; pass --force to publish anyway or raise check.max_ppl_increase"

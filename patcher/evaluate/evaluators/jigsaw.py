@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ...core.errors import PatcherError
+from ...core.extras import NO_DEPS_COMMAND
 from .registry import EVALUATORS
 
-INSTALL = "pip install --no-deps toxic-comment-classifier==0.3.0 && pip install h5py"
+INSTALL = "pip install h5py"
 MAXLEN = 100  # tokens per text: longer texts keep their last 100, shorter are left-padded with 0
 LABELS = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
 TOXIC = LABELS.index("toxic")
@@ -70,7 +71,7 @@ def package_dir() -> Path:
     TensorFlow)."""
     spec = importlib.util.find_spec("toxic_classifier")
     if spec is None or spec.origin is None:
-        raise PatcherError(f"the jigsaw-bilstm evaluator needs toxic-comment-classifier: run `{INSTALL}`")
+        raise PatcherError(f"the jigsaw-bilstm evaluator needs toxic-comment-classifier (without its TensorFlow requirement): run `{NO_DEPS_COMMAND}`")
     return Path(spec.origin).parent / "model"
 
 
