@@ -16,7 +16,8 @@ import tomllib
 from helpers import hub_env, save_tiny_with_tokenizer, serve
 
 from patcher.core.errors import PatcherError
-from patcher.data.loaders import catalog, data_source
+from patcher.data import catalog
+from patcher.data.loaders import data_source
 from patcher.recipe.loader import DataSettings, load_recipe
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.toml"))
