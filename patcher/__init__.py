@@ -4,9 +4,9 @@ The public API is small: build or load a `Patch` of Edits, `bake` it into a chec
 the result."""
 
 from .bake import bake
-from .edits import Edit, ProjectOutputs, ScaleInputs, ScaleOutputs, ZeroHeads, ZeroNeurons
+from .edits import AffineOutputs, Edit, ProjectOutputs, ScaleInputs, ScaleOutputs, ZeroHeads, ZeroNeurons
 from .errors import PatcherError
 from .patch import Patch
 from .verify import verify
 
-__all__ = ["Edit", "Patch", "PatcherError", "ProjectOutputs", "ScaleInputs", "ScaleOutputs", "ZeroHeads", "ZeroNeurons", "bake", "verify"]
+__all__ = ["AffineOutputs", "Edit", "Patch", "PatcherError", "ProjectOutputs", "ScaleInputs", "ScaleOutputs", "ZeroHeads", "ZeroNeurons", "bake", "verify"]

@@ -47,7 +47,7 @@ class Patch:
     def per_layer(self) -> list[list[Any]]:
         """Rows of (layer, edits, units changed, units total, mean factor over scaled units' modules,
         projection rank) for the terminal table."""
-        from .edits import ProjectOutputs, ScaleInputs, ScaleOutputs
+        from .edits import AffineOutputs, ProjectOutputs, ScaleInputs, ScaleOutputs
 
         rows: dict[int | str, list[Any]] = {}
         for e in self.edits:
@@ -61,6 +61,10 @@ class Patch:
                 row[4].append(e.factors.float())
             elif isinstance(e, ProjectOutputs):
                 row[5] = max(row[5], e.basis.shape[1])
+            elif isinstance(e, AffineOutputs):  # units moved; the mean column shows the mean scale
+                row[2] += int(((e.scale != 1) | (e.shift != 0)).sum())
+                row[3] += e.scale.numel()
+                row[4].append(e.scale.float())
         out = []
         for key in sorted(rows, key=lambda k: (isinstance(k, str), k)):
             r = rows[key]
