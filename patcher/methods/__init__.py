@@ -83,9 +83,18 @@ def _circuit() -> Method:
     return Method("circuit", circuit.CircuitSettings, collect, lambda ctx, c, s: c.to_patch(ctx.config))
 
 
+def _transport() -> Method:
+    from . import transport
+
+    # strength only: the causal estimate depends on the mode (the earlier maps it applies), never on
+    # the strength, which scales the fitted maps afterwards
+    return Method("transport", transport.TransportSettings, transport.collect, transport.build, frozenset({"strength"}))
+
+
 METHODS["project"] = _project
 METHODS["scale"] = _scale
 METHODS["circuit"] = _circuit
+METHODS["transport"] = _transport
 
 
 def get_method(name: str) -> Method:
