@@ -8,6 +8,13 @@ measures what hooks and pooling cost.
 
 Target (issue 4): collection throughput >= 0.85x plain forward passes; AUROC time below the
 forward passes' time.
+
+    python benchmarks/collect.py --transport [--modules mlp_out] [--repeats 2]
+
+measures instead what causal transport estimation costs (issue 16): `transport` with ``causal =
+true`` (every layer's maps fitted on activations with the earlier maps applied, the calibration set
+run one layer at a time) against one plain collection pass of the same modules' mean-pooled values
+over the same batches (what ``causal = false`` collects). Target: at most 1.2x.
 """
 
 from __future__ import annotations
@@ -37,7 +44,11 @@ def main() -> None:
     ap.add_argument("--n-per-class", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--transport", action="store_true", help="causal transport estimation vs one plain collection pass")
+    ap.add_argument("--modules", default="mlp_out", help="with --transport: comma-separated roles (attn_out, mlp_in, mlp_out)")
     args = ap.parse_args()
+    if args.transport:
+        return transport_cost(args)
     torch.manual_seed(0)
     recipe = load_recipe(args.recipe)
     folder, _ = resolve_model(args.model)
@@ -82,6 +93,53 @@ def main() -> None:
     }
     print(render(["measure", "value"], [[k, round(v, 4) if isinstance(v, float) else v] for k, v in result.items()], title="collection benchmark"))
     print(f"collection throughput / plain forward = {p / h:.3f} (target >= 0.85); AUROC time / forward time = {auroc_t / p:.3f} (target < 1)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def transport_cost(args: argparse.Namespace) -> None:
+    """Causal transport estimation time / one plain collection pass of the same statistics."""
+    from dataclasses import replace
+
+    from patcher.methods import StepContext
+    from patcher.methods.transport import TransportSettings, collect, stages
+    from patcher.patch import Patch
+    from patcher.arch import arch_for, num_layers
+    from patcher.collect import PooledValues
+
+    torch.manual_seed(0)
+    recipe = load_recipe(args.recipe)
+    folder, _ = resolve_model(args.model)
+    model, tok = load_model(folder)
+    data = load_data(replace(recipe.data, n_per_class=args.n_per_class), tok)
+    collector = Collector(model, tok, batch_size=recipe.collect.batch_size, max_tokens=recipe.data.max_tokens, progress=False)
+    roles = tuple(args.modules.split(","))
+    arch = arch_for(model.config)
+    watches = [(m, "output") for i in range(num_layers(model.config)) for st in stages(arch, i, roles) for m in st]
+    ctx = StepContext(model, tok, collector, data, Patch([]))
+    settings = TransportSettings(modules=roles, causal=True)
+
+    def plain() -> float:
+        t0 = time.perf_counter()
+        collector.run([PooledValues(watches, how="mean")], data.texts, data.labels)
+        return time.perf_counter() - t0
+
+    def causal() -> float:
+        t0 = time.perf_counter()
+        collect(ctx, settings)
+        return time.perf_counter() - t0
+
+    plain()  # warm-up
+    plain_t, causal_t = [], []
+    for _ in range(args.repeats):  # alternate so drift hits both equally
+        plain_t.append(plain())
+        causal_t.append(causal())
+    p, c = statistics.median(plain_t), statistics.median(causal_t)
+    result = {"model": args.model, "texts": len(data.texts), "modules": list(roles), "plain_collect_s": p, "causal_s": c,
+              "ratio": c / p, "plain_runs": plain_t, "causal_runs": causal_t, "threads": torch.get_num_threads()}
+    print(render(["measure", "value"], [[k, round(v, 4) if isinstance(v, float) else v] for k, v in result.items()],
+                 title="causal transport estimation vs one collection pass"))
+    print(f"causal estimation / one plain collection pass = {c / p:.3f} (target <= 1.2)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 
