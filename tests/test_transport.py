@@ -145,3 +145,41 @@ def test_refusals() -> None:
         _settings(mode="gaussian")
     with pytest.raises(PatcherError, match="strength must be in"):
         _settings(strength=1.5)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_cli_run_bakes_a_loadable_checkpoint(sequential: bool, tmp_path: Path) -> None:
+    """`patcher run` with a transport step on a Llama without MLP biases: the output turns on
+    ``mlp_bias``, loads with plain from_pretrained (no missing or unexpected keys) and verifies;
+    ``--sequential`` gives the same patch."""
+    import json
+
+    from test_run import _cli, write_recipe
+    from transformers import AutoModelForCausalLM
+
+    from patcher.patch import Patch as P
+
+    model = save_tiny_with_tokenizer("llama", tmp_path / "base")
+    recipe = write_recipe(tmp_path, model)
+    recipe.write_text(recipe.read_text().replace('method = "aura"', 'method = "transport"\nmodules = ["mlp_out", "attn_out"]\nstrength = 0.8'))
+    r = _cli("run", recipe, "--out", tmp_path / "out", *(["--sequential"] if sequential else []))
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "out/config.json").read_text())["mlp_bias"] is True
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert verify(tmp_path / "out").ok
+    if sequential:
+        r = _cli("run", recipe, "--out", tmp_path / "whole")
+        assert r.exit_code == 0, r.output
+        a, b = P.load(tmp_path / "out"), P.load(tmp_path / "whole")
+        assert all(torch.allclose(x.scale, y.scale, atol=1e-5) and torch.allclose(x.shift, y.shift, atol=1e-5) for x, y in zip(a.edits, b.edits))
+
+
+@pytest.mark.parametrize("name", ["transport-linear", "transport-mean"])
+def test_shipped_recipes_parse(name: str) -> None:
+    from patcher.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).parents[1] / f"recipes/{name}.toml")
+    step = recipe.steps[0]
+    s = build(get_method(step.method).settings, step.settings, name, "step[1]")
+    assert s.causal and s.modules == ("mlp_out",) and recipe.check.max_ppl_increase == 0.05
