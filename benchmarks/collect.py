@@ -13,6 +13,13 @@
 
 Targets: throughput >= 0.85x plain forward passes for every method (issue 12); AUROC time below
 the forward time (issue 4); slowdown beside the competitor <= 2.2x (issue 12).
+
+    python benchmarks/collect.py --transport [--modules mlp_out] [--repeats 2]
+
+measures instead what causal transport estimation costs (issue 16): `transport` with ``causal =
+true`` (every layer's maps fitted on activations with the earlier maps applied, the calibration set
+run one layer at a time) against one plain collection pass of the same modules' mean-pooled values
+over the same batches (what ``causal = false`` collects). Target: at most 1.2x.
 """
 
 from __future__ import annotations
@@ -32,17 +39,20 @@ from typing import Any
 import torch
 
 from patcher.collect.collector import Collector
+from patcher.collect.statistics import PooledValues
+from patcher.core.arch import arch_for, num_layers
 from patcher.core.models import load_model
 from patcher.core.table import render
 from patcher.data.loaders import load_data
 from patcher.edits.patch import Patch
 from patcher.io.model_files import resolve_model
 from patcher.methods.registry import StepContext, get_method
+from patcher.methods.transport import TransportSettings, stages
 from patcher.recipe.loader import load_recipe
 from patcher.recipe.settings import build
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ("aura.toml", "project-meandiff.toml", "scale-neurons.toml")
+RECIPES = ("aura.toml", "project-meandiff.toml", "scale-neurons.toml", "transport-linear.toml")
 COMPETITOR = "import torch\ntorch.set_num_threads(2)\na = torch.randn(1024, 1024)\nwhile True:\n    a = (a @ a).tanh()\n"
 
 
@@ -110,14 +120,50 @@ def contention() -> dict:
     return {"compute_alone_s": alone, "compute_beside_s": beside, "slowdown": beside / alone}
 
 
+def transport_cost(args: argparse.Namespace) -> None:
+    """Causal transport estimation time / one plain collection pass of the same statistics."""
+    torch.manual_seed(0)
+    recipe = load_recipe(ROOT / "recipes/aura.toml")
+    folder, _ = resolve_model(args.model)
+    model, tok = load_model(folder)
+    data = load_data(dataclasses.replace(recipe.data, n_per_class=args.n_per_class), tok)
+    collector = Collector(model, tok, batch_size=recipe.collect.batch_size, max_tokens=recipe.data.max_tokens)
+    roles = tuple(args.modules.split(","))
+    arch = arch_for(model.config)
+    watches = [(m, "output") for i in range(num_layers(model.config)) for st in stages(arch, i, roles) for m in st]
+    ctx = StepContext(model, tok, collector, data, Patch([]))
+    settings = TransportSettings(modules=roles, causal=True)
+    transport = get_method("transport")
+    plain_t, causal_t = [], []
+    collector.run([PooledValues(watches, how="mean")], data.texts, data.labels)  # warm-up
+    for _ in range(args.repeats):  # alternate so drift hits both equally
+        t0 = time.perf_counter()
+        collector.run([PooledValues(watches, how="mean")], data.texts, data.labels)
+        plain_t.append(time.perf_counter() - t0)
+        causal_t.append(timed_collect(transport, ctx, settings)[0])
+    p, c = statistics.median(plain_t), statistics.median(causal_t)
+    result = {"model": args.model, "texts": len(data.texts), "modules": list(roles), "plain_collect_s": p, "causal_s": c,
+              "ratio": c / p, "plain_runs": plain_t, "causal_runs": causal_t, "threads": torch.get_num_threads()}
+    print(render(["measure", "value"], [[k, round(v, 4) if isinstance(v, float) else v] for k, v in result.items()],
+                 title="causal transport estimation vs one collection pass"))
+    print(f"causal estimation / one plain collection pass = {c / p:.3f} (target <= 1.2)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n-per-class", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-contention", action="store_true", help="skip the run beside a competing PyTorch job")
+    ap.add_argument("--transport", action="store_true", help="causal transport estimation vs one plain collection pass")
+    ap.add_argument("--modules", default="mlp_out", help="with --transport: comma-separated roles (attn_out, mlp_in, mlp_out)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.transport:
+        transport_cost(args)
+        return
     torch.manual_seed(0)
     folder, _ = resolve_model(args.model)
     model, tok = load_model(folder)

@@ -42,9 +42,7 @@ def _config(layers: int):
 
 def _tokenizer():
     sys.path.insert(0, str(ROOT / "tests"))
-    from tiny import (
-        tiny_tokenizer,  # character-level, offline; ids < 96 are valid in any vocab
-    )
+    from helpers import tiny_tokenizer  # character-level, offline; ids < 96 are valid in any vocab
 
     return tiny_tokenizer()
 

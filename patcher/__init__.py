@@ -11,6 +11,7 @@ from .bake.verify import verify  # noqa: E402 - after the wait policy
 from .bake.writer import bake  # noqa: E402
 from .core.errors import PatcherError  # noqa: E402
 from .edits.edit import (  # noqa: E402
+    AffineOutputs,
     Edit,
     ProjectOutputs,
     ScaleInputs,
@@ -20,4 +21,4 @@ from .edits.edit import (  # noqa: E402
 )
 from .edits.patch import Patch  # noqa: E402
 
-__all__ = ["Edit", "Patch", "PatcherError", "ProjectOutputs", "ScaleInputs", "ScaleOutputs", "ZeroHeads", "ZeroNeurons", "bake", "verify"]
+__all__ = ["AffineOutputs", "Edit", "Patch", "PatcherError", "ProjectOutputs", "ScaleInputs", "ScaleOutputs", "ZeroHeads", "ZeroNeurons", "bake", "verify"]

@@ -17,7 +17,9 @@ from urllib.parse import unquote
 
 import torch
 import transformers as T
+from transformers import AutoModelForCausalLM
 
+from patcher.bake.writer import bake
 from patcher.collect.collector import Collector
 from patcher.edits.patch import Patch
 from patcher.methods.registry import StepContext, get_method
@@ -311,3 +313,22 @@ def hub_env(endpoint: str, home: str, offline: bool = False) -> dict[str, str]:
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
     return env
+
+
+def random_logits(model: torch.nn.Module) -> torch.Tensor:
+    """Logits of a fixed random batch (seed 0): what bake = intervene compares."""
+    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def assert_bake_equals_hooks(base_dir: Path, patch: Patch, out: Path, **bake_kwargs) -> None:
+    """Bake ``patch`` into ``base_dir``: the output's logits equal the hooked base model's within 1e-5."""
+    bake(patch, base_dir, out, **bake_kwargs)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    with patch.hooked(base):
+        expected = random_logits(base)
+    baked = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    got = random_logits(baked)
+    assert (expected - random_logits(base)).abs().max() > 1e-4, "the edits should change the logits"
+    assert (expected - got).abs().max() <= 1e-5

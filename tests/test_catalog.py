@@ -16,8 +16,7 @@ import tomllib
 from helpers import hub_env, save_tiny_with_tokenizer, serve
 
 from patcher.core.errors import PatcherError
-from patcher.data import catalog
-from patcher.data.loaders import data_source
+from patcher.data.loaders import catalog, data_source
 from patcher.recipe.loader import DataSettings, load_recipe
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.toml"))
@@ -211,7 +210,7 @@ def test_data_dir_without_the_file_falls_back_to_the_hub_cache(tmp_path: Path, c
 def test_data_dir_option_on_the_cli(tmp_path: Path, clean_catalog) -> None:
     """`patcher eval --data-dir` reads the default prompts and perplexity text from that folder."""
     from click.testing import CliRunner
-    from tiny import save_tiny_with_tokenizer as save
+    from helpers import save_tiny_with_tokenizer as save
 
     from patcher.cli import main
 

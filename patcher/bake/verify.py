@@ -24,7 +24,7 @@ from ..edits.patch import Patch
 from ..io.checkpoint import Checkpoint, sha256_file, tensor_bytes
 from ..io.model_files import resolve_model
 from ..io.record import read_record
-from .writer import edited_chunks, plan_bake
+from .writer import added_chunks, edited_chunks, plan_bake
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -89,17 +89,21 @@ def verify(out: str | Path, logits: bool = True) -> VerifyResult:
     baked = Checkpoint.open(out)
     base_map, baked_map = base.tensor_map(), baked.tensor_map()
     for name, info in baked_map.items():
-        source = base_map.get(name) or plan.new_tensors.get(name)
+        source = base_map.get(name) or plan.new_tensors.get(name) or plan.added.get(name)
         if source is None:
             result.bad_tensors.append(name)
             continue
-        if name in plan.edits_by_tensor:
+        if name in plan.added:  # a zero bias the bake added for a config switch, with the patch's shift
+            expected = b"".join(bytes(c) for c in added_chunks(source, name, plan.edits_by_tensor.get(name, [])))
+        elif name in plan.edits_by_tensor:
             expected = b"".join(bytes(c) for c in edited_chunks(base, source, name, plan.edits_by_tensor[name]))
         else:
             expected = bytes(tensor_bytes(base.read(source)))
         if bytes(tensor_bytes(baked.read(info))) != expected:
             result.bad_tensors.append(name)
-    result.bad_tensors += sorted(set(base_map) - set(baked_map))
+    result.bad_tensors += sorted((set(base_map) | set(plan.added)) - set(baked_map))
+    config = baked.config
+    result.bad_tensors += [f"config.json: {key} is not true" for key in plan.switches if config.get(key) is not True]
     if logits:
         diff, scale = max_logit_diff(base_folder, patch, out)
         half = any(t.dtype != "F32" for t in baked.tensors())

@@ -17,19 +17,20 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..core.arch import arch_for, is_tied
+from ..core.arch import Architecture, arch_for, is_tied, num_layers
 from ..core.errors import PatcherError
 from ..core.progress import bar as progress_bar
 from ..edits.edit import Edit
 from ..edits.patch import Patch
 from ..io.checkpoint import (
     INDEX_NAME,
+    SAFETENSORS_DTYPES,
     Checkpoint,
     ShardHeader,
     ShardWriter,
@@ -57,6 +58,8 @@ class BakePlan:
     edits_by_tensor: dict[str, list[tuple[Edit, str]]]  # output tensor -> [(edit, "weight" | "bias")]
     new_tensors: dict[str, TensorInfo]  # output tensor -> the source tensor it starts from (untying)
     untied: bool
+    added: dict[str, TensorInfo] = field(default_factory=dict)  # zero biases a config switch adds (start 0: no source bytes)
+    switches: tuple[str, ...] = ()  # config keys the bake turns on
 
 
 def plan_bake(patch: Patch, ckpt: Checkpoint, untie: bool = False) -> BakePlan:
@@ -74,15 +77,60 @@ def plan_bake(patch: Patch, ckpt: Checkpoint, untie: bool = False) -> BakePlan:
         )
     new_tensors = {head: tmap[embed]} if touches_tied and head not in tmap else {}
     edits: dict[str, list[tuple[Edit, str]]] = {}
+    added: dict[str, TensorInfo] = {}
+    switches: list[str] = []
     for e in patch.edits:
         info = tmap.get(e.weight_name) or new_tensors.get(e.weight_name)
         if info is None:
             raise PatcherError(f"patch names tensor {e.weight_name}, which {ckpt.folder} does not hold: was the patch computed for another model?")
         e.check(info.shape)
         edits.setdefault(e.weight_name, []).append((e, "weight"))
-        if e.bias_name in tmap and _changes_bias(e):
+        if getattr(e, "needs_bias", False) and e.bias_name not in tmap and e.bias_name not in added:
+            key = _bias_slot(arch, ckpt, e.module)
+            switches.append(key)
+            added |= _zero_biases(arch, ckpt, key)
+        if (e.bias_name in tmap or e.bias_name in added) and _changes_bias(e):
             edits.setdefault(e.bias_name, []).append((e, "bias"))
-    return BakePlan(edits, new_tensors, touches_tied)
+    return BakePlan(edits, new_tensors, touches_tied, added, tuple(dict.fromkeys(switches)))
+
+
+def _bias_slot(arch: Architecture, ckpt: Checkpoint, module: str) -> str:
+    """The config key that gives ``module`` a bias; a one-line refusal naming the roles that have a
+    bias slot in this family when there is none."""
+    found = arch.bias_switch(module)
+    if found is not None:
+        return found[0]
+    tmap = ckpt.tensor_map()
+    roles = [r for r in ("mlp_in", "mlp_out", "attn_out")
+             if all(f"{m}.bias" in tmap or arch.bias_switch(m) for m in (arch.mlp_unit_modules(0, ("mlp_in",)) if r == "mlp_in" else [arch.module(r, 0)]))]
+    where = f"modules with a bias slot here: {', '.join(roles)}" if roles else f"no MLP or attention output of {arch.family} has one"
+    raise PatcherError(f"{module} has no bias and {arch.family} has no config switch that adds one, so a shift cannot be folded there ({where})")
+
+
+def _zero_biases(arch: Architecture, ckpt: Checkpoint, key: str) -> dict[str, TensorInfo]:
+    """Zero biases for every module the switch ``key`` covers, in every layer, each placed in the
+    shard of its weight with the weight's dtype; shape = the weight's output units."""
+    tmap = ckpt.tensor_map()
+    mods = dict(arch.bias_switches)[key]
+    out: dict[str, TensorInfo] = {}
+    for i in range(num_layers(ckpt.config)):
+        for rel in mods:
+            w = tmap.get(f"{arch.layer(i)}.{rel}.weight")
+            name = f"{arch.layer(i)}.{rel}.bias"
+            if w is None or name in tmap:
+                continue
+            units = w.shape[0] if arch.layout != "conv1d" else w.shape[1]
+            nbytes = units * torch.empty((), dtype=SAFETENSORS_DTYPES[w.dtype]).element_size()
+            out[name] = TensorInfo(name, w.dtype, (units,), w.shard, 0, nbytes)
+    return out
+
+
+def added_chunks(info: TensorInfo, name: str, edits: list[tuple[Edit, str]]) -> Iterator[memoryview]:
+    """The bytes of a bias the bake adds: zeros, with the patch's edits applied (float32, cast back)."""
+    stored = torch.zeros(info.shape, dtype=SAFETENSORS_DTYPES[info.dtype])
+    if edits:
+        stored.copy_(_edit_block(stored.float(), edits, name))
+    yield tensor_bytes(stored)
 
 
 BLOCK_BYTES = 1 << 20  # edited tensors stream through blocks this size: they stay in the CPU cache
@@ -134,7 +182,9 @@ def _write_shard(
         for name, info in order:
             if stop.is_set():
                 raise PatcherError("bake stopped: another shard failed")
-            if name in plan.edits_by_tensor:
+            if name in plan.added:
+                writer.write_bytes(name, info.nbytes, added_chunks(info, name, plan.edits_by_tensor.get(name, [])))
+            elif name in plan.edits_by_tensor:
                 writer.write_bytes(name, info.nbytes, edited_chunks(ckpt, info, name, plan.edits_by_tensor[name]))
             else:  # untouched, or a copy of a tied tensor (untying): raw bytes
                 writer.copy_range(name, info.start, info.nbytes)
@@ -171,7 +221,7 @@ def bake(
     weight_map: dict[str, str] = {}
     jobs = []
     for shard in ckpt.shards.values():
-        extra = [(n, src) for n, src in plan.new_tensors.items() if src.shard == shard.name]
+        extra = [(n, src) for n, src in (plan.new_tensors | plan.added).items() if src.shard == shard.name]
         order = [(t.name, t) for t in shard.tensors] + extra
         weight_map.update((name, shard.name) for name, _ in order)
         jobs.append((shard, order))
@@ -186,8 +236,9 @@ def bake(
             files.update((name, f.result()) for name, f in futures.items())
         for side in ckpt.sidecar_files():
             shutil.copyfile(side, tmp / side.name)
-        if plan.untied:
-            config = json.loads((tmp / "config.json").read_text()) | {"tie_word_embeddings": False}
+        if plan.untied or plan.switches:
+            config = json.loads((tmp / "config.json").read_text()) | ({"tie_word_embeddings": False} if plan.untied else {})
+            config |= {key: True for key in plan.switches}  # the bias slots the added zero biases fill
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if ckpt.index is not None:
             index = dict(ckpt.index, weight_map=dict(sorted(weight_map.items())))
@@ -202,6 +253,8 @@ def bake(
             "patch_sha256": patch.hash(),
             "changed_tensors": sorted(plan.edits_by_tensor) + sorted(set(plan.new_tensors) - set(plan.edits_by_tensor)),
             "untied_embeddings": plan.untied,
+            "added_tensors": sorted(plan.added),
+            "config_switches": list(plan.switches),
             "versions": library_versions(),
             "bake_seconds": round(time.perf_counter() - t0, 3),
             "files": dict(sorted(files.items())),

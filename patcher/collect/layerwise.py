@@ -337,6 +337,41 @@ class LayerwiseModel:
             store.close()
 
 
+class ResidentModel:
+    """`LayerwiseModel`'s catch / run_layer for a model already in memory: the same code, nothing
+    loaded or freed (layer-by-layer estimation on a resident model, e.g. causal transport)."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self._lw = LayerwiseModel
+        self.model, self.device = model, device
+        self.arch = arch_for(model.config)
+        self.layers = model.get_submodule(self.arch.layers)
+        self.n_layers = len(self.layers)
+        self.dtype = next(model.parameters()).dtype
+        self.hidden_max_bytes, self.tmp_dir = None, None
+
+    def catch(self, *args: Any) -> Any:
+        return self._lw.catch(self, *args)
+
+    def run_layer(self, *args: Any) -> torch.Tensor:
+        return self._lw.run_layer(self, *args)
+
+    def _swap(self, make: Any) -> list[nn.Module]:
+        return self._lw._swap(self, make)
+
+    def _restore(self, originals: list[nn.Module]) -> None:
+        self._lw._restore(self, originals)
+
+    def _forward(self, *args: Any) -> Any:
+        return self._lw._forward(self, *args)
+
+    def load_layer(self, i: int) -> None:
+        """Resident: nothing to load."""
+
+    def free_layer(self, i: int) -> None:
+        """Resident: nothing to free."""
+
+
 def load_layerwise(folder: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
                    hidden_max_bytes: int = DEFAULT_HIDDEN_MAX_BYTES) -> tuple[nn.Module, Any]:
     """(skeleton model driven by a `LayerwiseModel`, tokenizer with a pad token): `load_model`'s

@@ -23,7 +23,17 @@ Roles, per decoder layer ``{layers}.{i}``:
   writes to the residual stream is still its output projection's output.
 
 Weight layout: ``linear`` stores ``[out, in]`` (``nn.Linear``); ``conv1d`` stores ``[in, out]``
-(GPT-2's ``Conv1D``); ``embedding`` stores ``[vocab, hidden]`` and its output units are columns.
+(GPT-2's ``Conv1D``); ``embedding`` stores ``[vocab, hidden]`` and its output units are columns;
+``norm`` is a 1-D norm gain (`edits.AffineOutputs` on Gemma's post-norms).
+
+Bias slots (``bias_switches``): a config key and the layer modules it gives a bias, as the family's
+``modeling_*.py`` in transformers 5.24 builds them (``bias=config.<key>``). An edit that needs a
+bias where the checkpoint has none (`edits.AffineOutputs`) is baked by turning the key on and
+writing zero biases for every module it covers. Llama: ``mlp_bias`` (gate, up, down) and
+``attention_bias`` (q, k, v, o); Qwen3, OLMo, Gemma 2/3: ``attention_bias`` (q, k, v, o); GPT-NeoX:
+``attention_bias`` (query_key_value, dense; its MLP always has biases); Falcon: ``bias`` (all four
+linears); GPT-2 has every bias already. Mistral, Qwen2 (fixed q/k/v biases only) and Phi-3 have no
+switch, so their MLP and attention outputs have no bias slot.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import torch
 
 from .errors import PatcherError
 
-Layout = Literal["linear", "conv1d", "embedding"]
+Layout = Literal["linear", "conv1d", "embedding", "norm"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,17 @@ class Architecture:
     layout: Layout = "linear"
     mlp_out_norm: str | None = None
     attn_out_norm: str | None = None
+
+    bias_switches: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (config key, layer modules it gives a bias)
+
+    def bias_switch(self, module: str) -> tuple[str, tuple[str, ...]] | None:
+        """``(config key, modules it covers)`` of the switch that gives ``module`` (absolute path) a
+        bias, or None when the family has none for it."""
+        prefix = self.layers + "."
+        if not module.startswith(prefix):
+            return None
+        rel = module[len(prefix):].partition(".")[2]
+        return next(((key, mods) for key, mods in self.bias_switches if rel in mods), None)
 
     def layer(self, i: int) -> str:
         return f"{self.layers}.{i}"
@@ -82,14 +103,16 @@ _LLAMA_LIKE = dict(
     mlp_out="mlp.down_proj",
     attn_out="self_attn.o_proj",
 )
-_GEMMA = dict(_LLAMA_LIKE, mlp_out_norm="post_feedforward_layernorm", attn_out_norm="post_attention_layernorm")
+_ATTN_BIAS = (("attention_bias", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")),)
+_LLAMA_BIAS = (("mlp_bias", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),) + _ATTN_BIAS
+_GEMMA = dict(_LLAMA_LIKE, mlp_out_norm="post_feedforward_layernorm", attn_out_norm="post_attention_layernorm", bias_switches=_ATTN_BIAS)
 
 ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture("llama", ("llama",), **_LLAMA_LIKE),
+    Architecture("llama", ("llama",), **_LLAMA_LIKE, bias_switches=_LLAMA_BIAS),
     Architecture("mistral", ("mistral",), **_LLAMA_LIKE),
     Architecture("qwen2", ("qwen2",), **_LLAMA_LIKE),
-    Architecture("qwen3", ("qwen3",), **_LLAMA_LIKE),
-    Architecture("olmo", ("olmo",), **_LLAMA_LIKE),
+    Architecture("qwen3", ("qwen3",), **_LLAMA_LIKE, bias_switches=_ATTN_BIAS),
+    Architecture("olmo", ("olmo",), **_LLAMA_LIKE, bias_switches=_ATTN_BIAS),
     Architecture("gemma2", ("gemma2",), **_GEMMA),
     Architecture("gemma3_text", ("gemma3_text",), **_GEMMA),
     Architecture("phi3", ("phi3",), **dict(_LLAMA_LIKE, mlp_in=("mlp.gate_up_proj",))),
@@ -113,6 +136,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         mlp_in=("mlp.dense_h_to_4h",),
         mlp_out="mlp.dense_4h_to_h",
         attn_out="attention.dense",
+        bias_switches=(("attention_bias", ("attention.query_key_value", "attention.dense")),),
     ),
     Architecture(
         "falcon",
@@ -123,6 +147,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         mlp_in=("mlp.dense_h_to_4h",),
         mlp_out="mlp.dense_4h_to_h",
         attn_out="self_attention.dense",
+        bias_switches=(("bias", ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),),
     ),
 )
 

@@ -282,6 +282,82 @@ class ProjectOutputs(Edit):
         return module.register_forward_hook(lambda m, args, out: self._project(out, 1))
 
 
+@dataclass(frozen=True, eq=False)
+class AffineOutputs(Edit):
+    """Output unit ``j`` becomes ``scale[j] * z_j + shift[j]``: weight rows (Conv1D columns) times
+    ``scale``, bias ``b' = scale * b + shift``. This is a per-unit affine transport map folded into
+    the layer that writes the unit (Linear-AcT and Mean-AcT, Rodriguez et al., ICLR 2025,
+    arXiv 2410.23054, whose reference code ``apple/ml-act`` applies the same map as a hook).
+
+    The shift needs a bias: where the module has none, `bake` turns on the family's config switch
+    that gives it one (`Architecture.bias_switches`) and writes zero biases for every tensor the
+    switch adds. ``layout = "norm"`` edits a 1-D norm gain instead (Gemma's post-norms, which store
+    ``g - 1``: ``norm_offset = 1``); its gain becomes ``scale * g``, and since a norm has no bias
+    and the residual add follows it, the shift must be zero there."""
+
+    scale: torch.Tensor = field(default_factory=lambda: torch.ones(0))
+    shift: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    norm_offset: float = 0.0
+    kind: ClassVar[str] = "affine_outputs"
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"scale": self.scale, "shift": self.shift}
+
+    def params(self) -> dict:
+        return {"norm_offset": self.norm_offset} if self.layout == "norm" else {}
+
+    @property
+    def needs_bias(self) -> bool:
+        """True when the edit writes a bias (a linear's shift); a norm gain has no bias slot."""
+        return self.layout != "norm"
+
+    def check(self, weight_shape: tuple[int, ...]) -> None:
+        for key, t in self.tensors().items():
+            if not torch.isfinite(t).all():
+                raise PatcherError(f"patch edit on {self.weight_name}: {key} holds NaN or inf; recompute the patch")
+        if self.layout == "norm":
+            if len(weight_shape) != 1:
+                raise PatcherError(f"{self.weight_name}: a norm edit expects a 1-D gain, found shape {list(weight_shape)}")
+            units = weight_shape[0]
+            if (self.shift != 0).any():
+                raise PatcherError(
+                    f"{self.module}: a norm's output has no bias slot (the residual add follows it), so the transport shift cannot "
+                    "be folded there: transport the block's output projection (attn_out / mlp_out) instead"
+                )
+        else:
+            super().check(weight_shape)
+            if self.layout == "embedding":
+                raise PatcherError(f"{self.weight_name}: affine_outputs edits a linear layer's outputs, not an embedding")
+            units = self.out_units(weight_shape)
+        if self.scale.shape != (units,) or self.shift.shape != (units,):
+            raise PatcherError(
+                f"{self.weight_name}: affine_outputs has {self.scale.numel()} scales and {self.shift.numel()} shifts, the tensor has "
+                f"{units} output units; recompute the patch for this model"
+            )
+
+    def summary(self) -> str:
+        w, b = self.scale.float(), self.shift.float()
+        return f"{int(((w != 1) | (b != 0)).sum())}/{w.numel()} units moved, scale mean {w.mean():.3f}, |shift| mean {b.abs().mean():.3g}"
+
+    def apply_weight(self, w: torch.Tensor) -> torch.Tensor:
+        if self.layout == "norm":
+            return self.scale.to(w) * (w + self.norm_offset) - self.norm_offset
+        return w * _along(self.scale.to(w), _out_axis(self.layout))
+
+    def apply_bias(self, b: torch.Tensor) -> torch.Tensor:
+        return b * self.scale.to(b) + self.shift.to(b)
+
+    def row_block(self, rows: slice) -> Edit | None:
+        if self.layout == "norm":
+            return None
+        if _out_axis(self.layout) == 0:
+            return replace(self, scale=self.scale[rows], shift=self.shift[rows])
+        return self
+
+    def attach(self, module: nn.Module) -> RemovableHandle:
+        return module.register_forward_hook(lambda m, args, out: out * self.scale.to(out) + self.shift.to(out))
+
+
 def orthonormal(vectors: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis ``[d, k]`` of the span of the columns of ``vectors`` (QR, float64)."""
     q, _ = torch.linalg.qr(vectors.double())

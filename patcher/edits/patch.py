@@ -27,7 +27,7 @@ from torch import nn
 from ..core.errors import PatcherError
 from ..core.hooks import Hooks
 from ..io.record import PATCH_JSON, read_json, write_json
-from .edit import Edit, ProjectOutputs, ScaleInputs, ScaleOutputs
+from .edit import AffineOutputs, Edit, ProjectOutputs, ScaleInputs, ScaleOutputs
 
 FORMAT = "patcher.patch/1"
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -60,6 +60,10 @@ class Patch:
                 row[4].append(e.factors.float())
             elif isinstance(e, ProjectOutputs):
                 row[5] = max(row[5], e.basis.shape[1])
+            elif isinstance(e, AffineOutputs):  # units moved; the mean column shows the mean scale
+                row[2] += int(((e.scale != 1) | (e.shift != 0)).sum())
+                row[3] += e.scale.numel()
+                row[4].append(e.scale.float())
         out = []
         for key in sorted(rows, key=lambda k: (isinstance(k, str), k)):
             r = rows[key]
