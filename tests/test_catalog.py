@@ -16,7 +16,8 @@ import tomllib
 from helpers import hub_env, save_tiny_with_tokenizer, serve
 
 from patcher.core.errors import PatcherError
-from patcher.data.loaders import catalog, data_source
+from patcher.data import catalog
+from patcher.data.loaders import data_source
 from patcher.recipe.loader import DataSettings, load_recipe
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.toml"))
@@ -226,10 +227,14 @@ def test_data_dir_option_on_the_cli(tmp_path: Path, clean_catalog) -> None:
     assert report["prompts"]["count"] == 3 and report["runtime"]["ppl_text"] == "wikitext-2"
 
 
-def test_unknown_name_refused_at_load(tmp_path: Path) -> None:
+def test_unknown_name_refused_before_the_model_loads(tmp_path: Path) -> None:
+    """A misspelt catalog name is refused, with its line, when the recipe's settings are validated
+    (the first thing `patcher run` and `patcher compute` do), before any model or data is read."""
+    from patcher.workflows.run import step_settings
+
     (tmp_path / "r.toml").write_text('[data]\ndataset = "paradetoks"\n[[step]]\nmethod = "aura"\n')
     with pytest.raises(PatcherError, match=r"r.toml:2: unknown data set 'paradetoks': use one of paradetox-pairs, paradetox"):
-        load_recipe(tmp_path / "r.toml")
+        step_settings(load_recipe(tmp_path / "r.toml"))
 
 
 def test_catalog_pins_full_revisions() -> None:

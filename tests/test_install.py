@@ -31,7 +31,7 @@ def test_missing_jigsaw_weights_name_the_one_command(monkeypatch: pytest.MonkeyP
 
 
 def test_missing_embedded_model_names_the_one_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    from patcher import embedded
+    from patcher.core import embedded
 
     _hide(monkeypatch, embedded.GGUF_PACKAGE)
     with pytest.raises(PatcherError) as e:
