@@ -1,7 +1,7 @@
 """Loads anywhere: a baked patcher output converted to GGUF with llama.cpp's own converter and run
 with llama-cpp-python gives what transformers gives.
 
-    python benchmarks/portability.py --build runs/portability [--outtypes f32,f16] [--json portability.json]
+    python benchmarks/portability.py --build runs/portability [--n-per-class N] [--outtypes f32,f16] [--json portability.json]
     python benchmarks/portability.py OUT [OUT ...]
 
 ``--build DIR`` first writes two outputs from ``recipes/project-stack.toml`` on the embedded
@@ -174,6 +174,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("outputs", nargs="*", type=Path, help="baked output folders")
     ap.add_argument("--build", type=Path, default=None, help="first write DIR/stack and DIR/stack-untied from recipes/project-stack.toml")
+    ap.add_argument("--n-per-class", type=int, default=None, help="with --build: a smaller calibration sample than the recipe's (faster)")
     ap.add_argument("--outtypes", default="f32,f16")
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, default=20)
@@ -181,7 +182,7 @@ def main() -> None:
     args = ap.parse_args()
     from patcher.core.table import render
 
-    outputs = list(args.outputs) + (build(args.build) if args.build else [])
+    outputs = list(args.outputs) + (build(args.build, args.n_per_class) if args.build else [])
     if not outputs:
         ap.error("give output folders or --build DIR")
     results = []
