@@ -101,11 +101,11 @@ def transport_cost(args: argparse.Namespace) -> None:
     """Causal transport estimation time / one plain collection pass of the same statistics."""
     from dataclasses import replace
 
+    from patcher.arch import arch_for, num_layers
+    from patcher.collect import PooledValues
     from patcher.methods import StepContext
     from patcher.methods.transport import TransportSettings, collect, stages
     from patcher.patch import Patch
-    from patcher.arch import arch_for, num_layers
-    from patcher.collect import PooledValues
 
     torch.manual_seed(0)
     recipe = load_recipe(args.recipe)

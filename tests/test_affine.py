@@ -74,7 +74,7 @@ def test_affine_bake_equals_intervene(family: str, tmp_path: Path) -> None:
     assert loaded.hash() == patch.hash()
     base_dir = save_tiny(family, tmp_path / "base")
     assert_bake_equals_hooks(base_dir, loaded, tmp_path / "out")
-    baked, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     record = json.loads((tmp_path / "out/patch.json").read_text())["bake"]
     config = json.loads((tmp_path / "out/config.json").read_text())
@@ -112,7 +112,7 @@ def test_refused_without_a_slot(family: str, tmp_path: Path) -> None:
 def test_refusal_names_the_modules_that_work(tmp_path: Path) -> None:
     model = tiny_model("qwen3")
     base_dir = save_tiny("qwen3", tmp_path / "base")
-    with pytest.raises(PatcherError, match="modules with a bias slot here: attn_out\)$"):
+    with pytest.raises(PatcherError, match=r"modules with a bias slot here: attn_out\)$"):
         bake(Patch(affine_edits(model, ["model.layers.0.mlp.down_proj"])), base_dir, tmp_path / "out", progress=False)
 
 

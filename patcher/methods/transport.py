@@ -91,7 +91,7 @@ class TransportSettings:
         norms = set(self.modules) & set(POST_NORMS)
         if norms:
             raise PatcherError(
-                f"transport: {sorted(norms)[0]} is a post-norm, whose output has no bias slot (the residual add follows it), so the "
+                f"transport: {min(norms)} is a post-norm, whose output has no bias slot (the residual add follows it), so the "
                 "transport shift cannot be folded there: use attn_out or mlp_out (the projection the norm reads)"
             )
         bad = set(self.modules) - set(ROLES)
@@ -263,7 +263,7 @@ def causal_maps(ctx: Any, arch: Architecture, chosen: dict[int, list[list[str]]]
                             got: list[torch.Tensor] = []
                             hooks.append(modules[group[0]].register_forward_hook(lambda m, a, out, got=got: got.append(out.detach().clone())))  # Falcon adds to it in place
                         try:
-                            run(i, keep=last and fix, on_out=(lambda b, got=got: ys.put(b, got.pop())) if last and fix else None)
+                            run(i, keep=last and fix, on_out=(lambda b, got=got, ys=ys: ys.put(b, got.pop())) if last and fix else None)
                         finally:
                             for h in hooks:
                                 h.remove()
