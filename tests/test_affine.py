@@ -73,7 +73,7 @@ def test_affine_bake_equals_intervene(family: str, tmp_path: Path) -> None:
     assert loaded.hash() == patch.hash()
     base_dir = save_tiny(family, tmp_path / "base")
     assert_bake_equals_hooks(base_dir, loaded, tmp_path / "out")
-    baked, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     record = json.loads((tmp_path / "out/patch.json").read_text())["bake"]
     config = json.loads((tmp_path / "out/config.json").read_text())

@@ -96,7 +96,7 @@ class TransportSettings:
         norms = set(self.modules) & set(POST_NORMS)
         if norms:
             raise PatcherError(
-                f"transport: {sorted(norms)[0]} is a post-norm, whose output has no bias slot (the residual add follows it), so the "
+                f"transport: {min(norms)} is a post-norm, whose output has no bias slot (the residual add follows it), so the "
                 "transport shift cannot be folded there: use attn_out or mlp_out (the projection the norm reads)"
             )
         bad = set(self.modules) - set(ROLES)
