@@ -203,3 +203,26 @@ def test_default_space_and_layer_search(tmp_path: Path) -> None:
     assert [(p.key, p.low, p.high) for p in tune_space(aura)[1]] == [("min_auroc", 0.5, 1.0)]
     stack = load_recipe(Path(__file__).parents[1] / "recipes" / "project-stack.toml")
     assert [(p.name, p.low, p.high) for p in tune_space(stack)[1]] == [("step1.strength", 0.0, 1.0), ("step2.strength", 0.0, 1.0)]
+
+
+def test_pick_by_quick_evaluation(planted: tuple[Path, Scorer], shared_data: Path) -> None:
+    """With candidates, the front within budget is baked and evaluated; the pick is the least toxic
+    of those by the evaluation, and the proxy's rank correlation is reported over every evaluated trial."""
+    pytest.importorskip("profanity_check", reason="the evaluation here uses alt-profanity-check")
+    pytest.importorskip("scipy", reason="the rank correlation uses scipy")
+    tmp, _ = planted
+    planted_recipe(tmp, tmp / "model", extra="validate = 1\neval_samples = 2")
+    recipe = load_recipe(tmp / "recipe.toml")
+    r = CliRunner().invoke(main, ["tune", str(tmp / "recipe.toml"), "--max-ppl-increase", "0.2", "--trials", "8", "--candidates", "2",
+                                  "--eval-n-prompts", "4", "--evaluators", "profanity-check", "--out", str(tmp / "ev.toml")])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp / "ev.tune.json").read_text())
+    evaluated = {int(k): v for k, v in data["evaluated"].items()}
+    front = data["front"]
+    assert set(front[:2]) <= set(evaluated) and len(evaluated) <= 2 + 1  # 2 candidates, 1 more for the correlation
+    assert data["chosen"] in front and data["chosen"] in evaluated
+    assert evaluated[data["chosen"]]["toxicity"] == min(v["toxicity"] for n, v in evaluated.items() if n in front)
+    assert "Pareto front within +20.0% perplexity" in r.output and "s per trial" in r.output
+    tuned = load_recipe(tmp / "ev.toml")
+    assert tuned.tune == {} and tuned.check.max_ppl_increase == 0.2 and tuned.data.path == recipe.data.path
+    assert not any(Path(tmp).glob(".ev.toml.eval-*")), "the evaluation's bakes are removed"

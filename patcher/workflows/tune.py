@@ -61,7 +61,9 @@ log = logging.getLogger(__name__)
 
 # Searched when the [tune] table names nothing for a step: the build-only settings that set how hard
 # a method edits, over ranges that assume nothing about the model.
-DEFAULT_RANGES: dict[str, tuple[float, float]] = {"strength": (0.0, 1.0), "factor": (0.0, 1.0), "min_auroc": (0.5, 1.0)}
+# On a grid of 0.05 (as fine as the hand-tuned recipes' values): a later step's statistics depend on
+# an earlier step's strength, and a grid lets the trials TPE repeats reuse them.
+DEFAULT_RANGES: dict[str, tuple[float, float, float]] = {"strength": (0.0, 1.0, 0.05), "factor": (0.0, 1.0, 0.05), "min_auroc": (0.5, 1.0, 0.01)}
 # Methods whose statistics for a set of layers hold those of every subset (one collection serves a
 # searched layer range).
 LAYER_RANGE_METHODS = frozenset({"project"})
@@ -70,11 +72,14 @@ STUDY_NAME = "patcher-tune"
 
 @dataclass(frozen=True)
 class TuneSettings:
-    """The ``[tune]`` table's own keys (the searched settings sit in ``[tune.step.N]`` tables)."""
+    """The ``[tune]`` table's own keys. The searched settings sit in ``[tune.step.N]`` tables: a
+    number as ``[low, high]`` (a float may add a grid step, ``[low, high, step]``), ``layers`` as
+    ``[first, last]`` (each trial edits a start-end range inside it), anything else as a list of
+    choices."""
 
     proxy_pairs: str = setting("", help="Toxic/non-toxic pairs for the proxy (default: the recipe's paired data); pairs any step uses are left out")
     proxy_n: int = setting(100, help="Held-back pairs the proxy scores")
-    startup_trials: int = setting(8, help="Random trials before TPE models the results")
+    startup_trials: int = setting(6, help="Random trials before TPE models the results (few: a CPU affords tens of trials, not hundreds)")
     candidates: int = setting(4, help="Pareto points within budget scored by the quick evaluation for the final pick (0: pick by the proxy)")
     validate: int = setting(3, help="Other trials also evaluated, spread over the proxy's range, for the rank correlation")
     eval_prompts: str = setting("", help="Prompt file of that evaluation (default: the RTP challenging prompts)")
@@ -95,6 +100,7 @@ class Param:
     low: Any = None
     high: Any = None
     choices: tuple[Any, ...] = ()
+    step_size: float | None = None  # a float range searched on this grid
 
     @property
     def name(self) -> str:
@@ -103,7 +109,7 @@ class Param:
     def suggest(self, trial: Any) -> Any:
         """The setting's value for an Optuna trial."""
         if self.kind == "float":
-            return trial.suggest_float(self.name, self.low, self.high)
+            return trial.suggest_float(self.name, self.low, self.high, step=self.step_size)
         if self.kind == "int":
             return trial.suggest_int(self.name, self.low, self.high)
         if self.kind == "layers":
@@ -115,7 +121,8 @@ class Param:
     def describe(self) -> str:
         if self.kind == "choice":
             return f"{self.name} in {{{', '.join(map(str, self.choices))}}}"
-        return f"{self.name} in [{self.low}, {self.high}]" + (" (a start-end range)" if self.kind == "layers" else "")
+        grid = f" by {self.step_size}" if self.step_size else ""
+        return f"{self.name} in [{self.low}, {self.high}]{grid}" + (" (a start-end range)" if self.kind == "layers" else "")
 
 
 def _param(recipe: Recipe, index: int, key: str, spec: Any, at: str) -> Param:
@@ -136,12 +143,13 @@ def _param(recipe: Recipe, index: int, key: str, spec: Any, at: str) -> Param:
         p = Param(index, key, "layers", spec[0], spec[1])
         probes = [f"{spec[0]}-{spec[1]}"]
     elif hints[key] in (float, int) and numeric:
-        if len(spec) != 2 or spec[0] >= spec[1]:
-            raise PatcherError(f"{at}: {what} = {spec!r} should be [low, high] with low < high")
+        grid = hints[key] is float and len(spec) == 3
+        if len(spec) not in (2, 3) or len(spec) == 3 and not grid or spec[0] >= spec[1] or grid and not 0 < spec[2] <= spec[1] - spec[0]:
+            raise PatcherError(f"{at}: {what} = {spec!r} should be [low, high] with low < high (a float setting may add a grid step: [low, high, step])")
         if hints[key] is int and not all(isinstance(v, int) for v in spec):
             raise PatcherError(f"{at}: {what} = {spec!r}: {key} is a whole number; give [low, high] as integers")
-        p = Param(index, key, "float" if hints[key] is float else "int", spec[0], spec[1])
-        probes = list(spec)
+        p = Param(index, key, "float" if hints[key] is float else "int", spec[0], spec[1], step_size=float(spec[2]) if grid else None)
+        probes = list(spec[:2])
     else:
         bad = [v for v in spec if not matches(v, hints[key])]
         if bad or len(set(map(repr, spec))) != len(spec):
@@ -179,9 +187,9 @@ def tune_space(recipe: Recipe) -> tuple[TuneSettings, list[Param]]:
     if not per_step:
         for i, step in enumerate(recipe.steps):
             method = get_method(step.method)
-            for key, (lo, hi) in DEFAULT_RANGES.items():
+            for key, (lo, hi, grid) in DEFAULT_RANGES.items():
                 if key in method.build_only() and key in typing.get_type_hints(method.settings):
-                    params.append(Param(i, key, "float", lo, hi))
+                    params.append(Param(i, key, "float", lo, hi, step_size=grid))
     if not params:
         raise PatcherError(f"{recipe.path}: nothing to tune: no step has a strength-like setting; name what to search in [tune.step.N] tables")
     return settings, params
@@ -201,10 +209,10 @@ def layer_spans(params: list[Param]) -> dict[int, dict[str, Any]]:
 
 class StatsCache(OrderedDict):
     """The statistics cache of `compute_patch`, keeping the ``size`` most recently used entries: a
-    later step's statistics change with every trial of an earlier step's strength and would
-    otherwise pile up. ``collections`` counts the misses."""
+    later step's statistics change with an earlier step's strength (a grid value each), and would
+    otherwise pile up over a long study. ``collections`` counts the misses."""
 
-    def __init__(self, size: int = 4) -> None:
+    def __init__(self, size: int = 24) -> None:
         super().__init__()
         self.size = size
         self.collections = 0
@@ -467,11 +475,11 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
     front = [within[i]["number"] for i in pareto([(r["proxy"], r["ppl_increase"]) for r in within])]
     by = {r["number"]: r for r in rows}
 
-    # The real evaluation: front points within budget (the least toxic by proxy first), and other
+    # The real evaluation: the front points within budget the proxy finds least toxic, and other
     # trials spread over the proxy's range so that the rank correlation spans the study.
     t_eval = time.perf_counter()
     evaluated: dict[int, dict[str, Any]] = {}
-    picks = spread(front, ts.candidates) if eval_settings else []
+    picks = front[: ts.candidates] if eval_settings else []  # the least toxic end of the front, by proxy
     others = [r["number"] for r in sorted(rows, key=lambda r: r["proxy"]) if r["number"] not in picks]
     extra = spread(others, ts.validate) if eval_settings else []
     if picks:
