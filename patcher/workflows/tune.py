@@ -42,7 +42,7 @@ import tomllib
 
 from ..bake.writer import bake
 from ..core.errors import PatcherError
-from ..core.models import load_model
+from ..core.models import load_model, resolve_device
 from ..core.table import render
 from ..data.loaders import load_data, load_pairs
 from ..edits.patch import Patch
@@ -435,7 +435,7 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
                                                  seed=ts.eval_seed, evaluators=ts.evaluators, ppl_tokens=0, fluency=False)
         from ..evaluate.evaluators import get_evaluators
 
-        get_evaluators(list(ts.evaluators), device=device)  # fail now, not after the search
+        get_evaluators(list(ts.evaluators), device=resolve_device(device))  # fail now, not after the search
     _optuna()
     folder, _ = resolve_model(recipe.model.id, recipe.model.revision)
     model, tokenizer = load_model(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
