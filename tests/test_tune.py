@@ -165,6 +165,8 @@ def test_resume_after_kill_gives_same_pick(planted: tuple[Path, Scorer], monkeyp
     assert [t["settings"] for t in resumed.trials] == [t["settings"] for t in whole.trials]
     assert resumed.chosen_settings == whole.chosen_settings
     assert (tmp / "killed.toml").read_text().split("\n", 1)[1] == (tmp / "whole.toml").read_text().split("\n", 1)[1]
+    again = tune(recipe, out=tmp / "again.toml", study_path=tmp / "killed.study.db", max_ppl_increase=0.2, trials=12, seed=7, eval_n_prompts=7)
+    assert again.seconds["trials_this_run"] == 0 and again.chosen_settings == whole.chosen_settings, "other evaluation settings reuse the trials"
     with pytest.raises(PatcherError, match="holds another tune"):
         tune(recipe, out=tmp / "other.toml", study_path=tmp / "killed.study.db", max_ppl_increase=0.3, trials=12, seed=7)
 

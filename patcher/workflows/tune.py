@@ -292,10 +292,15 @@ def _sampler(optuna: Any, seed: int, startup: int) -> Any:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
 
 
+SEARCH_KEYS = ("proxy_pairs", "proxy_n", "startup_trials")  # the TuneSettings that change what the trials ask and score
+
+
 def fingerprint(recipe: Recipe, params: list[Param], settings: TuneSettings, budget: float, seed: int) -> str:
-    """What makes two tunes the same search: a study file refuses to continue another one."""
-    blob = json.dumps([recipe.text, recipe.model.id, [dataclasses.asdict(p) for p in params], dataclasses.asdict(settings), budget, seed],
-                      default=str, sort_keys=True)
+    """What makes two searches the same: a study file refuses to continue another one. The
+    evaluation settings are left out (their results are kept per settings), so a finished study
+    can be evaluated again with more prompts or other evaluators."""
+    search = {k: getattr(settings, k) for k in SEARCH_KEYS}
+    blob = json.dumps([recipe.text, recipe.model.id, [dataclasses.asdict(p) for p in params], search, budget, seed], default=str, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -485,8 +490,9 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
     if picks:
         staging = Path(tempfile.mkdtemp(dir=out.resolve().parent, prefix=f".{out.name}.eval-"))
         try:
+            tag = hashlib.sha256(json.dumps(dataclasses.asdict(eval_settings), sort_keys=True, default=str).encode()).hexdigest()[:12]
             for n in bar(picks + extra, desc="tune: evaluate", unit="trial"):
-                key = f"eval/{n}"
+                key = f"eval/{tag}/{n}"
                 if key not in study.user_attrs:  # kept in the study: a resumed tune does not evaluate twice
                     patch = scorer.patches.get(n) or scorer.patch(by[n]["settings"])
                     target = staging / f"trial-{n}"
