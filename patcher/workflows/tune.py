@@ -43,6 +43,7 @@ import tomllib
 from ..bake.writer import bake
 from ..core.errors import PatcherError
 from ..core.models import load_model, resolve_device
+from ..core.progress import bar
 from ..core.table import render
 from ..data.loaders import load_data, load_pairs
 from ..edits.patch import Patch
@@ -54,7 +55,7 @@ from ..methods.registry import get_method
 from ..recipe.loader import Recipe, line_of, resolve_path, where
 from ..recipe.settings import build, matches, setting
 from ..recipe.writer import dump_recipe, rebase_paths
-from .run import compute_patch
+from .run import compute_patch, step_settings
 from .sweep import with_setting
 
 log = logging.getLogger(__name__)
@@ -425,8 +426,6 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
                                                       ("evaluators", evaluators)) if v is not None})
     if not recipe.check.ppl_text:
         raise PatcherError(f"{recipe.path}: tune measures damage on the [check] ppl_text slice: set check.ppl_text (e.g. WikiText-2 test)")
-    from .run import step_settings
-
     step_settings(recipe)
     out = Path(out)
     json_path, png_path = out.with_suffix(".tune.json"), out.with_suffix(".tune.png")
@@ -452,8 +451,6 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
     optuna = _optuna()
     complete = lambda: study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))  # noqa: E731
     t_search, times = time.perf_counter(), []
-    from ..core.progress import bar
-
     progress = bar(total=trials, initial=min(len(complete()), trials), desc="tune", unit="trial")
     while len(complete()) < trials and (timeout is None or time.perf_counter() - t_search < timeout):
         study.sampler = _sampler(optuna, seed + len(complete()), ts.startup_trials)
