@@ -409,6 +409,50 @@ def sweep(recipe_path: Path, expr: str, model: str | None, out: Path | None, max
 
 
 @main.command()
+@_recipe_arg
+@_model_opt
+@click.option("--max-ppl-increase", type=float, required=True, help="Budget: the largest relative rise of the recipe's check perplexity (0.05 = +5%).")
+@click.option("--trials", type=click.IntRange(min=1), default=60, show_default=True, help="Trials in the study (a resumed study counts the ones it holds).")
+@click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds of search (the evaluation of the pick follows).")
+@click.option("--study", "study_path", type=click.Path(path_type=Path), default=None, help="SQLite study file; an existing one is resumed (default: OUT with .study.db).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler: the same seed asks the same trials.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="The tuned recipe (TOML); OUT.tune.json and OUT.tune.png are written beside it.")
+@click.option("--candidates", type=click.IntRange(min=0), default=None, help="Pareto points within budget given the quick evaluation (0: pick by proxy); default [tune] candidates")
+@click.option("--eval-n-prompts", type=click.IntRange(min=1), default=None, help="Prompts of that evaluation. Default: [tune] eval_n_prompts, 100.")
+@setting_option(EvalSettings, "evaluators")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+@_device_opt
+@_threads_opt
+@friendly
+def tune(recipe_path: Path, model: str | None, max_ppl_increase: float, trials: int, timeout: float | None, study_path: Path | None, seed: int,
+         out: Path, candidates: int | None, eval_n_prompts: int | None, evaluators: str | None, overwrite: bool, device: str) -> None:
+    """Search RECIPE's settings (its [tune] table, or each step's strength in [0, 1]) for the least
+    toxic within a perplexity budget: Optuna TPE on a toxicity proxy and the check perplexity, hooks
+    instead of bakes, the pick made by the quick evaluation; writes the tuned recipe to OUT."""
+    from .workflows.tune import tune as run_tune
+
+    recipe = _load_recipe(recipe_path, model, None)
+    evs = tuple(e.strip() for e in evaluators.split(",") if e.strip()) if evaluators else None
+    result = run_tune(recipe, out=out, max_ppl_increase=max_ppl_increase, trials=trials, timeout=timeout, study_path=study_path,
+                      seed=seed, device=device, candidates=candidates, eval_n_prompts=eval_n_prompts, evaluators=evs, overwrite=overwrite)
+    click.echo(result.table())
+    s = result.seconds
+    click.echo(f"{len(result.trials)} trials in the study ({s['trials_this_run']} run now, {s['per_trial_mean']:.1f} s per trial on average, "
+               f"median {s['per_trial_median']:.1f} s); search {s['search']:.0f} s, evaluation {s['evaluate']:.0f} s; "
+               f"{result.collections} statistics collections")
+    if result.spearman is not None:
+        click.echo(f"proxy vs quick evaluation over {len(result.evaluated)} evaluated trials: Spearman {result.spearman:.2f} "
+                   f"(toxicity probability), {result.spearman_mean_toxicity:.2f} (mean toxicity)")
+    stem = out.with_suffix("")
+    click.echo(f"wrote {stem}.tune.json and {stem}.tune.png")
+    if result.out is not None:
+        click.echo(f"tuned recipe: {result.out} ({', '.join(f'{k} = {v:.4g}' if isinstance(v, float) else f'{k} = {v}' for k, v in result.chosen_settings.items())}); "
+                   f"bake it with: patcher run {result.out}")
+    else:
+        click.echo(f"no trial stayed within +{max_ppl_increase:.1%} perplexity: nothing written to {out}; raise the budget or narrow the ranges")
+
+
+@main.command()
 @click.option("--model", "-m", required=True, help="Model folder, config.json, Hub id (config only), or llama-2-7b / mistral-7b / falcon-40b / llama-2-70b.")
 @click.option("--dtype", default="bfloat16", show_default=True, help="Dtype the model runs in: float32, bfloat16 or float16.")
 @click.option("--texts", "n_texts", type=int, default=1000, show_default=True, help="Calibration texts (both classes).")

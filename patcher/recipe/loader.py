@@ -91,6 +91,7 @@ class Recipe:
     steps: tuple[Step, ...]
     eval: dict[str, Any] = field(default_factory=dict)
     text: str = ""
+    tune: dict[str, Any] = field(default_factory=dict)  # the [tune] table as written (`patcher tune` reads it)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # what the command line changed, by table
 
     def override(self, table: str, **values: Any) -> Recipe:
@@ -146,7 +147,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PatcherError(f"{path}: not valid TOML ({exc})") from None
-    top = {"name", "model", "data", "collect", "check", "step", "eval", "description"}
+    top = {"name", "model", "data", "collect", "check", "step", "eval", "tune", "description"}
     for key in raw:
         if key not in top:
             raise PatcherError(f"{where(path, line_of(text, key))}: unknown top-level key {key!r}; known: {', '.join(sorted(top))}")
@@ -180,4 +181,5 @@ def load_recipe(path: str | Path) -> Recipe:
             step_data = dataclasses.replace(step_data, path=resolve_path(base, step_data.path))
         s = {k: resolve_path(base, v) if k.endswith("_path") and isinstance(v, str) else v for k, v in s.items()}
         steps.append(Step(s.pop("method"), s, step_data, line))
-    return Recipe(path, raw.get("name", path.stem), model, data, section(CollectSettings, "collect"), check, tuple(steps), raw.get("eval", {}), text)
+    return Recipe(path, raw.get("name", path.stem), model, data, section(CollectSettings, "collect"), check, tuple(steps), raw.get("eval", {}), text,
+                  raw.get("tune", {}))

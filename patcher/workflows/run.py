@@ -75,12 +75,15 @@ def step_settings(recipe: Recipe) -> list[Any]:
 
 
 def compute_patch(recipe: Recipe, model: Any, tokenizer: Any, *, timings: Timings | None = None,
-                  scale: Any = None, stats_cache: dict | None = None) -> tuple[Patch, list[dict]]:
+                  scale: Any = None, stats_cache: dict | None = None,
+                  collect_as: dict[int, dict[str, Any]] | None = None) -> tuple[Patch, list[dict]]:
     """Run the recipe's steps; returns the composed Patch and a summary of each step's data.
 
     ``stats_cache`` (a sweep passes the same dict for every value) reuses a step's statistics when
     its data, its settings other than the method's ``build_only`` ones, and the patch of the
-    earlier steps are all unchanged."""
+    earlier steps are all unchanged. ``collect_as`` (step index from 0 -> settings) collects a step
+    with those settings in place of its own and builds with its own: a tune searching a layer range
+    collects every layer of the range once and builds each trial's sub-range from it."""
     timings = timings or Timings()
     all_settings = step_settings(recipe)
     c = recipe.collect
@@ -99,13 +102,15 @@ def compute_patch(recipe: Recipe, model: Any, tokenizer: Any, *, timings: Timing
         source = data_source(data_settings)[1]  # no absolute local path goes into patch.json
         summaries.append({"step": i, "method": step.method, "data": data.summary() | {"source": source.get("name") or source["file"]}, "dataset": source})
         ctx = StepContext(model, tokenizer, collector, data, patch)
-        collect_settings = {k: v for k, v in sorted(step.settings.items()) if k not in method.build_only()}
+        wider = (collect_as or {}).get(i - 1)
+        collect_table = step.settings | wider if wider else step.settings
+        collect_settings = {k: v for k, v in sorted(collect_table.items()) if k not in method.build_only()}
         key = (i, step.method, data_settings, repr(collect_settings), patch.hash())
         with timings.stage("collect"):
             if stats_cache is not None and key in stats_cache:
                 stats = stats_cache[key]
             else:
-                stats = method.collect(ctx, settings)
+                stats = method.collect(ctx, build(method.settings, collect_table, f"{recipe.path}:{step.line}", f"step[{i}]") if wider else settings)
                 if stats_cache is not None:
                     stats_cache[key] = stats
         with timings.stage("compute"):

@@ -1,0 +1,550 @@
+"""`patcher tune`: find a recipe's settings for a model under a perplexity budget, by itself.
+
+The recipe's ``[tune]`` table says what is searched (each step's settings: a numeric range, a layer
+range, or a list of choices); without one every step's strength-like ``build_only`` setting is
+searched over a neutral range, so every shipped recipe is tunable as it is. Optuna's TPE sampler
+co-minimises two objectives, heretic-style, with the budget as a constraint:
+
+* **damage**: the relative rise of the recipe's check perplexity (``[check]``: WikiText-2 slice);
+* **toxicity proxy**: the mean log-likelihood margin of toxic sentences over their non-toxic
+  paraphrases, on pairs none of the recipe's steps uses (`patcher.evaluate.likelihood`).
+
+A trial is cheap: statistics come from the sweep's cache (collected once per distinct set of
+collection-relevant settings; a searched layer range is collected once at its widest), the patch
+is attached through its hook face (no bake), and the two scores are teacher-forced forward passes.
+The trials live in a SQLite study file: a killed tune resumes where it stopped, and the sampler is
+reseeded with ``seed + completed trials`` before each trial, so a resumed study asks exactly what an
+uninterrupted one would. The final pick is made by the real evaluation: the Pareto points within
+budget (and a few other trials, to check the proxy's rank correlation with it) are baked and scored
+with the ``quick`` evaluation, and the least toxic within budget is written as a plain recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import typing
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomllib
+
+from ..bake.writer import bake
+from ..core.errors import PatcherError
+from ..core.models import load_model, resolve_device
+from ..core.progress import bar
+from ..core.table import render
+from ..data.loaders import load_data, load_pairs
+from ..edits.patch import Patch
+from ..evaluate.likelihood import likelihood_margin
+from ..evaluate.perplexity import perplexity, token_stream
+from ..evaluate.report import DEFAULT_EVALUATORS, EvalSettings, evaluate
+from ..io.model_files import resolve_model
+from ..methods.registry import get_method
+from ..recipe.loader import Recipe, line_of, resolve_path, where
+from ..recipe.settings import build, matches, setting
+from ..recipe.writer import dump_recipe, rebase_paths
+from .run import compute_patch, step_settings
+from .sweep import with_setting
+
+log = logging.getLogger(__name__)
+
+# Searched when the [tune] table names nothing for a step: the build-only settings that set how hard
+# a method edits, over ranges that assume nothing about the model.
+# On a grid of 0.05 (as fine as the hand-tuned recipes' values): a later step's statistics depend on
+# an earlier step's strength, and a grid lets the trials TPE repeats reuse them.
+DEFAULT_RANGES: dict[str, tuple[float, float, float]] = {"strength": (0.0, 1.0, 0.05), "factor": (0.0, 1.0, 0.05), "min_auroc": (0.5, 1.0, 0.01)}
+# Methods whose statistics for a set of layers hold those of every subset (one collection serves a
+# searched layer range).
+LAYER_RANGE_METHODS = frozenset({"project"})
+STUDY_NAME = "patcher-tune"
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """The ``[tune]`` table's own keys. The searched settings sit in ``[tune.step.N]`` tables: a
+    number as ``[low, high]`` (a float may add a grid step, ``[low, high, step]``), ``layers`` as
+    ``[first, last]`` (each trial edits a start-end range inside it), anything else as a list of
+    choices."""
+
+    proxy_pairs: str = setting("", help="Toxic/non-toxic pairs for the proxy (default: the recipe's paired data); pairs any step uses are left out")
+    proxy_n: int = setting(100, help="Held-back pairs the proxy scores")
+    startup_trials: int = setting(6, help="Random trials before TPE models the results (few: a CPU affords tens of trials, not hundreds)")
+    candidates: int = setting(4, help="Pareto points within budget scored by the quick evaluation for the final pick (0: pick by the proxy)")
+    validate: int = setting(3, help="Other trials also evaluated, spread over the proxy's range, for the rank correlation")
+    eval_prompts: str = setting("", help="Prompt file of that evaluation (default: the RTP challenging prompts)")
+    eval_n_prompts: int = setting(100, help="Prompts of that evaluation")
+    eval_samples: int = setting(5, help="Samples per prompt of that evaluation")
+    eval_seed: int = setting(1, help="Seed of its prompt sample and sampling (1: not the seed-0 sample results are reported on)")
+    evaluators: tuple[str, ...] = setting(DEFAULT_EVALUATORS, help="Evaluators of that evaluation")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched setting of one step: ``kind`` float/int (a range), layers (a start-end range
+    inside [low, high]) or choice."""
+
+    step: int  # index from 0
+    key: str
+    kind: str
+    low: Any = None
+    high: Any = None
+    choices: tuple[Any, ...] = ()
+    step_size: float | None = None  # a float range searched on this grid
+
+    @property
+    def name(self) -> str:
+        return f"step{self.step + 1}.{self.key}"
+
+    def suggest(self, trial: Any) -> Any:
+        """The setting's value for an Optuna trial."""
+        if self.kind == "float":
+            return trial.suggest_float(self.name, self.low, self.high, step=self.step_size)
+        if self.kind == "int":
+            return trial.suggest_int(self.name, self.low, self.high)
+        if self.kind == "layers":
+            a = trial.suggest_int(f"{self.name}.a", self.low, self.high)
+            b = trial.suggest_int(f"{self.name}.b", self.low, self.high)
+            return f"{min(a, b)}-{max(a, b)}"
+        return trial.suggest_categorical(self.name, list(self.choices))
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            return f"{self.name} in {{{', '.join(map(str, self.choices))}}}"
+        grid = f" by {self.step_size}" if self.step_size else ""
+        return f"{self.name} in [{self.low}, {self.high}]{grid}" + (" (a start-end range)" if self.kind == "layers" else "")
+
+
+def _param(recipe: Recipe, index: int, key: str, spec: Any, at: str) -> Param:
+    step = recipe.steps[index]
+    method = get_method(step.method)
+    hints = typing.get_type_hints(method.settings)
+    what = f"tune.step.{index + 1}.{key}"
+    if key not in hints:
+        raise PatcherError(f"{at}: {what}: method {step.method} has no setting {key!r}; its settings: {', '.join(sorted(hints))}")
+    if not isinstance(spec, list) or not spec:
+        raise PatcherError(f"{at}: {what} = {spec!r} should be [low, high] for a number or layers, or a list of choices")
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec)
+    if key == "layers":
+        if step.method not in LAYER_RANGE_METHODS:
+            raise PatcherError(f"{at}: {what}: searching layers is supported for {', '.join(sorted(LAYER_RANGE_METHODS))}, not {step.method}")
+        if len(spec) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in spec) or not 0 <= spec[0] <= spec[1]:
+            raise PatcherError(f"{at}: {what} = {spec!r} should be [first, last]: two layer numbers, first <= last (e.g. [0, 29])")
+        p = Param(index, key, "layers", spec[0], spec[1])
+        probes = [f"{spec[0]}-{spec[1]}"]
+    elif hints[key] in (float, int) and numeric:
+        grid = hints[key] is float and len(spec) == 3
+        if len(spec) not in (2, 3) or len(spec) == 3 and not grid or spec[0] >= spec[1] or grid and not 0 < spec[2] <= spec[1] - spec[0]:
+            raise PatcherError(f"{at}: {what} = {spec!r} should be [low, high] with low < high (a float setting may add a grid step: [low, high, step])")
+        if hints[key] is int and not all(isinstance(v, int) for v in spec):
+            raise PatcherError(f"{at}: {what} = {spec!r}: {key} is a whole number; give [low, high] as integers")
+        p = Param(index, key, "float" if hints[key] is float else "int", spec[0], spec[1], step_size=float(spec[2]) if grid else None)
+        probes = list(spec[:2])
+    else:
+        bad = [v for v in spec if not matches(v, hints[key])]
+        if bad or len(set(map(repr, spec))) != len(spec):
+            raise PatcherError(f"{at}: {what} = {spec!r} should list distinct choices of type {hints[key]}")
+        p = Param(index, key, "choice", choices=tuple(spec))
+        probes = list(spec)
+    for v in probes:  # the method's own checks (e.g. strength in [0, 1]) on the ends of the range
+        try:
+            build(method.settings, step.settings | {key: v}, at, f"step[{index + 1}]")
+        except PatcherError as e:
+            raise PatcherError(f"{at}: {what} = {spec!r} reaches a value the method refuses: {str(e).split(': ', 1)[-1]}") from None
+    return p
+
+
+def tune_space(recipe: Recipe) -> tuple[TuneSettings, list[Param]]:
+    """The recipe's ``[tune]`` table checked (unknown keys, bad ranges and settings a step's method
+    does not have are refused with their line), or the default space when it names no step."""
+    raw = dict(recipe.tune)
+    at = where(recipe.path, line_of(recipe.text, "tune"))
+    per_step = raw.pop("step", {})
+    settings = build(TuneSettings, raw, at, "tune")
+    if settings.proxy_n < 2 or settings.candidates < 0 or settings.validate < 0 or settings.startup_trials < 1 or settings.eval_n_prompts < 1:
+        raise PatcherError(f"{at}: tune needs proxy_n >= 2, candidates >= 0, validate >= 0, startup_trials >= 1 and eval_n_prompts >= 1")
+    if not isinstance(per_step, dict):
+        raise PatcherError(f"{at}: tune.step should be tables [tune.step.N] (N: the step's number, from 1)")
+    params: list[Param] = []
+    for n, table in per_step.items():
+        line = line_of(recipe.text, f"tune.step.{n}") or line_of(recipe.text, "tune")
+        if not n.isdigit() or not 1 <= int(n) <= len(recipe.steps):
+            raise PatcherError(f"{where(recipe.path, line)}: [tune.step.{n}]: the recipe has steps 1..{len(recipe.steps)}")
+        if not isinstance(table, dict) or not table:
+            raise PatcherError(f"{where(recipe.path, line)}: [tune.step.{n}] should be a table of settings, e.g. strength = [0.0, 1.0]")
+        for key, spec in table.items():
+            params.append(_param(recipe, int(n) - 1, key, spec, where(recipe.path, line_of(recipe.text, key, line) or line)))
+    if not per_step:
+        for i, step in enumerate(recipe.steps):
+            method = get_method(step.method)
+            for key, (lo, hi, grid) in DEFAULT_RANGES.items():
+                if key in method.build_only() and key in typing.get_type_hints(method.settings):
+                    params.append(Param(i, key, "float", lo, hi, step_size=grid))
+    if not params:
+        raise PatcherError(f"{recipe.path}: nothing to tune: no step has a strength-like setting; name what to search in [tune.step.N] tables")
+    return settings, params
+
+
+def apply(recipe: Recipe, params: list[Param], values: dict[str, Any]) -> Recipe:
+    """The recipe with each searched setting set to its value (keyed by `Param.name`)."""
+    for p in params:
+        recipe = with_setting(recipe, p.step, p.key, values[p.name])
+    return recipe
+
+
+def layer_spans(params: list[Param]) -> dict[int, dict[str, Any]]:
+    """What a step with a searched layer range collects: the whole range, once."""
+    return {p.step: {"layers": f"{p.low}-{p.high}"} for p in params if p.kind == "layers"}
+
+
+class StatsCache(OrderedDict):
+    """The statistics cache of `compute_patch`, keeping the ``size`` most recently used entries: a
+    later step's statistics change with an earlier step's strength (a grid value each), and would
+    otherwise pile up over a long study. ``collections`` counts the misses."""
+
+    def __init__(self, size: int = 24) -> None:
+        super().__init__()
+        self.size = size
+        self.collections = 0
+
+    def __getitem__(self, key: Any) -> Any:
+        self.move_to_end(key)
+        return super().__getitem__(key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.collections += 1
+        super().__setitem__(key, value)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+# -- scoring -----------------------------------------------------------------------------------------
+@dataclass
+class Scorer:
+    """Everything a trial needs, loaded once: the model, the check slice, the held-back pairs."""
+
+    recipe: Recipe
+    params: list[Param]
+    model: Any
+    tokenizer: Any
+    ppl_ids: Any
+    pairs: list[tuple[str, str]]
+    cache: StatsCache = field(default_factory=StatsCache)
+    patches: dict[int, Patch] = field(default_factory=dict)
+
+    def measure(self, model: Any) -> tuple[float, float]:
+        w = self.recipe.check.ppl_window
+        ppl = perplexity(model, self.ppl_ids, window=w, stride=w)
+        return ppl, likelihood_margin(model, self.tokenizer, self.pairs, max_tokens=self.recipe.data.max_tokens,
+                                      batch_size=self.recipe.collect.batch_size)
+
+    def patch(self, values: dict[str, Any]) -> Patch:
+        patch, _ = compute_patch(apply(self.recipe, self.params, values), self.model, self.tokenizer,
+                                 stats_cache=self.cache, collect_as=layer_spans(self.params))
+        return patch
+
+    def score(self, values: dict[str, Any]) -> tuple[Patch, float, float]:
+        patch = self.patch(values)
+        with patch.hooked(self.model) as hooked:
+            ppl, margin = self.measure(hooked)
+        return patch, ppl, margin
+
+
+def held_back_pairs(recipe: Recipe, settings: TuneSettings, tokenizer: Any) -> list[tuple[str, str]]:
+    """``proxy_n`` (toxic, non-toxic) pairs whose texts no step of the recipe uses."""
+    datas = [s.data or recipe.data for s in recipe.steps]
+    path = resolve_path(recipe.path.parent, settings.proxy_pairs) if settings.proxy_pairs else next((d.path for d in datas if d.pairs), "")
+    if not path:
+        raise PatcherError(f"{recipe.path}: the toxicity proxy needs toxic/non-toxic pairs and no step uses paired data: "
+                           "set proxy_pairs in [tune] (e.g. the ParaDetox pairs file)")
+    used = {t for d in dict.fromkeys(datas) for t in load_data(d, tokenizer).texts}
+    every = load_pairs(path, seed=0, tokenizer=tokenizer, max_tokens=recipe.data.max_tokens)
+    pairs = [(every.texts[i], every.texts[i + 1]) for i in range(0, len(every.texts), 2)
+             if every.texts[i] not in used and every.texts[i + 1] not in used]
+    if len(pairs) < settings.proxy_n:
+        raise PatcherError(f"{path}: only {len(pairs)} pairs are left after the ones the recipe uses; lower tune.proxy_n (now {settings.proxy_n})")
+    return pairs[: settings.proxy_n]
+
+
+# -- the study ---------------------------------------------------------------------------------------
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise PatcherError("patcher tune needs optuna: pip install 'patcher[tune]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+def _sampler(optuna: Any, seed: int, startup: int) -> Any:
+    """Multivariate TPE; the budget reaches it as each trial's constraint (`Trial.set_constraint`)."""
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
+
+
+SEARCH_KEYS = ("proxy_pairs", "proxy_n", "startup_trials")  # the TuneSettings that change what the trials ask and score
+
+
+def fingerprint(recipe: Recipe, params: list[Param], settings: TuneSettings, budget: float, seed: int) -> str:
+    """What makes two searches the same: a study file refuses to continue another one. The
+    evaluation settings are left out (their results are kept per settings), so a finished study
+    can be evaluated again with more prompts or other evaluators."""
+    search = {k: getattr(settings, k) for k in SEARCH_KEYS}
+    blob = json.dumps([recipe.text, recipe.model.id, [dataclasses.asdict(p) for p in params], search, budget, seed], default=str, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def open_study(path: Path, fp: str) -> Any:
+    optuna = _optuna()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name=STUDY_NAME, storage=f"sqlite:///{path.resolve()}", directions=["minimize", "minimize"],
+                                load_if_exists=True)
+    if study.user_attrs.get("fingerprint", fp) != fp:
+        raise PatcherError(f"study {path} holds another tune (recipe, model, budget, seed or search differ): pass another --study or delete it")
+    study.set_user_attr("fingerprint", fp)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # killed mid-trial: asked again below
+    return study
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point matches or beats on both coordinates (lower is better)."""
+    out = []
+    for i, (a, b) in enumerate(points):
+        if not any((c <= a and d <= b) and (c < a or d < b) for j, (c, d) in enumerate(points) if j != i):
+            out.append(i)
+    return sorted(out, key=lambda i: points[i])
+
+
+def spread(items: list[Any], k: int) -> list[Any]:
+    """``k`` items evenly spread over ``items`` (both ends included)."""
+    if k <= 0 or not items:
+        return []
+    if k >= len(items):
+        return list(items)
+    if k == 1:
+        return [items[0]]
+    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (ties averaged), or None with fewer than 3 points or a constant side."""
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
+
+
+@dataclass
+class TuneResult:
+    base: dict[str, float]
+    budget: float
+    trials: list[dict[str, Any]]
+    front: list[int]  # trial numbers on the Pareto front within budget, by proxy
+    evaluated: dict[int, dict[str, Any]]
+    chosen: int | None
+    spearman: float | None
+    spearman_mean_toxicity: float | None
+    params: list[str]
+    seconds: dict[str, float]
+    collections: int
+    out: Path | None = None
+    chosen_settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["out"] = str(self.out) if self.out else None
+        d["evaluated"] = {str(k): v for k, v in self.evaluated.items()}
+        return d
+
+    def table(self) -> str:
+        by = {t["number"]: t for t in self.trials}
+        rows = [["base", "-", round(self.base["proxy"], 4), round(self.base["ppl"], 3), "+0.0%", "", ""]]
+        for n in self.front:
+            t = by[n]
+            ev = self.evaluated.get(n)
+            settings = ", ".join(f"{k}={_short(v)}" for k, v in t["settings"].items())
+            rows.append([f"#{n}" + (" *" if n == self.chosen else ""), settings, round(t["proxy"], 4), round(t["ppl"], 3),
+                         f"{t['ppl_increase']:+.1%}", round(ev["toxicity"], 3) if ev else "", ev["per_evaluator"] if ev else ""])
+        title = (f"Pareto front within +{self.budget:.1%} perplexity ({len(self.trials)} trials, {self.collections} statistics collections; "
+                 "proxy: toxic-over-paraphrase log-likelihood margin, lower is less toxic; eval: quick toxicity probability, mean over evaluators)")
+        return render(["trial", "settings", "proxy", "ppl", "ppl change", "eval", "eval per evaluator"], rows, title=title)
+
+
+def _short(v: Any) -> Any:
+    return round(v, 4) if isinstance(v, float) else v
+
+
+def _eval_point(report: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    tox = report["model"]["toxicity"]
+    prob = {n: tox[n]["toxicity_probability"]["value"] for n in names}
+    return {"toxicity": float(np.mean(list(prob.values()))), "per_evaluator": {n: round(v, 3) for n, v in prob.items()},
+            "mean_toxicity": float(np.mean([tox[n]["mean_toxicity"]["value"] for n in names]))}
+
+
+def _atomic_write(path: Path, text: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_bytes(text.encode() if isinstance(text, str) else text)
+    os.replace(tmp, path)
+
+
+def tuned_recipe_text(recipe: Recipe, params: list[Param], values: dict[str, Any], out: Path, budget: float, note: str) -> str:
+    """The recipe with the chosen settings, its budget and model, without its [tune] table, paths
+    relative to ``out``'s folder."""
+    raw = tomllib.loads(recipe.text)
+    raw.pop("tune", None)
+    raw["name"] = f"{recipe.name}-tuned"
+    raw["model"] = dict(raw.get("model", {})) | {"id": recipe.model.id}
+    raw["check"] = dict(raw.get("check", {})) | {"max_ppl_increase": budget}
+    for p in params:
+        raw["step"][p.step][p.key] = values[p.name]
+    return dump_recipe(rebase_paths(raw, recipe.path.parent, out.parent), header=note)
+
+
+def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60, timeout: float | None = None,
+         study_path: Path | None = None, seed: int = 0, device: str = "cpu", candidates: int | None = None,
+         eval_n_prompts: int | None = None, evaluators: tuple[str, ...] | None = None, overwrite: bool = False) -> TuneResult:
+    """Search, evaluate the Pareto points within budget, write ``out`` (the tuned recipe) with
+    ``.tune.json`` and ``.tune.png`` beside it; ``study_path`` (default ``out`` + ``.study.db``)
+    holds the trials."""
+    if max_ppl_increase <= 0 or trials < 1 or (timeout is not None and timeout <= 0):
+        raise PatcherError("--max-ppl-increase, --trials and --timeout must be positive")
+    ts, params = tune_space(recipe)
+    ts = dataclasses.replace(ts, **{k: v for k, v in (("candidates", candidates), ("eval_n_prompts", eval_n_prompts),
+                                                      ("evaluators", evaluators)) if v is not None})
+    if not recipe.check.ppl_text:
+        raise PatcherError(f"{recipe.path}: tune measures damage on the [check] ppl_text slice: set check.ppl_text (e.g. WikiText-2 test)")
+    step_settings(recipe)
+    out = Path(out)
+    json_path, png_path = out.with_suffix(".tune.json"), out.with_suffix(".tune.png")
+    if out.exists() and not overwrite:
+        raise PatcherError(f"{out} already exists: choose another --out or pass --overwrite")
+    study_path = Path(study_path or out.with_suffix(".study.db"))
+    eval_settings = None
+    if ts.candidates:
+        prompts = resolve_path(recipe.path.parent, ts.eval_prompts) if ts.eval_prompts else ""
+        eval_settings = EvalSettings.from_preset("quick", prompts=prompts, n_prompts=ts.eval_n_prompts, samples=ts.eval_samples,
+                                                 seed=ts.eval_seed, evaluators=ts.evaluators, ppl_tokens=0, fluency=False)
+        from ..evaluate.evaluators import get_evaluators
+
+        get_evaluators(list(ts.evaluators), device=resolve_device(device))  # fail now, not after the search
+    _optuna()
+    folder, _ = resolve_model(recipe.model.id, recipe.model.revision)
+    model, tokenizer = load_model(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
+    scorer = Scorer(recipe, params, model, tokenizer, token_stream(tokenizer, recipe.check.ppl_text, recipe.check.ppl_tokens),
+                    held_back_pairs(recipe, ts, tokenizer))
+    base_ppl, base_proxy = scorer.measure(model)
+    log.info("tune: base perplexity %.3f, proxy %.4f; searching %s", base_ppl, base_proxy, "; ".join(p.describe() for p in params))
+    study = open_study(study_path, fingerprint(recipe, params, ts, max_ppl_increase, seed))
+    optuna = _optuna()
+    complete = lambda: study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))  # noqa: E731
+    t_search, times = time.perf_counter(), []
+    progress = bar(total=trials, initial=min(len(complete()), trials), desc="tune", unit="trial")
+    while len(complete()) < trials and (timeout is None or time.perf_counter() - t_search < timeout):
+        study.sampler = _sampler(optuna, seed + len(complete()), ts.startup_trials)
+        trial = study.ask()
+        values = {p.name: p.suggest(trial) for p in params}
+        t0 = time.perf_counter()
+        patch, ppl, margin = scorer.score(values)
+        inc = ppl / base_ppl - 1.0
+        for k, v in (("settings", values), ("ppl", ppl), ("proxy", margin), ("ppl_increase", inc), ("seconds", time.perf_counter() - t0)):
+            trial.set_user_attr(k, v)
+        trial.set_constraint("ppl_increase", inc - max_ppl_increase)  # feasible at <= 0: within budget
+        study.tell(trial, [margin, inc])
+        scorer.patches[trial.number] = patch
+        times.append(time.perf_counter() - t0)
+        progress.update(1)
+        progress.set_postfix(proxy=f"{margin:.3f}", ppl=f"{inc:+.1%}")
+    progress.close()
+    search_s = time.perf_counter() - t_search
+
+    done = sorted(complete(), key=lambda t: t.number)
+    rows = [{"number": t.number, "settings": t.user_attrs["settings"], "ppl": t.user_attrs["ppl"], "proxy": t.user_attrs["proxy"],
+             "ppl_increase": t.user_attrs["ppl_increase"], "seconds": t.user_attrs["seconds"]} for t in done]
+    within = [r for r in rows if r["ppl_increase"] <= max_ppl_increase]
+    front = [within[i]["number"] for i in pareto([(r["proxy"], r["ppl_increase"]) for r in within])]
+    by = {r["number"]: r for r in rows}
+
+    # The real evaluation: the front points within budget the proxy finds least toxic, and other
+    # trials spread over the proxy's range so that the rank correlation spans the study.
+    t_eval = time.perf_counter()
+    evaluated: dict[int, dict[str, Any]] = {}
+    picks = front[: ts.candidates] if eval_settings else []  # the least toxic end of the front, by proxy
+    others = [r["number"] for r in sorted(rows, key=lambda r: r["proxy"]) if r["number"] not in picks]
+    extra = spread(others, ts.validate) if eval_settings else []
+    if picks:
+        staging = Path(tempfile.mkdtemp(dir=out.resolve().parent, prefix=f".{out.name}.eval-"))
+        try:
+            tag = hashlib.sha256(json.dumps(dataclasses.asdict(eval_settings), sort_keys=True, default=str).encode()).hexdigest()[:12]
+            for n in bar(picks + extra, desc="tune: evaluate", unit="trial"):
+                key = f"eval/{tag}/{n}"
+                if key not in study.user_attrs:  # kept in the study: a resumed tune does not evaluate twice
+                    patch = scorer.patches.get(n) or scorer.patch(by[n]["settings"])
+                    target = staging / f"trial-{n}"
+                    bake(patch, recipe.model.id, target, untie=recipe.model.untie)
+                    report = evaluate(target, settings=eval_settings, device=device).to_json()
+                    study.set_user_attr(key, _eval_point(report, list(ts.evaluators)))
+                    shutil.rmtree(target, ignore_errors=True)
+                evaluated[n] = study.user_attrs[key]
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    eval_s = time.perf_counter() - t_eval
+    if picks:
+        chosen = min(picks, key=lambda n: (evaluated[n]["toxicity"], by[n]["proxy"]))
+    else:
+        chosen = front[0] if front else None
+    xs = [by[n]["proxy"] for n in evaluated]
+    rho = spearman(xs, [e["toxicity"] for e in evaluated.values()])
+    rho_mean = spearman(xs, [e["mean_toxicity"] for e in evaluated.values()])
+
+    result = TuneResult(
+        base={"ppl": base_ppl, "proxy": base_proxy}, budget=max_ppl_increase, trials=rows, front=front, evaluated=evaluated,
+        chosen=chosen, spearman=rho, spearman_mean_toxicity=rho_mean, params=[p.describe() for p in params],
+        seconds={"search": round(search_s, 1), "evaluate": round(eval_s, 1),
+                 "per_trial_mean": round(float(np.mean(times)), 2) if times else float("nan"),
+                 "per_trial_median": round(float(np.median(times)), 2) if times else float("nan"),
+                 "trials_this_run": len(times)},
+        collections=scorer.cache.collections,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if chosen is not None:
+        values = by[chosen]["settings"]
+        result.chosen_settings = values
+        ev = evaluated.get(chosen)
+        note = (f"Written by `patcher tune` from {recipe.path.name} on {recipe.model.id}: trial #{chosen} of {len(rows)}, seed {seed}.\n"
+                f"Chosen: {', '.join(f'{k} = {_short(v)}' for k, v in values.items())}.\n"
+                f"Check perplexity {base_ppl:.3f} -> {by[chosen]['ppl']:.3f} ({by[chosen]['ppl_increase']:+.1%}; budget +{max_ppl_increase:.1%}); "
+                f"proxy {base_proxy:.4f} -> {by[chosen]['proxy']:.4f}"
+                + (f"; quick toxicity probability (mean over evaluators, {ts.eval_n_prompts} prompts, seed {ts.eval_seed}) {ev['toxicity']:.3f}." if ev else "."))
+        _atomic_write(out, tuned_recipe_text(recipe, params, values, out, max_ppl_increase, note))
+        result.out = out
+    _atomic_write(json_path, json.dumps(_finite(result.to_json()), indent=1, default=str) + "\n")
+    try:
+        from ..evaluate.tune_plot import plot_tune
+
+        plot_tune(result.to_json(), png_path)
+    except PatcherError as e:
+        log.warning("no plot: %s", e)
+    return result
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x

@@ -1,0 +1,230 @@
+"""`patcher tune`: the [tune] table's checks, a planted toxic direction whose best strength is known,
+the budget, and resuming a killed study."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import NEUTRAL_WORDS, tiny_model, tiny_tokenizer, write_recipe
+
+from patcher.cli import main
+from patcher.core.errors import PatcherError
+from patcher.recipe.loader import load_recipe
+
+pytest.importorskip("optuna", reason="patcher tune needs optuna (the tune extra)")
+
+from patcher.workflows.tune import Scorer, held_back_pairs, tune, tune_space  # noqa: E402
+
+MARKER = "z"  # the planted "toxic" token: no neutral text holds it
+NEUTRAL_MARKER = "q"  # its paraphrase: the same embedding but for the planted direction
+
+
+def planted_model(folder: Path) -> Path:
+    """A tiny Llama that is close to a bigram model (its layers write almost nothing) with one planted
+    direction: residual dimension 5, held only by the embedding of ``z`` and read by the output head
+    as "``z`` or a space comes next", so runs of ``z`` are likely. ``q`` has ``z``'s embedding without
+    the direction: the pairs' paraphrase. Removing the direction from the embeddings at strength s
+    lowers the z-runs' likelihood monotonically, least toxic at s = 1; the perplexity text holds z-runs
+    too, so the removal also costs perplexity as s grows."""
+    model = tiny_model("llama", seed=3)
+    tok = tiny_tokenizer()
+    z, q, space = (tok.convert_tokens_to_ids(c) for c in (MARKER, NEUTRAL_MARKER, " "))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.01)
+            layer.mlp.down_proj.weight.mul_(0.01)
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        emb[:, 5:7] = 0.0
+        head[:, 5:7] = 0.0
+        emb[z, 6] = 2.0  # a shared part, so that normalisation does not saturate the planted one
+        emb[q] = emb[z]
+        emb[z, 5] = 1.0
+        head[z, 5] = head[space, 5] = 4.0
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def planted_recipe(tmp: Path, model: Path, extra: str = "") -> Path:
+    rng = random.Random(0)
+    rows = []
+    for i in range(160):
+        a, b = rng.choice(NEUTRAL_WORDS), rng.choice(NEUTRAL_WORDS)
+        rows.append({"pair_id": i, "toxic": f"the {a} {MARKER * 3} {b} {i}", "neutral": [f"the {a} {NEUTRAL_MARKER * 3} {b} {i}"]})
+    (tmp / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp / "ppl.txt").write_text(" ".join(f"the {rng.choice(NEUTRAL_WORDS)} {MARKER * 2} is here." for _ in range(40)))
+    text = f"""name = "planted"
+[model]
+id = "{model}"
+[data]
+path = "pairs.jsonl"
+pairs = true
+n_per_class = 40
+max_tokens = 32
+[collect]
+batch_size = 16
+[check]
+ppl_text = "ppl.txt"
+ppl_tokens = 512
+ppl_window = 128
+[[step]]
+method = "project"
+direction = "meandiff"
+paired = true
+source = "block"
+layers = [1]
+embed = true
+strength = 0.5
+[tune]
+proxy_n = 60
+candidates = 0
+{extra}
+"""
+    (tmp / "recipe.toml").write_text(text)
+    return tmp / "recipe.toml"
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Scorer]:
+    tmp = tmp_path_factory.mktemp("planted")
+    recipe = load_recipe(planted_recipe(tmp, planted_model(tmp / "model")))
+    _, params = tune_space(recipe)
+    from patcher.core.models import load_model
+    from patcher.evaluate.perplexity import token_stream
+
+    model, tok = load_model(tmp / "model")
+    scorer = Scorer(recipe, params, model, tok, token_stream(tok, recipe.check.ppl_text, recipe.check.ppl_tokens),
+                    held_back_pairs(recipe, tune_space(recipe)[0], tok))
+    return tmp, scorer
+
+
+def _at(scorer: Scorer, s: float) -> tuple[float, float]:
+    _, ppl, margin = scorer.score({"step1.strength": s})
+    return ppl, margin
+
+
+def test_planted_direction_best_strength_found(planted: tuple[Path, Scorer]) -> None:
+    tmp, scorer = planted
+    base_ppl, base_margin = scorer.measure(scorer.model)
+    grid = [_at(scorer, s / 4) for s in range(5)]
+    assert grid[0][1] == pytest.approx(base_margin, abs=1e-5) and grid[0][0] == pytest.approx(base_ppl, rel=1e-5)
+    assert all(a[1] > b[1] for a, b in zip(grid, grid[1:])), "the planted direction: removing more of it lowers the toxic margin"
+    assert all(a[0] < b[0] for a, b in zip(grid, grid[1:])), "and costs perplexity (the check text holds the marker)"
+    # With a budget every strength meets, the least toxic setting is the full removal.
+    result = tune(load_recipe(tmp / "recipe.toml"), out=tmp / "best.toml", max_ppl_increase=100.0, trials=16, seed=0)
+    chosen = result.chosen_settings["step1.strength"]
+    assert chosen >= 0.9, f"tune picked strength {chosen}, the planted model's least toxic is 1.0"
+    assert load_recipe(tmp / "best.toml").steps[0].settings["strength"] == chosen
+    assert result.seconds["trials_this_run"] == 16 and result.collections == 1, "one statistics collection serves every trial"
+
+
+def test_pick_respects_budget(planted: tuple[Path, Scorer]) -> None:
+    tmp, scorer = planted
+    base_ppl, _ = scorer.measure(scorer.model)
+    full, _ = _at(scorer, 1.0)
+    budget = (full / base_ppl - 1) / 3
+    lo, hi = 0.0, 1.0  # the largest strength within budget, by bisection on the same measurements
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _at(scorer, mid)[0] / base_ppl - 1 <= budget else (lo, mid)
+    result = tune(load_recipe(tmp / "recipe.toml"), out=tmp / "budget.toml", max_ppl_increase=budget, trials=16, seed=1)
+    s = result.chosen_settings["step1.strength"]
+    ppl, _ = _at(scorer, s)
+    assert ppl / base_ppl - 1 <= budget + 1e-9, "the pick must stay within the budget"
+    assert all(t["ppl_increase"] <= budget for t in result.trials if t["number"] in result.front)
+    assert abs(s - lo) <= 0.1, f"picked strength {s}; the least toxic within budget is {lo:.3f}"
+    data = json.loads((tmp / "budget.tune.json").read_text())
+    assert data["chosen"] == result.chosen and (tmp / "budget.tune.png").stat().st_size > 1000
+
+
+def test_resume_after_kill_gives_same_pick(planted: tuple[Path, Scorer], monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp, _ = planted
+    recipe = load_recipe(tmp / "recipe.toml")
+    whole = tune(recipe, out=tmp / "whole.toml", max_ppl_increase=0.2, trials=12, seed=7)
+    calls = []
+    original = Scorer.score
+
+    def dying(self: Scorer, values: dict) -> tuple:
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # a kill in the middle of the 6th trial
+        return original(self, values)
+
+    monkeypatch.setattr(Scorer, "score", dying)
+    with pytest.raises(KeyboardInterrupt):
+        tune(recipe, out=tmp / "killed.toml", max_ppl_increase=0.2, trials=12, seed=7)
+    assert not (tmp / "killed.toml").exists(), "a killed tune writes no recipe"
+    monkeypatch.setattr(Scorer, "score", original)
+    resumed = tune(recipe, out=tmp / "killed.toml", max_ppl_increase=0.2, trials=12, seed=7)
+    assert resumed.seconds["trials_this_run"] == 7, "the 5 finished trials are kept"
+    assert [t["settings"] for t in resumed.trials] == [t["settings"] for t in whole.trials]
+    assert resumed.chosen_settings == whole.chosen_settings
+    assert (tmp / "killed.toml").read_text().split("\n", 1)[1] == (tmp / "whole.toml").read_text().split("\n", 1)[1]
+    again = tune(recipe, out=tmp / "again.toml", study_path=tmp / "killed.study.db", max_ppl_increase=0.2, trials=12, seed=7, eval_n_prompts=7)
+    assert again.seconds["trials_this_run"] == 0 and again.chosen_settings == whole.chosen_settings, "other evaluation settings reuse the trials"
+    with pytest.raises(PatcherError, match="holds another tune"):
+        tune(recipe, out=tmp / "other.toml", study_path=tmp / "killed.study.db", max_ppl_increase=0.3, trials=12, seed=7)
+
+
+def _project_recipe(tmp: Path, tune_table: str) -> Path:
+    path = write_recipe(tmp)
+    path.write_text(path.read_text().replace('method = "aura"', 'method = "project"') + tune_table)
+    return path
+
+
+@pytest.mark.parametrize("table, line, message", [
+    ('[tune]\nproxy_m = 3\n', 20, "unknown key tune.proxy_m"),
+    ('[tune.step.1]\nstrenght = [0.0, 1.0]\n', 21, "has no setting 'strenght'"),
+    ('[tune.step.1]\nstrength = [0.0, 1.5]\n', 21, "reaches a value the method refuses"),
+    ('[tune.step.1]\nstrength = [0.5, 0.2]\n', 21, "low < high"),
+    ('[tune.step.1]\nlayers = [1, 0]\n', 21, "first <= last"),
+    ('[tune.step.1]\nerase = ["orthogonal", "sideways"]\n', 21, "distinct choices"),
+    ('[tune.step.2]\nstrength = [0.0, 1.0]\n', 20, "the recipe has steps 1..1"),
+])
+def test_tune_table_line_errors(tmp_path: Path, table: str, line: int, message: str) -> None:
+    path = _project_recipe(tmp_path, table)
+    recipe = load_recipe(path)
+    with pytest.raises(PatcherError, match=message) as exc:
+        tune_space(recipe)
+    assert f"{path}:{line}:" in str(exc.value)
+    r = CliRunner().invoke(main, ["tune", str(path), "--max-ppl-increase", "0.05", "--out", str(tmp_path / "t.toml")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and r.output.startswith("patcher: error:")
+    assert not (tmp_path / "t.toml").exists()
+
+
+def test_default_space_and_layer_search(tmp_path: Path) -> None:
+    recipe = load_recipe(_project_recipe(tmp_path, '[tune.step.1]\nlayers = [0, 1]\nerase = ["orthogonal", "whitened"]\n'))
+    _, params = tune_space(recipe)
+    assert [(p.key, p.kind) for p in params] == [("layers", "layers"), ("erase", "choice")]
+    aura = load_recipe(write_recipe(tmp_path))  # no [tune]: every step's strength-like setting
+    assert [(p.key, p.low, p.high) for p in tune_space(aura)[1]] == [("min_auroc", 0.5, 1.0)]
+    stack = load_recipe(Path(__file__).parents[1] / "recipes" / "project-stack.toml")
+    assert [(p.name, p.low, p.high) for p in tune_space(stack)[1]] == [("step1.strength", 0.0, 1.0), ("step2.strength", 0.0, 1.0)]
+
+
+def test_pick_by_quick_evaluation(planted: tuple[Path, Scorer], shared_data: Path) -> None:
+    """With candidates, the front within budget is baked and evaluated; the pick is the least toxic
+    of those by the evaluation, and the proxy's rank correlation is reported over every evaluated trial."""
+    pytest.importorskip("profanity_check", reason="the evaluation here uses alt-profanity-check")
+    pytest.importorskip("scipy", reason="the rank correlation uses scipy")
+    tmp, _ = planted
+    planted_recipe(tmp, tmp / "model", extra="validate = 1\neval_samples = 2")
+    recipe = load_recipe(tmp / "recipe.toml")
+    r = CliRunner().invoke(main, ["tune", str(tmp / "recipe.toml"), "--max-ppl-increase", "0.2", "--trials", "8", "--candidates", "2",
+                                  "--eval-n-prompts", "4", "--evaluators", "profanity-check", "--out", str(tmp / "ev.toml")])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp / "ev.tune.json").read_text())
+    evaluated = {int(k): v for k, v in data["evaluated"].items()}
+    front = data["front"]
+    assert set(front[:2]) <= set(evaluated) and len(evaluated) <= 2 + 1  # 2 candidates, 1 more for the correlation
+    assert data["chosen"] in front and data["chosen"] in evaluated
+    assert evaluated[data["chosen"]]["toxicity"] == min(v["toxicity"] for n, v in evaluated.items() if n in front)
+    assert "Pareto front within +20.0% perplexity" in r.output and "s per trial" in r.output
+    tuned = load_recipe(tmp / "ev.toml")
+    assert tuned.tune == {} and tuned.check.max_ppl_increase == 0.2 and tuned.data.path == recipe.data.path
+    assert not any(Path(tmp).glob(".ev.toml.eval-*")), "the evaluation's bakes are removed"
