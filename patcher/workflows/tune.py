@@ -45,7 +45,7 @@ from ..core.errors import PatcherError
 from ..core.models import load_model, resolve_device
 from ..core.progress import bar
 from ..core.table import render
-from ..data.loaders import load_data, load_pairs
+from ..data.loaders import data_source, load_data, load_pairs, ppl_source
 from ..edits.patch import Patch
 from ..evaluate.likelihood import likelihood_margin
 from ..evaluate.perplexity import perplexity, token_stream
@@ -264,7 +264,7 @@ class Scorer:
 def held_back_pairs(recipe: Recipe, settings: TuneSettings, tokenizer: Any) -> list[tuple[str, str]]:
     """``proxy_n`` (toxic, non-toxic) pairs whose texts no step of the recipe uses."""
     datas = [s.data or recipe.data for s in recipe.steps]
-    path = resolve_path(recipe.path.parent, settings.proxy_pairs) if settings.proxy_pairs else next((d.path for d in datas if d.pairs), "")
+    path = resolve_path(recipe.path.parent, settings.proxy_pairs) if settings.proxy_pairs else next((data_source(d)[0] for d in datas if d.pairs), "")
     if not path:
         raise PatcherError(f"{recipe.path}: the toxicity proxy needs toxic/non-toxic pairs and no step uses paired data: "
                            "set proxy_pairs in [tune] (e.g. the ParaDetox pairs file)")
@@ -424,9 +424,10 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
     ts, params = tune_space(recipe)
     ts = dataclasses.replace(ts, **{k: v for k, v in (("candidates", candidates), ("eval_n_prompts", eval_n_prompts),
                                                       ("evaluators", evaluators)) if v is not None})
-    if not recipe.check.ppl_text:
-        raise PatcherError(f"{recipe.path}: tune measures damage on the [check] ppl_text slice: set check.ppl_text (e.g. WikiText-2 test)")
     step_settings(recipe)
+    ppl = ppl_source(recipe.check)
+    if ppl is None:
+        raise PatcherError(f"{recipe.path}: tune measures damage on the [check] perplexity text: set check.ppl_dataset (e.g. \"wikitext-2\") or check.ppl_text")
     out = Path(out)
     json_path, png_path = out.with_suffix(".tune.json"), out.with_suffix(".tune.png")
     if out.exists() and not overwrite:
@@ -443,7 +444,7 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
     _optuna()
     folder, _ = resolve_model(recipe.model.id, recipe.model.revision)
     model, tokenizer = load_model(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
-    scorer = Scorer(recipe, params, model, tokenizer, token_stream(tokenizer, recipe.check.ppl_text, recipe.check.ppl_tokens),
+    scorer = Scorer(recipe, params, model, tokenizer, token_stream(tokenizer, ppl[0], recipe.check.ppl_tokens),
                     held_back_pairs(recipe, ts, tokenizer))
     base_ppl, base_proxy = scorer.measure(model)
     log.info("tune: base perplexity %.3f, proxy %.4f; searching %s", base_ppl, base_proxy, "; ".join(p.describe() for p in params))
