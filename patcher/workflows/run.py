@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..bake.writer import bake
+from ..bake.writer import prepare_bake, write_bake
 from ..collect.collector import Collector
 from ..collect.layerwise import layerwise_perplexity
 from ..core.errors import PatcherError
@@ -34,7 +33,7 @@ from ..evaluate.perplexity import perplexity, token_stream
 from ..evaluate.plots import plot_report
 from ..evaluate.report import EvalSettings, eval_prompts, evaluate
 from ..io.checkpoint import sha256_file
-from ..io.folders import atomic_folder, check_output_path, move_into_place
+from ..io.folders import atomic_folder, check_output_path
 from ..io.model_files import resolve_model
 from ..io.record import update_record
 from ..methods.registry import StepContext, get_method
@@ -105,24 +104,49 @@ def compute_patch(recipe: Recipe, model: Any, tokenizer: Any, *, timings: Timing
     return patch, summaries
 
 
+def recipe_inputs(recipe: Recipe) -> list[Path]:
+    """Every local file a recipe reads: the recipe itself, its data, its perplexity text, files its
+    steps name (``*_path``) and its ``[eval]`` table's files. No output may touch any of them."""
+    paths: list[Any] = [recipe.path, recipe.data.path, recipe.check.ppl_text]
+    for step in recipe.steps:
+        if step.data is not None:
+            paths.append(step.data.path)
+        paths += [v for k, v in step.settings.items() if k.endswith("_path") and isinstance(v, str)]
+    if isinstance(recipe.eval, dict):
+        paths += [resolve_path(recipe.path.parent, recipe.eval[k]) for k in ("prompts", "ppl_text") if isinstance(recipe.eval.get(k), str)]
+    return [Path(p) for p in paths if p and "://" not in str(p)]
+
+
+@contextmanager
+def _collect_state(scale: Any) -> Iterator[None]:
+    """On a failure, the collection checkpoints are kept only when ``--resume`` can continue from
+    them (the collection itself was interrupted after a checkpoint); otherwise they are removed.
+    Either way the log says which."""
+    try:
+        yield
+    except BaseException:
+        if scale is not None:
+            scale.abandon()
+        raise
+
+
 def compute(recipe: Recipe, out: Path, *, device: str = "cpu", overwrite: bool = False, scale: Any = None) -> Patch | None:
-    """`patcher compute`: the recipe's patch written to ``out`` (``patch.json`` +
-    ``patch.safetensors``) without baking. Under several processes only rank 0 writes; the others
-    return None."""
+    """`patcher compute`: the recipe's patch written to ``out`` (``patch.json`` with the patch's
+    sha256 + ``patch.safetensors``) without baking. Under several processes only rank 0 writes; the
+    others return None."""
     step_settings(recipe)
-    folder, _ = resolve_model(recipe.model.id, recipe.model.revision)
-    if out.exists() and not overwrite:
-        raise PatcherError(f"output folder {out} already exists: choose another --out or pass --overwrite")
-    check_output_path(out, folder, overwrite)
+    folder, _ = resolve_model(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)
+    check_output_path(out, folder, overwrite, recipe_inputs(recipe))
     if scale is not None:
         device = scale.prepare(folder, out, device)
     load = scale.load if scale is not None else load_model
-    model, tokenizer = load(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
-    patch, _ = compute_patch(recipe, model, tokenizer, scale=scale)
-    if scale is not None and not scale.world.is_main:
-        return None
-    with atomic_folder(out) as tmp:
-        patch.save(tmp)
+    with _collect_state(scale):
+        model, tokenizer = load(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
+        patch, _ = compute_patch(recipe, model, tokenizer, scale=scale)
+        if scale is not None and not scale.world.is_main:
+            return None
+        with atomic_folder(out, overwrite) as tmp:
+            patch.save(tmp)
     if scale is not None:
         scale.finish()
     return patch
@@ -225,10 +249,12 @@ def run(
     overwrite: bool = False,
     scale: Any = None,
     run_eval: bool = True,
+    allow_nonfinite: bool = False,
 ) -> RunResult | None:
     """``scale`` (`patcher.distributed.ScaleOptions`): device map, layer-by-layer, data-parallel,
     checkpoints; under several processes only rank 0 bakes and writes, the others return None.
-    ``run_eval=False`` skips the recipe's ``[eval]`` table (the card is written without it)."""
+    ``run_eval=False`` skips the recipe's ``[eval]`` table (the card is written without it).
+    ``allow_nonfinite``: copy untouched source tensors holding NaN or inf."""
     timings = Timings()
     spec = recipe.model.id
     effective = recipe.effective_settings(step_settings(recipe))  # every step validated before the work
@@ -237,48 +263,60 @@ def run(
         settings = None
     if settings is not None:
         _check_eval(settings, device)
+    trust = recipe.model.trust_remote_code
     with timings.stage("load"):
-        folder, _ = resolve_model(spec, recipe.model.revision)
+        folder, _ = resolve_model(spec, recipe.model.revision, trust)
         out = Path(out or f"runs/{recipe.name}-{Path(spec).name}")
-        check_output_path(out, folder, overwrite)
+        check_output_path(out, folder, overwrite, recipe_inputs(recipe))
         if scale is not None:
             device = scale.prepare(folder, out, device)
         load = scale.load if scale is not None else load_model
-        model, tokenizer = load(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
-    patch, summaries = compute_patch(recipe, model, tokenizer, timings=timings, scale=scale)
-    if scale is not None and not scale.world.is_main:
-        return None
-    staging = out.resolve().parent / f".{out.name}.staging"
-    if staging.exists():
-        shutil.rmtree(staging)
-    record = {"recipe": {"path": str(recipe.path), "name": recipe.name, "text": recipe.text, "settings": effective}, "data": summaries}
-    try:
-        with timings.stage("bake"):
-            bake(patch, spec, staging, untie=recipe.model.untie, record=record)
-        with timings.stage("perplexity"):
-            before = _ppl(model, tokenizer, recipe) if recipe.check.ppl_text else float("nan")
-            del model
-            baked, _ = load(staging, recipe.model.dtype, device)
-            after = _ppl(baked, tokenizer, recipe) if recipe.check.ppl_text else float("nan")
-            del baked
-        result = RunResult(out, patch, before, after, timings, summaries)
-        update_record(staging, {"check": dataclasses.asdict(recipe.check) | {"ppl_before": before, "ppl_after": after, "ppl_increase": result.ppl_increase}})
-        budget = recipe.check.max_ppl_increase
-        if recipe.check.ppl_text and result.ppl_increase > budget and not force:
-            raise PatcherError(
-                f"perplexity rose {result.ppl_increase:+.1%} ({before:.2f} -> {after:.2f}), over the recipe's budget of "
-                f"{budget:+.0%}: nothing was written; pass --force to publish anyway or raise check.max_ppl_increase"
-            )
-        if settings is not None:
-            with timings.stage("eval"):
-                # the base model as resolved for the bake (a pinned revision stays pinned)
-                baseline = spec if recipe.model.revision is None else str(folder)
-                result.eval_report = _evaluate_staging(staging, out, baseline, settings, device)
-        _write_card(staging, out, result.eval_report)
-        move_into_place(staging, out)
-        if scale is not None:
-            scale.finish()
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    with _collect_state(scale):
+        with timings.stage("load"):
+            model, tokenizer = load(folder, recipe.model.dtype, device, trust)
+        patch, summaries = compute_patch(recipe, model, tokenizer, timings=timings, scale=scale)
+        if scale is not None and not scale.world.is_main:
+            return None
+        record = {"recipe": {"path": str(recipe.path.resolve()), "name": recipe.name, "text": recipe.text, "settings": effective}, "data": summaries}
+        holder = [model]
+        del model
+        with atomic_folder(out, overwrite) as staging:
+            result = _bake_and_check(recipe, patch, summaries, holder, tokenizer, load, staging, out, record, timings, device,
+                                     settings, force, allow_nonfinite, folder)
+    if scale is not None:
+        scale.finish()
+    return result
+
+
+def _bake_and_check(recipe: Recipe, patch: Patch, summaries: list[dict], holder: list[Any], tokenizer: Any, load: Any, staging: Path, out: Path,
+                    record: dict[str, Any], timings: Timings, device: str, settings: Any, force: bool, allow_nonfinite: bool,
+                    folder: Path) -> RunResult:
+    """Bake into ``staging``, check perplexity against the budget, evaluate, write the card: the
+    caller publishes ``staging`` as ``out`` only when this returns. ``holder`` holds the only
+    reference to the collected model, dropped once the base perplexity is measured (the baked model
+    is loaded next)."""
+    spec = recipe.model.id
+    with timings.stage("bake"):
+        prep = prepare_bake(patch, spec, untie=recipe.model.untie, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)
+        write_bake(patch, prep, staging, out, record=record, allow_nonfinite=allow_nonfinite)
+    with timings.stage("perplexity"):
+        before = _ppl(holder.pop(), tokenizer, recipe) if recipe.check.ppl_text else float("nan")  # the model is freed here
+        holder.clear()
+        baked, _ = load(staging, recipe.model.dtype, device)
+        after = _ppl(baked, tokenizer, recipe) if recipe.check.ppl_text else float("nan")
+        del baked
+    result = RunResult(out, patch, before, after, timings, summaries)
+    update_record(staging, {"check": dataclasses.asdict(recipe.check) | {"ppl_before": before, "ppl_after": after, "ppl_increase": result.ppl_increase}})
+    budget = recipe.check.max_ppl_increase
+    if recipe.check.ppl_text and result.ppl_increase > budget and not force:
+        raise PatcherError(
+            f"perplexity rose {result.ppl_increase:+.1%} ({before:.2f} -> {after:.2f}), over the recipe's budget of "
+            f"{budget:+.0%}: nothing was written; pass --force to publish anyway or raise check.max_ppl_increase"
+        )
+    if settings is not None:
+        with timings.stage("eval"):
+            # the base model as resolved for the bake (a pinned revision stays pinned)
+            baseline = spec if recipe.model.revision is None else str(folder)
+            result.eval_report = _evaluate_staging(staging, out, baseline, settings, device)
+    _write_card(staging, out, result.eval_report)
     return result
