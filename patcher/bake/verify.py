@@ -5,7 +5,8 @@ folder); then these checks, each able to fail on its own:
 1. every file in the folder is listed in the record with its sha256, and every listed file is there
    with that sha256: an added ``.py`` or ``.bin``, a swapped file or a removed entry is a mismatch.
    Two files are not listed: ``patch.json`` itself (the record) and the model card ``README.md``,
-   which `patcher card` and `patcher push` rewrite; it is documentation, loaders never read it;
+   which `patcher card` and `patcher push` rewrite; it is documentation, loaders never read it.
+   Hidden files and folders (``.git``, ``.cache``) are skipped as `push` skips them: never uploaded;
    the patch inside the folder must hash to the recorded ``patch_sha256``;
 2. tensor by tensor, the output equals the base (untouched tensors: identical bytes) or the base with
    the patch's edits recomputed (edited tensors: identical bytes after the same float32 math and cast);
@@ -94,7 +95,8 @@ def check_files(out: str | Path) -> list[str]:
             bad.append(rel)
     for p in sorted(out.rglob("*")):
         rel = p.relative_to(out).as_posix()
-        if (p.is_file() or p.is_symlink()) and rel not in files and rel not in UNLISTED:
+        hidden = any(part.startswith(".") for part in p.relative_to(out).parts)  # never uploaded or loaded (.git, .cache)
+        if (p.is_file() or p.is_symlink()) and not hidden and rel not in files and rel not in UNLISTED:
             bad.append(f"{rel} (not in the record)")
     try:
         ok = Patch.load(out).hash() == record["bake"]["patch_sha256"]

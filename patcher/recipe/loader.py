@@ -68,7 +68,7 @@ class CheckSettings:
     ppl_text: str = setting("", help="Text whose perplexity is checked before and after (e.g. WikiText-2 test)")
     ppl_tokens: int = setting(4096, help="Tokens of that text used for the check", minimum=2)
     ppl_window: int = setting(512, help="Perplexity window (and stride) in tokens", minimum=2)
-    max_ppl_increase: float = setting(1.0, help="Budget: the largest relative rise allowed (0.05 = +5%)", minimum=0.0)
+    max_ppl_increase: float = setting(1.0, help="Budget: the largest relative rise allowed (0.05 = +5%)")
 
 
 @dataclass(frozen=True)

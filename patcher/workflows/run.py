@@ -220,9 +220,10 @@ def _evaluate_staging(staging: Path, out: Path, baseline: str, settings: Any, de
     """Evaluate the staged output against ``baseline``; writes eval.json and eval.png into it."""
 
     report = evaluate(staging, baseline=baseline, settings=settings, device=device)
-    final = str(out.resolve())  # measured in the staging folder, published as ``out``
-    report.model.spec, report.model.folder = str(out), final
-    report.model.provenance = report.model.provenance | {"model": final}
+    # measured in the staging folder, published as ``out``: the report sits inside the model it
+    # describes, so the model is "." (local paths in published files are relative, never absolute)
+    report.model.spec, report.model.folder = ".", "."
+    report.model.provenance = report.model.provenance | {"model": "."}
     report.save_json(staging / EVAL_NAME)
     data = report.to_json()
     plot_report(data, staging / EVAL_PLOT)
