@@ -208,15 +208,20 @@ def write_bake(patch: Patch, prep: Prepared, tmp: Path, out: Path, *, record: di
         weight_map.update((name, shard.name) for name, _ in order)
         jobs.append((shard, order))
     with progress_bar(total=total, unit="B", unit_scale=True, desc="bake") as bar:
-        # Shards are independent files: one thread each, as many at once as there are cores (file
-        # I/O, sha256 and torch all release the GIL), so hashing runs at the speed of every core.
-        with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
-            stop = threading.Event()  # set when one shard fails, so the others stop at their next tensor
-            futures = {
-                shard.name: pool.submit(_write_shard, ckpt, plan, shard, order, tmp / shard.name, stop, bar, allow_nonfinite) for shard, order in jobs
-            }
-            for name, f in futures.items():
-                files[name] = f.result()
+        try:
+            # Shards are independent files: one thread each, as many at once as there are cores (file
+            # I/O, sha256 and torch all release the GIL), so hashing runs at the speed of every core.
+            with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+                stop = threading.Event()  # set when one shard fails, so the others stop at their next tensor
+                futures = {
+                    shard.name: pool.submit(_write_shard, ckpt, plan, shard, order, tmp / shard.name, stop, bar, allow_nonfinite)
+                    for shard, order in jobs
+                }
+                for name, f in futures.items():
+                    files[name] = f.result()
+        except BaseException:
+            bar.leave = False  # the bar is cleared: a failed bake leaves only its one-line error
+            raise
     for side in ckpt.sidecar_files(code=prep.code):
         shutil.copyfile(side, tmp / side.name)
     if plan.untied:

@@ -22,7 +22,7 @@ from ..core.errors import PatcherError
 from ..core.models import load_model
 from ..core.table import render
 from ..evaluate.report import EvalSettings, evaluate
-from ..io.folders import check_output_path, written_by_patcher
+from ..io.folders import check_output_path
 from ..io.model_files import resolve_model
 from ..io.record import write_json_file
 from ..recipe.loader import Recipe
@@ -146,8 +146,6 @@ def sweep(
     folder, _ = resolve_model(spec, recipe.model.revision, recipe.model.trust_remote_code)
     inputs = [*recipe_inputs(recipe), *(references or {}).values(), eval_settings.prompts if eval_settings else None]
     check_output_path(out, folder, True, inputs)  # an existing sweep folder is reused: patcher wrote it
-    if out.exists() and any(out.iterdir()) and not written_by_patcher(out):
-        raise PatcherError(f"{out} exists and is not a sweep folder patcher wrote (no sweep.json): choose another --out")
     model, tokenizer = load_model(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
     base = _point(evaluate(folder, settings=settings, device=device).to_json())
     refs = {}
