@@ -790,7 +790,7 @@ def test_hub_patterns_never_match_python_files() -> None:
 
 
 def test_trust_remote_code_reaches_the_loader_only_from_the_flag(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    from patcher.workflows import run as run_module
+    from patcher.collect import parallel
 
     seen = []
 
@@ -798,9 +798,10 @@ def test_trust_remote_code_reaches_the_loader_only_from_the_flag(world: World, m
         seen.append(trust_remote_code)
         raise OSError(errno.EIO, "stop here", str(folder))
 
-    monkeypatch.setattr(run_module, "load_model", fake_load)
-    cli("compute", world.recipe, "--out", world.out, "--checkpoint-every", "0")
-    cli("compute", world.recipe, "--out", world.out, "--checkpoint-every", "0", "--trust-remote-code")
+    monkeypatch.setattr(parallel, "load_model", fake_load)  # what every model-loading command calls
+    for flag in ([], ["--trust-remote-code"]):
+        code, output = cli("compute", world.recipe, "--out", world.out, "--checkpoint-every", "0", *flag)
+        assert code == 2 and "stop here" in output
     assert seen == [False, True]
 
 
