@@ -22,7 +22,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +75,7 @@ class World:
 
     inp: Path
     work: Path
+    sealed: str = ""
 
     @property
     def base(self) -> Path:
@@ -92,16 +93,24 @@ class World:
     def out(self) -> Path:
         return self.work / "out"
 
+    def seal(self) -> None:
+        """Record the inputs' tree hash: from here on patcher may not change them (the fixture
+        checks after the test). A test that damages an input on purpose seals after doing so."""
+        self.sealed = tree_hash(self.inp)
+
 
 @pytest.fixture
-def world(proto: Path, tmp_path: Path) -> World:
+def world(proto: Path, tmp_path: Path) -> Iterator[World]:
     inp = tmp_path / "in"
     shutil.copytree(proto, inp, symlinks=True)
     recipe = inp / "recipe" / "recipe.toml"  # point the copied recipe at the copied model
     recipe.write_text(recipe.read_text().replace(str(proto / "base"), str(inp / "base")))
     work = tmp_path / "work"
     work.mkdir()
-    return World(inp, work)
+    w = World(inp, work)
+    w.seal()
+    yield w
+    assert tree_hash(w.inp) == w.sealed, "a command modified its inputs (source model, patch, recipe or data)"
 
 
 def cli(*args: object) -> tuple[int, str]:
@@ -411,6 +420,7 @@ FAULTS: list[tuple[str, Callable[[World], None], Callable[[World], list[object]]
 def test_fault(case: tuple, world: World) -> None:
     _, setup, args, message = case
     setup(world)
+    world.seal()
     assert_refused(world, args(world), message)
 
 
@@ -485,6 +495,7 @@ def test_good_bake_records_no_absolute_path_and_verifies_from_elsewhere(world: W
     assert code == 0 and "verify: OK" in output, output
     moved = tmp_path / "moved-base"
     shutil.move(world.base, moved)
+    world.seal()
     code, output = cli("verify", world.out, "--no-logits")
     assert code == 2 and "--base" in output
     code, output = cli("verify", world.out, "--no-logits", "--base", moved)
@@ -606,6 +617,7 @@ def test_failed_run_removes_state_it_cannot_resume(world: World) -> None:
     """The perplexity gate fails after the collection finished: the state is removed, and said so."""
     text = world.recipe.read_text().replace("max_ppl_increase = 100.0", "max_ppl_increase = -0.99")
     world.recipe.write_text(text)
+    world.seal()
     code, output = cli("run", world.recipe, "--out", world.out, "--checkpoint-every", "1")
     assert code == 2 and "over the recipe's budget" in output
     assert "removed the collection state" in output
@@ -769,6 +781,7 @@ def test_lock_fallback_refuses_a_folder_that_appeared(world: World, monkeypatch:
 # -- remote code -----------------------------------------------------------------------------------
 def test_py_files_copied_only_with_trust_remote_code(world: World) -> None:
     (world.base / "modeling_custom.py").write_text("print('code ran')\n")
+    world.seal()
     code, output = cli(*bake_args()(world))
     assert code == 0, output
     assert not list(world.out.glob("*.py"))
