@@ -74,14 +74,17 @@ def file_inside(folder: Path, name: Any, where: str | Path) -> Path:
     return path
 
 
+_PREFIXED = re.compile(r"^([A-Za-z][\w.+-]*:)(/(?!/).*)$")  # "hf:/abs/path", not a URL "x://..."
+
+
 def _absolute(s: str) -> bool:
     return "\n" not in s and len(s) < 4096 and (s.startswith(("/", "~")) or PureWindowsPath(s).is_absolute())
 
 
 def relative_paths(data: Any, folder: Path) -> Any:
     """``data`` (JSON-ready) with every absolute local path rewritten relative to ``folder`` (the
-    folder the file is written into), also where such a path occurs inside a longer text (a
-    recipe's text): files patcher writes are published, and a user's local paths are not
+    folder the file is written into), also where such a path occurs inside a longer string or a
+    key (a recipe's text, "score hf:/models/clf"): files patcher writes are published, and a user's local paths are not
     patcher's to publish. Staging folders are siblings of the output, so a path relative to the
     staging folder is the same relative to the output."""
     root = Path(folder).resolve()
@@ -93,24 +96,27 @@ def relative_paths(data: Any, folder: Path) -> Any:
         return found[s]
 
     def walk(x: Any) -> Any:
-        if isinstance(x, dict):
-            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, dict):  # keys too: evaluators are keyed by name, and "hf:/models/clf" is one
+            return {walk(k) if isinstance(k, str) else k: walk(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return [walk(v) for v in x]
         if isinstance(x, str) and _absolute(x):
             return rel(x)
+        m = _PREFIXED.match(x) if isinstance(x, str) else None
+        if m and _absolute(m.group(2)):  # an absolute path behind a scheme-like prefix: hf:/models/clf
+            return m.group(1) + rel(m.group(2))
         return x
 
     out = walk(data)
     if not found:
         return out
 
-    def texts(x: Any) -> Any:
+    def texts(x: Any) -> Any:  # the same paths inside longer strings and keys ("score hf:/models/clf", a recipe's text)
         if isinstance(x, dict):
-            return {k: texts(v) for k, v in x.items()}
+            return {texts(k) if isinstance(k, str) else k: texts(v) for k, v in x.items()}
         if isinstance(x, list):
             return [texts(v) for v in x]
-        if isinstance(x, str) and "\n" in x:
+        if isinstance(x, str) and "/" in x:
             for absolute in sorted(found, key=len, reverse=True):
                 x = x.replace(absolute, found[absolute])
         return x
