@@ -7,6 +7,7 @@ the ``patcher`` logger (``-v`` / ``-q``), results tables to stdout."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -25,19 +26,67 @@ from .evaluate.report import EvalSettings
 from .recipe.loader import CollectSettings, ModelSettings
 from .recipe.settings import help_of
 
+# What to do about an operating-system error a user can cause (full disk, read-only place, ...).
+OS_FIXES = {
+    errno.ENOSPC: "free some space or choose an --out on another disk",
+    errno.EDQUOT: "free some space (disk quota) or choose an --out on another disk",
+    errno.EROFS: "that filesystem is read-only: choose a writable --out",
+    errno.EACCES: "no permission there: choose a writable --out or fix the permissions",
+    errno.EPERM: "not permitted there (read-only or immutable file?): choose a writable --out or fix the attributes",
+    errno.ENAMETOOLONG: "the name is too long: choose a shorter --out",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "that is a folder: name a file",
+    errno.EEXIST: "it already exists: choose another --out",
+    errno.EIO: "the disk reported an I/O error: check it, or choose another --out",
+}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an OSError: what failed, where, and what to do (the staging folder of an
+    output is already gone: outputs are written in a temporary sibling removed on any failure)."""
+    where = exc.filename if exc.filename is not None else "?"
+    what = exc.strerror or type(exc).__name__
+    fix = OS_FIXES.get(exc.errno, "check the path, the disk and the permissions")
+    return _one_line(f"{what} ({where}): {fix}; nothing was written")
+
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a PatcherError into a one-line message and a non-zero exit."""
+    """Turn a PatcherError, or an OSError a user can cause (disk full, read-only or immutable place,
+    a too-long name), into one line ``patcher: error: ...`` and exit status 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except PatcherError as exc:
-            click.echo(f"patcher: error: {exc}", err=True)
+            click.echo(f"patcher: error: {_one_line(exc)}", err=True)
+            sys.exit(2)
+        except OSError as exc:
+            click.echo(f"patcher: error: {os_error_message(exc)}", err=True)
             sys.exit(2)
 
     return wrapper
+
+
+def _trust_opt(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--trust-remote-code``: the only way to let a model's own Python code run or be copied
+    (a recipe may not ask for it)."""
+    return click.option("--trust-remote-code", is_flag=True,
+                        help="Run the model's own Python code (transformers' trust_remote_code) and copy its .py files; only for models you trust.")(fn)
+
+
+def _file_outputs(*pairs: tuple[Path | None, list[Any]]) -> None:
+    """The output guard for files a command writes (--json, --plot): never an input, never inside one."""
+    from .io.folders import check_output_path
+
+    for out, inputs in pairs:
+        if out is not None:
+            check_output_path(out, None, True, inputs, kind="file")
 
 
 def setting_option(cls: type, name: str, *decls: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -102,19 +151,27 @@ def _threads_opt(fn: Callable[..., Any]) -> Callable[..., Any]:
                         help="CPU threads for torch (default: the CPUs this process may use, by affinity and cgroup quota).")(fn)
 
 
+def _nonfinite_opt(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--allow-nonfinite", is_flag=True,
+                        help="Copy untouched source tensors that hold NaN or inf as they are (refused by default; edited tensors must be finite).")(fn)
+
+
 @main.command()
 @click.argument("patch_path", metavar="PATCH", type=click.Path(path_type=Path))
 @click.option("--model", "-m", required=True, help="Base model: local folder, Hub id, or smollm2-135m.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
 @click.option("--untie", is_flag=True, help="Allow edits on tied embeddings by writing a separate lm_head.weight.")
+@_nonfinite_opt
+@click.option("--trust-remote-code", is_flag=True, help="Also copy the model's own Python files (*.py) into the output; only for models you trust.")
 @friendly
-def bake(patch_path: Path, model: str, out: Path, overwrite: bool, untie: bool) -> None:
+def bake(patch_path: Path, model: str, out: Path, overwrite: bool, untie: bool, allow_nonfinite: bool, trust_remote_code: bool) -> None:
     """Bake PATCH into MODEL and write the result to OUT."""
     from .bake.writer import bake as run_bake
     from .edits.patch import Patch
 
-    result = run_bake(Patch.load(patch_path), model, out, overwrite=overwrite, untie=untie)
+    result = run_bake(Patch.load(patch_path), model, out, overwrite=overwrite, untie=untie, allow_nonfinite=allow_nonfinite,
+                      trust_remote_code=trust_remote_code, inputs=(patch_path,))
     click.echo(f"wrote {result}")
 
 
@@ -148,12 +205,15 @@ def inspect(path: Path, plot: Path | None) -> None:
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--no-logits", is_flag=True, help="Skip the logits comparison (files and tensors only).")
+@click.option("--base", default=None, help="The base model (folder, Hub id or smollm2-135m), when it is not where the record says.")
 @friendly
-def verify(out: Path, no_logits: bool) -> None:
-    """Check that OUT is exactly its recorded base model plus its patch."""
+def verify(out: Path, no_logits: bool, base: str | None) -> None:
+    """Check that OUT is exactly its recorded base model plus its patch: every file against the
+    record (unlisted files fail; README.md, the model card, is the exception), the patch hash, each
+    tensor, and the logits."""
     from .bake.verify import verify as run_verify
 
-    r = run_verify(out, logits=not no_logits)
+    r = run_verify(out, logits=not no_logits, base=base)
     click.echo(f"files: {'ok' if not r.bad_files else 'MISMATCH ' + ', '.join(r.bad_files)}")
     click.echo(f"tensors: {'ok' if not r.bad_tensors else 'MISMATCH ' + ', '.join(r.bad_tensors[:10])}")
     if not no_logits:
@@ -168,11 +228,13 @@ _device_opt = click.option("--device", default="cpu", show_default=True, help="c
 _batch_opt = setting_option(CollectSettings, "batch_size", type=click.IntRange(min=1))
 
 
-def _load_recipe(path: Path, model: str | None, batch_size: int | None) -> Any:
-    """The recipe with the command line's overrides (recorded as such in patch.json)."""
+def _load_recipe(path: Path, model: str | None, batch_size: int | None, trust_remote_code: bool = False) -> Any:
+    """The recipe with the command line's overrides (recorded as such in patch.json);
+    ``trust_remote_code`` comes only from here."""
     from .recipe.loader import load_recipe
 
-    return load_recipe(path).override("model", id=model).override("collect", batch_size=batch_size)
+    return (load_recipe(path).override("model", id=model).override("collect", batch_size=batch_size)
+            .override("model", trust_remote_code=trust_remote_code or None))
 
 
 def _set_data_dir(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
@@ -215,19 +277,22 @@ def _scale(kw: dict[str, Any]) -> Any:
 @click.option("--force", is_flag=True, help="Publish even when perplexity rises beyond the recipe's budget.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder once the new one is ready.")
 @click.option("--no-eval", is_flag=True, help="Skip the recipe's [eval] table (the model card is written without an evaluation).")
+@_nonfinite_opt
+@_trust_opt
 @_scale_opts
 @_threads_opt
 @_data_dir_opt
 @friendly
 def run(recipe_path: Path, model: str | None, out: Path | None, device: str, batch_size: int | None, force: bool, overwrite: bool, no_eval: bool,
-        **scale: Any) -> None:
+        allow_nonfinite: bool, trust_remote_code: bool, **scale: Any) -> None:
     """Compute RECIPE's edits on a model, bake them, check perplexity, evaluate against the base
     model when the recipe has an [eval] table, and write the output folder with its model card.
     Data-parallel: `torchrun --nproc_per_node N -m patcher.cli run ...` (rank 0 writes)."""
     from .workflows.run import run as run_recipe
 
-    recipe = _load_recipe(recipe_path, model, batch_size)
-    r = run_recipe(recipe, out=out, device=device, force=force, overwrite=overwrite, scale=_scale(scale), run_eval=not no_eval)
+    recipe = _load_recipe(recipe_path, model, batch_size, trust_remote_code)
+    r = run_recipe(recipe, out=out, device=device, force=force, overwrite=overwrite, scale=_scale(scale), run_eval=not no_eval,
+                   allow_nonfinite=allow_nonfinite)
     if r is None:  # a data-parallel rank other than 0: rank 0 reports
         return
     for d in r.data:
@@ -251,16 +316,18 @@ def run(recipe_path: Path, model: str | None, out: Path | None, device: str, bat
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Folder for patch.json + patch.safetensors.")
 @_device_opt
 @_batch_opt
-@click.option("--overwrite", is_flag=True, help="Replace an existing patch folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing patch folder (one patcher wrote).")
+@_trust_opt
 @_scale_opts
 @_threads_opt
 @_data_dir_opt
 @friendly
-def compute(recipe_path: Path, model: str | None, out: Path, device: str, batch_size: int | None, overwrite: bool, **scale_kw: Any) -> None:
+def compute(recipe_path: Path, model: str | None, out: Path, device: str, batch_size: int | None, overwrite: bool, trust_remote_code: bool,
+            **scale_kw: Any) -> None:
     """Compute RECIPE's patch without baking it (bake later with `patcher bake`)."""
     from .workflows.run import compute as run_compute
 
-    patch = run_compute(_load_recipe(recipe_path, model, batch_size), out, device=device, overwrite=overwrite, scale=_scale(scale_kw))
+    patch = run_compute(_load_recipe(recipe_path, model, batch_size, trust_remote_code), out, device=device, overwrite=overwrite, scale=_scale(scale_kw))
     if patch is None:  # a data-parallel rank other than 0
         return
     click.echo(render(LAYER_HEADERS, patch.per_layer(), title="edits per layer"))
@@ -275,15 +342,22 @@ def compute(recipe_path: Path, model: str | None, out: Path, device: str, batch_
 @click.option("--top", type=int, default=10, show_default=True, help="How many layers the table shows.")
 @_device_opt
 @_batch_opt
+@_trust_opt
 @_threads_opt
 @_data_dir_opt
 @friendly
-def localize(recipe_path: Path, model: str | None, json_path: Path | None, plot_path: Path | None, top: int, device: str, batch_size: int | None) -> None:
+def localize(recipe_path: Path, model: str | None, json_path: Path | None, plot_path: Path | None, top: int, device: str, batch_size: int | None,
+             trust_remote_code: bool) -> None:
     """Where toxic and neutral text differ: effect size per layer and block (attn_out, mlp_out), and
     per MLP neuron, on RECIPE's data (paired when its step says paired = true)."""
+    from .io.model_files import resolve_model
     from .workflows.localize import localize_recipe
+    from .workflows.run import recipe_inputs
 
-    loc = localize_recipe(_load_recipe(recipe_path, model, batch_size), device=device)
+    recipe = _load_recipe(recipe_path, model, batch_size, trust_remote_code)
+    inputs = [*recipe_inputs(recipe), resolve_model(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)[0]]
+    _file_outputs((json_path, inputs), (plot_path, inputs))
+    loc = localize_recipe(recipe, device=device)
     n = ", ".join(f"{k} {v}" for k, v in loc.n.items())
     title = f"top {top} layers by effect size (cross-fitted Cohen's d along the toxic-minus-neutral mean difference; {n})"
     click.echo(render(loc.headers(), loc.table_rows(top), title=title))
@@ -320,6 +394,8 @@ def eval_command(model: str, baseline: str | None, prompts_path: str | None, n_p
 
     settings = EvalSettings.from_preset(preset, prompts=prompts_path, n_prompts=n_prompts, samples=samples, max_new_tokens=max_new_tokens,
                                         evaluators=evaluators, seed=seed, ppl_tokens=ppl_tokens, dtype=dtype)
+    inputs = [model, baseline, settings.prompts, settings.ppl_text]
+    _file_outputs((json_path, inputs), (plot_path, inputs))
     report = evaluate(model, baseline=baseline, settings=settings, device=device, batch_size=batch_size)
     click.echo(report.table())
     if json_path:
@@ -337,9 +413,12 @@ def eval_command(model: str, baseline: str | None, prompts_path: str | None, n_p
 @friendly
 def card(folder: Path, eval_path: Path | None, repo_id: str | None) -> None:
     """Write the model card (README.md) of a baked output folder DIR."""
-    from .publish.card import EVAL_NAME, load_eval, write_card
+    from .io.record import read_record
+    from .publish.card import CARD_NAME, EVAL_NAME, load_eval, write_card
 
     eval_path = eval_path or (folder / EVAL_NAME if (folder / EVAL_NAME).is_file() else None)
+    read_record(folder)  # a baked folder with a consistent record, before anything is written
+    _file_outputs((folder / CARD_NAME, [eval_path] if eval_path and Path(eval_path).resolve().parent != folder.resolve() else []))
     click.echo(f"wrote {write_card(folder, load_eval(eval_path) if eval_path else None, repo_id)}")
 
 
@@ -379,17 +458,18 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, dry_ru
 @setting_option(EvalSettings, "samples", type=click.IntRange(min=1))
 @setting_option(EvalSettings, "evaluators")
 @_device_opt
+@_trust_opt
 @_threads_opt
 @_data_dir_opt
 @friendly
 def sweep(recipe_path: Path, expr: str, model: str | None, out: Path | None, max_ppl_increase: float | None, compare: tuple[str, ...],
-          n_prompts: int | None, samples: int | None, evaluators: str | None, device: str) -> None:
+          n_prompts: int | None, samples: int | None, evaluators: str | None, device: str, trust_remote_code: bool) -> None:
     """Run RECIPE at several values of one setting (statistics collected once), evaluate each with
     the quick preset, and plot toxicity against perplexity beside the base model."""
     from .workflows.sweep import plot_sweep
     from .workflows.sweep import sweep as run_sweep
 
-    recipe = _load_recipe(recipe_path, model, None)
+    recipe = _load_recipe(recipe_path, model, None, trust_remote_code)
     refs = {}
     for c in compare:
         if "=" not in c:

@@ -279,7 +279,12 @@ def test_refuse_existing_output_unless_overwrite(llama_case: tuple[Path, Path], 
     code, output = _cli("bake", str(patch_dir), "--model", str(base_dir), "--out", str(out))
     assert code == 2 and "--overwrite" in output and (out / "keep.txt").exists()
     code, output = _cli("bake", str(patch_dir), "--model", str(base_dir), "--out", str(out), "--overwrite")
-    assert code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert code == 2 and "only a folder patcher wrote" in output and (out / "keep.txt").exists()  # not patcher's: kept
+    code, output = _cli("bake", str(patch_dir), "--model", str(base_dir), "--out", str(tmp_path / "mine"))
+    assert code == 0, output
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    code, output = _cli("bake", str(patch_dir), "--model", str(base_dir), "--out", str(tmp_path / "mine"), "--overwrite")
+    assert code == 0 and not (tmp_path / "mine" / "keep.txt").exists() and (tmp_path / "mine" / "model.safetensors").exists()
 
 
 def test_refuse_output_inside_source(llama_case: tuple[Path, Path]) -> None:

@@ -238,7 +238,9 @@ def test_cli_eval_with_baseline_writes_json_and_png(tiny: Path, tiny_other: Path
     assert r.exit_code == 0, r.output
     d = json.loads((tmp_path / "r/eval.json").read_text())
     assert d["prompts"]["count"] == 4 and d["settings"]["samples"] == 2 and d["settings"]["max_new_tokens"] == 5
-    assert d["baseline"]["model"] == str(tiny_other) and len(d["model"]["samples"]) == 4
+    # local paths are recorded relative to the report's folder, never absolute
+    assert (tmp_path / "r" / d["baseline"]["model"]).resolve() == tiny_other.resolve() and len(d["model"]["samples"]) == 4
+    assert str(tmp_path) not in (tmp_path / "r/eval.json").read_text()
     assert (tmp_path / "r/eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"hf:{cls}" in r.output and "patched" in r.output
 

@@ -66,7 +66,7 @@ def test_run_with_eval_table_writes_report_plot_and_card(tmp_path: Path) -> None
     out = tmp_path / "out"
     report = json.loads((out / "eval.json").read_text())
     assert report["prompts"]["count"] == 3 and report["settings"]["samples"] == 2 and report["settings"]["max_new_tokens"] == 4
-    assert report["model"]["model"] == str(out) and report["baseline"]["model"] == str(model)
+    assert report["model"]["model"] == "." and report["baseline"]["model"] == "../base"  # relative: never a local absolute path
     assert report["model"]["wikitext_perplexity"] > 1 and len(report["model"]["samples"]) == 3
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (out / "README.md").read_text()
@@ -265,7 +265,8 @@ def test_patch_json_records_effective_settings_with_cli_overrides(tmp_path: Path
     meta = json.loads((tmp_path / "out" / "patch.json").read_text())
     settings = meta["recipe"]["settings"]
     assert settings["collect"]["batch_size"] == 3  # the recipe says 8: the command line wins
-    assert settings["model"]["id"] == str(model)
-    assert settings["overrides"] == {"model": {"id": str(model)}, "collect": {"batch_size": 3}}
+    assert settings["model"]["id"] == "../base"  # the command line's model, recorded relative to the output
+    assert settings["overrides"] == {"model": {"id": "../base"}, "collect": {"batch_size": 3}}
+    assert str(tmp_path) not in (tmp_path / "out" / "patch.json").read_text()  # no local absolute path is published
     assert settings["step"][0]["method"] == "aura" and settings["step"][0]["min_auroc"] == 0.5  # defaults filled in
     assert verify(tmp_path / "out").ok

@@ -29,7 +29,8 @@ def test_sweep_collects_once(tmp_path: Path, shared_data: Path, monkeypatch: pyt
     assert len(runs) == 1, "the statistics must be collected once for the whole sweep"
     result = json.loads((tmp_path / "sw/sweep.json").read_text())
     assert result["collections"] == 1 and [p["value"] for p in result["points"]] == [0.5, 0.6, 0.7]
-    assert all(Path(p["folder"], "model.safetensors").exists() for p in result["points"])
+    # sweep.json names each point's folder relative to the sweep folder (no local absolute path)
+    assert all((tmp_path / "sw" / p["folder"] / "model.safetensors").exists() for p in result["points"])
     assert result["chosen"] is not None and "least toxic" in r.output
     assert (tmp_path / "sw/sweep.png").stat().st_size > 1000
 

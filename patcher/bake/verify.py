@@ -1,7 +1,13 @@
 """Prove a baked folder is exactly base + patch.
 
-Three checks, each able to fail on its own:
-1. every file listed in ``patch.json`` still has its recorded sha256;
+The record (``patch.json``) is checked for its own consistency first (types, file names inside the
+folder); then these checks, each able to fail on its own:
+1. every file in the folder is listed in the record with its sha256, and every listed file is there
+   with that sha256: an added ``.py`` or ``.bin``, a swapped file or a removed entry is a mismatch.
+   Two files are not listed: ``patch.json`` itself (the record) and the model card ``README.md``,
+   which `patcher card` and `patcher push` rewrite; it is documentation, loaders never read it.
+   Hidden files and folders (``.git``, ``.cache``) are skipped as `push` skips them: never uploaded;
+   the patch inside the folder must hash to the recorded ``patch_sha256``;
 2. tensor by tensor, the output equals the base (untouched tensors: identical bytes) or the base with
    the patch's edits recomputed (edited tensors: identical bytes after the same float32 math and cast);
 3. logits on fixed prompts: the baked model loaded with plain ``from_pretrained`` against the base
@@ -72,22 +78,66 @@ def max_logit_diff(base_folder: Path, patch: Patch, baked_folder: Path) -> tuple
     return float((expected - got).abs().max()), float(expected.abs().max())
 
 
-def verify(out: str | Path, logits: bool = True) -> VerifyResult:
+UNLISTED = ("patch.json", "README.md")  # the record itself, and the model card (see the module docstring)
+
+
+def check_files(out: str | Path) -> list[str]:
+    """File-level verification (no base model needed): the names of files that are missing, changed,
+    or present but not in the record, plus ``patch_sha256`` when the patch in the folder does not
+    hash to the recorded value. `push` refuses a folder for which this is not empty."""
+    out = Path(out)
+    record = read_record(out)
+    files = record["bake"]["files"]
+    bad = []
+    for rel, digest in files.items():
+        path = out / rel
+        if not path.is_file() or path.is_symlink() or sha256_file(path) != digest:
+            bad.append(rel)
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        hidden = any(part.startswith(".") for part in p.relative_to(out).parts)  # never uploaded or loaded (.git, .cache)
+        if (p.is_file() or p.is_symlink()) and not hidden and rel not in files and rel not in UNLISTED:
+            bad.append(f"{rel} (not in the record)")
+    try:
+        ok = Patch.load(out).hash() == record["bake"]["patch_sha256"]
+    except PatcherError:
+        ok = False
+    if not ok:
+        bad.append("patch_sha256")
+    return bad
+
+
+def base_folder(out: Path, base: dict, override: str | Path | None = None) -> Path:
+    """Where the recorded base model is: ``override`` (``verify --base``), the Hub id or short name,
+    or the local path recorded relative to the output."""
+    if override is not None:
+        folder, _ = resolve_model(str(override))
+        return folder
+    if base.get("model"):
+        folder, _ = resolve_model(base["model"], base.get("revision"))
+        return folder
+    local = Path(base["local_path"])
+    folder = local if local.is_absolute() else out / local
+    if not folder.is_dir():
+        raise PatcherError(f"the base model recorded as {base['local_path']} (relative to {out}) is not there: pass it with --base FOLDER")
+    return folder
+
+
+def verify(out: str | Path, logits: bool = True, base: str | Path | None = None) -> VerifyResult:
     out = Path(out)
     record = read_record(out)
     result = VerifyResult()
-    for rel, digest in record["bake"]["files"].items():
-        path = out / rel
-        if not path.is_file() or sha256_file(path) != digest:
-            result.bad_files.append(rel)
-    base_folder, _ = resolve_model(record["bake"]["base"]["model"], record["bake"]["base"].get("revision"))
-    base = Checkpoint.open(base_folder)
-    if base.fingerprint() != record["bake"]["base"]["fingerprint"]:
-        raise PatcherError(f"the base model at {base_folder} changed since the bake (its shard headers differ): verify needs the same base")
+    result.bad_files = check_files(out)
+    base_dir = base_folder(out, record["bake"]["base"], base)
+    base_ckpt = Checkpoint.open(base_dir)
+    if base_ckpt.fingerprint() != record["bake"]["base"]["fingerprint"]:
+        raise PatcherError(f"the base model at {base_dir} is not the one baked (its shard headers differ): pass the right one with --base")
+    if "patch_sha256" in result.bad_files:
+        return result  # the edits cannot be trusted: nothing to recompute the tensors from
     patch = Patch.load(out)
-    plan = plan_bake(patch, base, untie=record["bake"]["untied_embeddings"])
+    plan = plan_bake(patch, base_ckpt, untie=record["bake"]["untied_embeddings"])
     baked = Checkpoint.open(out)
-    base_map, baked_map = base.tensor_map(), baked.tensor_map()
+    base_map, baked_map = base_ckpt.tensor_map(), baked.tensor_map()
     for name, info in baked_map.items():
         source = base_map.get(name) or plan.new_tensors.get(name) or plan.added.get(name)
         if source is None:
@@ -96,16 +146,16 @@ def verify(out: str | Path, logits: bool = True) -> VerifyResult:
         if name in plan.added:  # a zero bias the bake added for a config switch, with the patch's shift
             expected = b"".join(bytes(c) for c in added_chunks(source, name, plan.edits_by_tensor.get(name, [])))
         elif name in plan.edits_by_tensor:
-            expected = b"".join(bytes(c) for c in edited_chunks(base, source, name, plan.edits_by_tensor[name]))
+            expected = b"".join(bytes(c) for c in edited_chunks(base_ckpt, source, name, plan.edits_by_tensor[name]))
         else:
-            expected = bytes(tensor_bytes(base.read(source)))
+            expected = bytes(tensor_bytes(base_ckpt.read(source)))
         if bytes(tensor_bytes(baked.read(info))) != expected:
             result.bad_tensors.append(name)
     result.bad_tensors += sorted((set(base_map) | set(plan.added)) - set(baked_map))
     config = baked.config
     result.bad_tensors += [f"config.json: {key} is not true" for key in plan.switches if config.get(key) is not True]
     if logits:
-        diff, scale = max_logit_diff(base_folder, patch, out)
+        diff, scale = max_logit_diff(base_dir, patch, out)
         half = any(t.dtype != "F32" for t in baked.tensors())
         result.max_abs_diff, result.tolerance = diff, (2e-2 * scale if half else max(1e-4, 2e-5 * scale))
     else:

@@ -32,6 +32,7 @@ from ..io.checkpoint import (
     INDEX_NAME,
     SAFETENSORS_DTYPES,
     Checkpoint,
+    NonFinite,
     ShardHeader,
     ShardWriter,
     TensorInfo,
@@ -136,11 +137,21 @@ def added_chunks(info: TensorInfo, name: str, edits: list[tuple[Edit, str]]) -> 
 BLOCK_BYTES = 1 << 20  # edited tensors stream through blocks this size: they stay in the CPU cache
 
 
+def _finite(x: torch.Tensor) -> bool:
+    """No NaN or inf in ``x``: one min/max pass (NaN propagates; a sum could overflow), no bool tensor."""
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def _edit_block(x: torch.Tensor, edits: list[tuple[Edit, str]], name: str) -> torch.Tensor:
+    if not _finite(x):  # the source, before any edit: blame the checkpoint, not the patch
+        raise NonFinite(name)
     for edit, part in edits:
         x = edit.apply_weight(x) if part == "weight" else edit.apply_bias(x)
-    if not math.isfinite(float(x.sum())):  # NaN and inf survive a sum: one pass, no bool tensor
-        raise PatcherError(f"editing {name} produced NaN or inf: check the base weights and the patch")
+    if not _finite(x):
+        raise PatcherError(f"editing {name} produced NaN or inf from finite weights: the patch holds non-finite or huge values; recompute it")
     return x
 
 
@@ -173,11 +184,13 @@ def _write_shard(
     dest: Path,
     stop: threading.Event,
     bar: Any,  # the shared tqdm bar
+    allow_nonfinite: bool = False,
 ) -> str:
     """Write one output shard (tensors in ``order``: output name, source tensor); returns its
-    sha256. Sets ``stop`` when it fails and gives up when another shard has."""
+    sha256. Sets ``stop`` when it fails and gives up when another shard has. A source tensor with
+    NaN or inf is refused by name (untouched ones pass with ``allow_nonfinite``)."""
     entries = [(n, src.dtype, src.shape, src.nbytes) for n, src in order]
-    writer = ShardWriter(dest, entries, shard.metadata, source=ckpt.folder / shard.name)
+    writer = ShardWriter(dest, entries, shard.metadata, source=ckpt.folder / shard.name, check_finite=not allow_nonfinite)
     try:
         for name, info in order:
             if stop.is_set():
@@ -187,33 +200,52 @@ def _write_shard(
             elif name in plan.edits_by_tensor:
                 writer.write_bytes(name, info.nbytes, edited_chunks(ckpt, info, name, plan.edits_by_tensor[name]))
             else:  # untouched, or a copy of a tied tensor (untying): raw bytes
-                writer.copy_range(name, info.start, info.nbytes)
+                writer.copy_range(name, info.start, info.nbytes, info.dtype)
             bar.update(info.nbytes)
         return writer.close()
+    except NonFinite as exc:
+        stop.set()
+        writer.abort()
+        flag = "" if str(exc) in plan.edits_by_tensor else " (pass --allow-nonfinite to copy untouched tensors as they are)"
+        raise PatcherError(f"tensor {exc} in {ckpt.folder / shard.name} holds NaN or inf values: the source checkpoint is damaged; "
+                           f"re-download it{flag}") from None
     except BaseException:
         stop.set()
         writer.abort()
         raise
 
 
-def bake(
-    patch: Patch,
-    model: str | Path,
-    out: str | Path,
-    *,
-    overwrite: bool = False,
-    untie: bool = False,
-    record: dict[str, Any] | None = None,
-) -> Path:
-    """Write ``model`` + ``patch`` to ``out``: same shards and index, config and tokenizer files, and
-    ``patch.json`` recording the base, the patch, library versions, changed tensors and file hashes.
-    ``record`` adds entries to that record (the recipe, evaluation results)."""
-    t0 = time.perf_counter()
-    folder, base = resolve_model(str(model))
+@dataclass(frozen=True)
+class Prepared:
+    """A bake validated before anything is written: the source, its provenance, the plan."""
+
+    ckpt: Checkpoint
+    base: dict[str, Any]
+    plan: BakePlan
+    code: bool  # copy the model's own .py files (--trust-remote-code)
+
+
+def prepare_bake(patch: Patch, model: str | Path, *, untie: bool = False, trust_remote_code: bool = False, revision: str | None = None) -> Prepared:
+    """Resolve the model, read and validate every shard header, and plan the patch against it."""
+    folder, base = resolve_model(str(model), revision, trust_remote_code=trust_remote_code)
     ckpt = Checkpoint.open(folder)
-    out = Path(out)
-    check_output_path(out, folder, overwrite)
-    plan = plan_bake(patch, ckpt, untie)
+    return Prepared(ckpt, base, plan_bake(patch, ckpt, untie), trust_remote_code)
+
+
+def base_record(base: dict[str, Any], ckpt: Checkpoint, out: Path) -> dict[str, Any]:
+    """How the record names the base model: its Hub id or short name, or for a local folder its path
+    relative to the output (never an absolute local path); plus the fingerprint, a hash of every
+    shard's header that `verify` checks whatever way it finds the base."""
+    base = dict(base)
+    if "local_path" in base:
+        base["local_path"] = Path(os.path.relpath(Path(base["local_path"]).resolve(), Path(out).resolve())).as_posix()
+    return base | {"fingerprint": ckpt.fingerprint()}
+
+
+def write_bake(patch: Patch, prep: Prepared, tmp: Path, out: Path, *, record: dict[str, Any] | None = None, allow_nonfinite: bool = False) -> None:
+    """Write the baked model into the empty staging folder ``tmp``, whose final name is ``out``."""
+    t0 = time.perf_counter()
+    ckpt, plan = prep.ckpt, prep.plan
     if plan.untied:
         log.info("untying embeddings: writing a separate %s and setting tie_word_embeddings=false", next(iter(plan.new_tensors), "lm_head.weight"))
     total = sum(s.size for s in ckpt.shards.values())
@@ -225,39 +257,68 @@ def bake(
         order = [(t.name, t) for t in shard.tensors] + extra
         weight_map.update((name, shard.name) for name, _ in order)
         jobs.append((shard, order))
-    with atomic_folder(out) as tmp, progress_bar(total=total, unit="B", unit_scale=True, desc="bake") as bar:
-        # Shards are independent files: one thread each, as many at once as there are cores (file
-        # I/O, sha256 and torch all release the GIL), so hashing runs at the speed of every core.
-        with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
-            stop = threading.Event()  # set when one shard fails, so the others stop at their next tensor
-            futures = {
-                shard.name: pool.submit(_write_shard, ckpt, plan, shard, order, tmp / shard.name, stop, bar) for shard, order in jobs
-            }
-            files.update((name, f.result()) for name, f in futures.items())
-        for side in ckpt.sidecar_files():
-            shutil.copyfile(side, tmp / side.name)
-        if plan.untied or plan.switches:
-            config = json.loads((tmp / "config.json").read_text()) | ({"tie_word_embeddings": False} if plan.untied else {})
-            config |= {key: True for key in plan.switches}  # the bias slots the added zero biases fill
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if ckpt.index is not None:
-            index = dict(ckpt.index, weight_map=dict(sorted(weight_map.items())))
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        patch.save(tmp, OUTPUT_TENSOR_FILE)  # tensors now; patch.json rewritten below with the record
-        for p in sorted(tmp.rglob("*")):
-            rel = p.relative_to(tmp).as_posix()
-            if p.is_file() and rel not in files and rel != PATCH_JSON:
-                files[rel] = sha256_file(p)
-        bake_record = {
-            "base": base | {"fingerprint": ckpt.fingerprint()},
-            "patch_sha256": patch.hash(),
-            "changed_tensors": sorted(plan.edits_by_tensor) + sorted(set(plan.new_tensors) - set(plan.edits_by_tensor)),
-            "untied_embeddings": plan.untied,
-            "added_tensors": sorted(plan.added),
-            "config_switches": list(plan.switches),
-            "versions": library_versions(),
-            "bake_seconds": round(time.perf_counter() - t0, 3),
-            "files": dict(sorted(files.items())),
-        }
-        write_json(tmp, read_json(tmp / PATCH_JSON) | {"bake": bake_record} | (record or {}))
+    with progress_bar(total=total, unit="B", unit_scale=True, desc="bake") as bar:
+        try:
+            # Shards are independent files: one thread each, as many at once as there are cores (file
+            # I/O, sha256 and torch all release the GIL), so hashing runs at the speed of every core.
+            with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+                stop = threading.Event()  # set when one shard fails, so the others stop at their next tensor
+                futures = {
+                    shard.name: pool.submit(_write_shard, ckpt, plan, shard, order, tmp / shard.name, stop, bar, allow_nonfinite)
+                    for shard, order in jobs
+                }
+                for name, f in futures.items():
+                    files[name] = f.result()
+        except BaseException:
+            bar.leave = False  # the bar is cleared: a failed bake leaves only its one-line error
+            raise
+    for side in ckpt.sidecar_files(code=prep.code):
+        shutil.copyfile(side, tmp / side.name)
+    if plan.untied or plan.switches:
+        config = json.loads((tmp / "config.json").read_text()) | ({"tie_word_embeddings": False} if plan.untied else {})
+        config |= {key: True for key in plan.switches}  # the bias slots the added zero biases fill
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if ckpt.index is not None:
+        index = dict(ckpt.index, weight_map=dict(sorted(weight_map.items())))
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    patch.save(tmp, OUTPUT_TENSOR_FILE)  # tensors now; patch.json rewritten below with the record
+    for p in sorted(tmp.rglob("*")):
+        rel = p.relative_to(tmp).as_posix()
+        if p.is_file() and rel not in files and rel != PATCH_JSON:
+            files[rel] = sha256_file(p)
+    bake_record = {
+        "base": base_record(prep.base, ckpt, out),
+        "patch_sha256": patch.hash(),
+        "changed_tensors": sorted(plan.edits_by_tensor) + sorted(set(plan.new_tensors) - set(plan.edits_by_tensor)),
+        "untied_embeddings": plan.untied,
+        "added_tensors": sorted(plan.added),
+        "config_switches": list(plan.switches),
+        "versions": library_versions(),
+        "bake_seconds": round(time.perf_counter() - t0, 3),
+        "files": dict(sorted(files.items())),
+    }
+    write_json(tmp, read_json(tmp / PATCH_JSON) | {"bake": bake_record} | (record or {}))
+
+
+def bake(
+    patch: Patch,
+    model: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    untie: bool = False,
+    record: dict[str, Any] | None = None,
+    allow_nonfinite: bool = False,
+    trust_remote_code: bool = False,
+    inputs: tuple[Path | str, ...] = (),
+) -> Path:
+    """Write ``model`` + ``patch`` to ``out``: same shards and index, config and tokenizer files, and
+    ``patch.json`` recording the base, the patch, library versions, changed tensors and file hashes.
+    ``record`` adds entries to that record (the recipe, evaluation results); ``inputs`` are other
+    files the caller read (the patch folder), which ``out`` may not touch either."""
+    prep = prepare_bake(patch, model, untie=untie, trust_remote_code=trust_remote_code)
+    out = Path(out)
+    check_output_path(out, prep.ckpt.folder, overwrite, inputs)
+    with atomic_folder(out, overwrite) as tmp:
+        write_bake(patch, prep, tmp, out, record=record, allow_nonfinite=allow_nonfinite)
     return out

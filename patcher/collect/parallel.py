@@ -17,6 +17,7 @@ batches, pooling masks and statistic hooks (`forward_loop`, or the layer-by-laye
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -31,12 +32,36 @@ from ..core.errors import PatcherError
 from ..core.models import device_map_kwargs, load_model
 from ..edits.patch import Patch
 from ..io.checkpoint import Checkpoint
+from ..io.folders import pid_alive
 from .collector import Collector, Wanted, forward_loop
 from .layerwise import layerwise_of, load_layerwise
 from .resume import CollectState, collection_key
 from .statistics import Statistic
 
 log = logging.getLogger(__name__)
+
+OWNER_FILE = "owner.json"  # the pid of the process writing a collection state folder
+
+
+def _owner_pid(path: Path) -> int | None:
+    try:
+        pid = json.loads(path.read_text()).get("pid")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return pid if isinstance(pid, int) else None
+
+
+def _metas(state: Path) -> list[dict]:
+    """The meta.json of every collection checkpointed under ``state``."""
+    out = []
+    for p in state.glob("*/meta.json"):
+        try:
+            meta = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict):
+            out.append(meta)
+    return out
 
 
 # -- processes ---------------------------------------------------------------------------------------
@@ -106,6 +131,7 @@ class ScaleOptions:
     fingerprint: str = ""
     world: World = field(default_factory=World.from_env)
     calls: int = 0
+    collecting: bool = False  # inside `collect`: a failure now cuts a collection short
 
     def __post_init__(self) -> None:
         if self.max_memory and not self.device_map:
@@ -126,6 +152,8 @@ class ScaleOptions:
             self.state_dir = Path(f"{Path(out).resolve()}.collect-state")
         if self.resume and self.state_dir is None:
             raise PatcherError("--resume needs checkpoints: drop --checkpoint-every 0")
+        if self.state_dir is not None and self.world.is_main:
+            self._claim_state()
         self.fingerprint = Checkpoint.open(folder).fingerprint()
         device = self.world.device(device)
         self.world.init(device)
@@ -135,6 +163,38 @@ class ScaleOptions:
         if self.sequential:
             return load_layerwise(folder, dtype, device, trust_remote_code, int(self.hidden_max_gib * 2**30))
         return load_model(folder, dtype, device, trust_remote_code, device_map=self.device_map, max_memory=self.max_memory)
+
+    def _claim_state(self) -> None:
+        """Take the state folder for this process: one whose writer is still running is refused;
+        one left by a dead process is resumed from (``--resume``) or removed, and the log says which."""
+        state = self.state_dir
+        owner = state / OWNER_FILE
+        if state.exists():
+            pid = _owner_pid(owner)
+            if pid is not None and pid != os.getpid() and pid_alive(pid):
+                raise PatcherError(f"another patcher process (pid {pid}) is collecting into {state}: wait for it to finish or choose another --out")
+            who = f"left by process {pid} (no longer running)" if pid is not None else "left by an earlier run"
+            if self.resume:
+                log.info("resuming from the collection state %s %s", state, who)
+            else:
+                shutil.rmtree(state, ignore_errors=True)
+                log.warning("removed the collection state %s %s; pass --resume to continue from such state instead", state, who)
+        state.mkdir(parents=True, exist_ok=True)
+        tmp = owner.with_name(f".{OWNER_FILE}.tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid()}))
+        os.replace(tmp, owner)
+
+    def abandon(self) -> None:
+        """After a failed run: keep the checkpoints only when ``--resume`` can continue from them (a
+        collection was cut short after at least one checkpoint); else remove them. Says which."""
+        state = self.state_dir
+        if not self.world.is_main or state is None or not state.exists():
+            return
+        if self.collecting and _metas(state):
+            log.warning("kept the collection state %s: rerun with --resume to continue from its checkpoints", state)
+        else:
+            shutil.rmtree(state, ignore_errors=True)
+            log.warning("removed the collection state %s (--resume could not use it: no collection was cut short after a checkpoint)", state)
 
     def finish(self) -> None:
         """After rank 0 wrote the output: the checkpoints are no longer needed."""
@@ -147,6 +207,12 @@ class ScaleOptions:
         """`Collector.run` through these options: this rank's batches, layer by layer when the model
         is a `LayerwiseModel` skeleton, resuming from and writing checkpoints, then the statistics of
         every rank merged into ``stats``."""
+        self.collecting = True
+        self._collect(collector, stats, wanted, texts, labels, patch, desc)
+        self.collecting = False
+
+    def _collect(self, collector: Collector, stats: Sequence[Statistic], wanted: Wanted, texts: Sequence[str], labels: Sequence[int],
+                 patch: Patch | None, desc: str) -> None:
         world = self.world
         k, self.calls = self.calls, self.calls + 1
         resumable = all(hasattr(s, "state") and hasattr(s, "load_state") for s in stats)

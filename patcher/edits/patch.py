@@ -26,12 +26,13 @@ from torch import nn
 
 from ..core.errors import PatcherError
 from ..core.hooks import Hooks
-from ..io.record import PATCH_JSON, read_json, write_json
+from ..io.record import PATCH_JSON, file_inside, read_json, write_json
 from .edit import AffineOutputs, Edit, ProjectOutputs, ScaleInputs, ScaleOutputs
 
 FORMAT = "patcher.patch/1"
 _LAYER = re.compile(r"\.(\d+)\.")
 STANDALONE_TENSORS = "patch.safetensors"
+HASH_KEY = "patch_sha256"  # in patch.json, and in a baked folder's bake record
 
 
 @dataclass
@@ -106,37 +107,66 @@ class Patch:
         return h.hexdigest()
 
     def save(self, folder: str | Path, tensor_file: str = STANDALONE_TENSORS, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``patch.json`` and the tensor file into ``folder`` (created if absent)."""
+        """Write ``patch.json`` (with the patch's sha256, which `load` and so `bake` recheck) and
+        the tensor file into ``folder`` (created if absent)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / tensor_file).parent.mkdir(parents=True, exist_ok=True)
         save_file(self._tensor_dict(), str(folder / tensor_file))
-        write_json(folder, self.to_json(tensor_file) | (extra or {}))
+        write_json(folder, self.to_json(tensor_file) | {HASH_KEY: self.hash()} | (extra or {}))
         return folder
 
     @classmethod
     def load(cls, path: str | Path) -> Patch:
-        """Load from a patch folder, a baked output folder, or a ``patch.json`` path."""
+        """Load from a patch folder, a baked output folder, or a ``patch.json`` path. The record is
+        checked field by field (a hand-edited or ill-typed ``patch.json`` is a one-line error), its
+        tensor file must be a plain name inside the folder, and the loaded edits must hash to the
+        recorded ``patch_sha256``."""
         path = Path(path)
         meta_path = path / PATCH_JSON if path.is_dir() else path
         meta = read_json(meta_path)
         if meta.get("format") != FORMAT:
             raise PatcherError(f"{meta_path} is not a patcher patch (format {meta.get('format')!r}, expected {FORMAT})")
-        tensor_path = meta_path.parent / meta["tensor_file"]
+
+        def bad(what: str) -> PatcherError:
+            return PatcherError(f"{meta_path}: {what}: recompute the patch (patch.json was edited or damaged)")
+
+        records = meta.get("edits")
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise bad("edits is not a list of objects")
+        if not isinstance(meta.get("provenance", {}), dict):
+            raise bad("provenance is not an object")
+        tensor_path = file_inside(meta_path.parent, meta.get("tensor_file"), meta_path)
         try:
-            tensors = load_file(str(tensor_path)) if meta["edits"] else {}
+            tensors = load_file(str(tensor_path)) if records else {}
         except Exception as exc:  # noqa: BLE001 - safetensors raises several types for damaged files
             raise PatcherError(f"cannot read patch tensors {tensor_path}: {exc}; recompute the patch") from None
         edits: list[Edit] = []
-        for i, rec in enumerate(meta["edits"]):
-            etype = Edit.registry.get(rec["type"])
+        for i, rec in enumerate(records):
+            etype = Edit.registry.get(rec.get("type")) if isinstance(rec.get("type"), str) else None
             if etype is None:
-                raise PatcherError(f"{meta_path}: unknown edit type {rec['type']!r}; known: {', '.join(sorted(Edit.registry))}")
+                raise PatcherError(f"{meta_path}: unknown edit type {rec.get('type')!r}; known: {', '.join(sorted(Edit.registry))}")
+            params = rec.get("params", {})
+            if not isinstance(rec.get("module"), str) or not isinstance(rec.get("layout", "linear"), str) or not isinstance(params, dict):
+                raise bad(f"edit {i} needs a module name, a layout and a params object")
             names = {f.name for f in fields(etype)}
-            kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in rec.get("params", {}).items()}
+            kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
             kwargs |= {k.split(".", 1)[1]: t for k, t in tensors.items() if k.startswith(f"{i:05d}.")}
             unknown = set(kwargs) - names
             if unknown:
                 raise PatcherError(f"{meta_path}: edit {i} has unknown fields {sorted(unknown)}")
-            edits.append(etype(rec["module"], rec.get("layout", "linear"), **kwargs))
-        return cls(edits, meta.get("provenance", {}))
+            try:
+                edits.append(etype(rec["module"], rec.get("layout", "linear"), **kwargs))
+            except (TypeError, ValueError, RuntimeError) as exc:  # a parameter of the wrong type or shape
+                raise bad(f"edit {i} ({rec['type']}) cannot be built ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        patch = cls(edits, meta.get("provenance", {}))
+        recorded = meta.get(HASH_KEY, (meta.get("bake") or {}).get(HASH_KEY) if isinstance(meta.get("bake"), dict) else None)
+        if recorded is None:
+            raise bad(f"it records no {HASH_KEY}")
+        try:
+            actual = patch.hash()
+        except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise bad(f"its edits cannot be hashed ({type(exc).__name__})") from None
+        if recorded != actual:
+            raise bad(f"its edits hash to {actual[:12]}..., not the recorded {HASH_KEY} {str(recorded)[:12]}...")
+        return patch

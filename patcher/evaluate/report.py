@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -333,7 +334,16 @@ class EvalReport:
     def save_json(self, path: str | Path, samples: bool = True) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_finite(self.to_json(samples)), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        from ..io.record import relative_paths
+
+        # published beside a model: local absolute paths are written relative to the report's folder
+        data = relative_paths(_finite(self.to_json(samples)), path.parent)
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     def table(self) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -24,12 +25,15 @@ from typing import Any
 import torch
 
 from ..core.errors import PatcherError
+from .record import plain_name, read_json_object
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLED_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
 # Files copied from the source model into the output: configs and tokenizer, never pickles or weights.
-SIDECAR_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".py")
+# The model's own code (``.py``) is copied only with --trust-remote-code.
+SIDECAR_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
+CODE_SUFFIX = ".py"
 LICENSE_FILES = ("LICENSE", "LICENSE.md", "NOTICE", "NOTICE.md", "GEMMA_TERMS.html")  # copied beside the weights too
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -70,8 +74,17 @@ class ShardHeader:
     tensors: tuple[TensorInfo, ...]  # in file order
 
 
+def _header_fault(path: Path, fault: str) -> PatcherError:
+    return PatcherError(f"{path} has a damaged safetensors header ({fault}): re-download or re-save the model; patcher writes nothing from it")
+
+
 def read_shard_header(path: Path) -> ShardHeader:
-    """Parse one safetensors header and check every tensor's byte range against the file size."""
+    """Parse one safetensors header and validate all of it before anything is written: the header
+    is a JSON object; every entry has a known dtype, a shape of non-negative integers and integer
+    offsets with 0 <= begin <= end; its byte length is prod(shape) * itemsize; the byte ranges,
+    sorted, start at 0, touch without gap or overlap and end exactly at the end of the file (as the
+    format requires). A checkpoint that breaks any of these would be copied into a silently
+    corrupt output, because the copy path trusts the header."""
     size = path.stat().st_size
     fix = f"re-download or re-save the model; {path.name} is damaged"
     with open(path, "rb") as f:
@@ -85,19 +98,42 @@ def read_shard_header(path: Path) -> ShardHeader:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise PatcherError(f"{path} has a corrupt safetensors header (not JSON): {fix}") from None
+    if not isinstance(header, dict):
+        raise _header_fault(path, "not a JSON object")
     metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise _header_fault(path, "__metadata__ is not a table of strings")
     data_start = 8 + n
     tensors = []
     for name, info in header.items():
-        try:
-            begin, end = info["data_offsets"]
-            t = TensorInfo(name, info["dtype"], tuple(info["shape"]), path.name, data_start + begin, data_start + end)
-        except (KeyError, TypeError, ValueError):
-            raise PatcherError(f"{path}: header entry {name!r} is malformed: {fix}") from None
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise _header_fault(path, f"entry {name!r} should hold exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise _header_fault(path, f"tensor {name} has unknown dtype {dtype!r}; known: {', '.join(SAFETENSORS_DTYPES)}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _header_fault(path, f"tensor {name} has shape {shape!r}, not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise _header_fault(path, f"tensor {name} has data_offsets {offsets!r}, not two integers")
+        begin, end = offsets
+        if begin < 0 or end < begin:
+            raise _header_fault(path, f"tensor {name} has byte range [{begin}, {end})")
+        want = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+        if end - begin != want:
+            raise _header_fault(path, f"tensor {name} has {end - begin} bytes, but shape {shape} of {dtype} needs {want}")
+        t = TensorInfo(name, dtype, tuple(shape), path.name, data_start + begin, data_start + end)
         if t.end > size:
             raise PatcherError(f"{path} is truncated: tensor {name} ends at byte {t.end}, the file has {size}: {fix}")
         tensors.append(t)
-    tensors.sort(key=lambda t: t.start)
+    tensors.sort(key=lambda t: (t.start, t.end))
+    pos = data_start
+    for t in tensors:
+        if t.start != pos:
+            fault = f"tensor {t.name} overlaps the one before it" if t.start < pos else f"a gap of {t.start - pos} bytes before tensor {t.name}"
+            raise _header_fault(path, fault)
+        pos = t.end
+    if pos != size:
+        raise _header_fault(path, f"{size - pos} bytes after the last tensor")
     return ShardHeader(path.name, size, data_start, metadata, tuple(tensors))
 
 
@@ -118,12 +154,16 @@ class Checkpoint:
         config_path = folder / "config.json"
         if not config_path.is_file():
             raise PatcherError(f"{folder} has no config.json: point --model at a Hugging Face model folder")
-        config = json.loads(config_path.read_text())
+        config = read_json_object(config_path, "re-download the model or repair its config.json")
         index = None
         if (folder / INDEX_NAME).is_file():
-            index = json.loads((folder / INDEX_NAME).read_text())
-            shard_names = sorted(set(index.get("weight_map", {}).values()))
+            index = read_json_object(folder / INDEX_NAME, "re-download the model or delete the index of a one-file model")
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise PatcherError(f"{folder / INDEX_NAME} has no weight_map of tensor names to shard files: re-download the model")
+            shard_names = sorted(set(weight_map.values()))
             for s in shard_names:
+                plain_name(s, folder / INDEX_NAME)
                 if not (folder / s).is_file():
                     raise PatcherError(f"{folder / INDEX_NAME} names shard {s}, which is missing: re-download the model")
         elif (folder / SINGLE_NAME).is_file():
@@ -188,12 +228,14 @@ class Checkpoint:
                 h.update(f.read(s.data_start))
         return h.hexdigest()
 
-    def sidecar_files(self) -> list[Path]:
-        """Config, generation config and tokenizer files to copy beside the output weights."""
+    def sidecar_files(self, code: bool = False) -> list[Path]:
+        """Config, generation config and tokenizer files to copy beside the output weights; the
+        model's own Python files (``*.py``) only with ``code`` (``--trust-remote-code``)."""
         skip = {INDEX_NAME, "patch.json", "patcher-embedded.json"}
+        suffixes = SIDECAR_SUFFIXES + ((CODE_SUFFIX,) if code else ())
         return sorted(
             p for p in self.folder.iterdir()
-            if p.is_file() and (p.suffix in SIDECAR_SUFFIXES or p.name in LICENSE_FILES) and p.name not in skip and not p.name.startswith(".")
+            if p.is_file() and (p.suffix in suffixes or p.name in LICENSE_FILES) and p.name not in skip and not p.name.startswith(".")
         )
 
 
@@ -202,6 +244,30 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     is already contiguous on the CPU)."""
     t = t.detach().cpu().contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+
+def has_nonfinite(raw: memoryview | torch.Tensor, dtype: str) -> bool:
+    """Whether raw little-endian values of safetensors ``dtype`` hold a NaN or an infinity. One
+    min/max pass (NaN propagates through both; a sum could overflow), about a tenth of the cost of
+    the sha256 every byte already goes through; float8 by bit pattern."""
+    if dtype not in FLOAT_DTYPES:
+        return False
+    t = raw if isinstance(raw, torch.Tensor) else torch.frombuffer(raw, dtype=torch.uint8)
+    if t.numel() == 0:
+        return False
+    if dtype == "F8_E4M3":  # no infinities; NaN is S.1111.111
+        return bool(t.view(torch.uint8).bitwise_and(0x7F).eq(0x7F).any())
+    if dtype == "F8_E5M2":  # exponent all ones: inf or NaN
+        return bool(t.view(torch.uint8).bitwise_and(0x7C).eq(0x7C).any())
+    lo, hi = torch.aminmax(t.view(SAFETENSORS_DTYPES[dtype]))
+    return not (math.isfinite(float(lo)) and math.isfinite(float(hi)))
+
+
+class NonFinite(PatcherError):
+    """A source tensor holds NaN or inf."""
 
 
 class ShardWriter:
@@ -220,9 +286,11 @@ class ShardWriter:
         entries: list[tuple[str, str, tuple[int, ...], int]],
         metadata: dict[str, str] | None,
         source: Path | None = None,
+        check_finite: bool = True,
     ):
         """``entries``: (name, dtype, shape, nbytes) in the order the tensors will be written;
-        ``source``: the shard that `copy_range` copies from."""
+        ``source``: the shard that `copy_range` copies from; ``check_finite``: refuse (`NonFinite`)
+        a copied float tensor holding NaN or inf, naming it."""
         header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
         offset = 0
         for name, dtype, shape, nbytes in entries:
@@ -242,6 +310,8 @@ class ShardWriter:
         self._sha = hashlib.sha256()
         self._buf = memoryview(bytearray(self.PIECE))
         self._span: list[int] | None = None  # [start, end) of source bytes not copied yet
+        self._check = check_finite
+        self._segments: list[tuple[int, int, str, str]] = []  # (start, end, dtype, name) of the span's float tensors
         self._emit(struct.pack("<Q", len(raw)) + raw)
 
     def _emit(self, data: memoryview | bytes) -> None:
@@ -268,8 +338,9 @@ class ShardWriter:
         if written != nbytes:
             raise RuntimeError(f"{name}: wrote {written} bytes, the header says {nbytes}")
 
-    def copy_range(self, name: str, start: int, nbytes: int) -> None:
-        """Copy a tensor's raw bytes (``nbytes`` from offset ``start`` of the source shard) without decoding them."""
+    def copy_range(self, name: str, start: int, nbytes: int, dtype: str = "") -> None:
+        """Copy a tensor's raw bytes (``nbytes`` from offset ``start`` of the source shard) without
+        decoding them; a float ``dtype`` has them checked for NaN and inf on the way."""
         if self._src is None:
             raise RuntimeError("shard writer has no source file to copy from")
         self._next(name, nbytes)
@@ -278,19 +349,37 @@ class ShardWriter:
         else:
             self._flush_span()
             self._span = [start, start + nbytes]
+        if self._check and dtype in FLOAT_DTYPES and nbytes:
+            self._segments.append((start, start + nbytes, dtype, name))
 
     def _flush_span(self) -> None:
         if self._span is None:
             return
         start, end = self._span
+        segments, self._segments = self._segments, []
         self._span = None
+        seg = 0
         while start < end:
-            piece = self._buf[: min(self.PIECE, end - start)]
+            stop = min(start + self.PIECE, end)
+            while seg < len(segments) and segments[seg][1] <= start:
+                seg += 1
+            if seg < len(segments) and segments[seg][0] < stop < segments[seg][1]:  # end the piece on a whole element
+                s0, _, dtype, _ = segments[seg]
+                item = SAFETENSORS_DTYPES[dtype].itemsize
+                stop = max(start + item, stop - (stop - s0) % item)
+            piece = self._buf[: stop - start]
             n = os.preadv(self._src.fileno(), [piece], start)
-            if n <= 0:
-                raise PatcherError(f"source shard ended at byte {start}, expected {end}: was it changed during the bake?")
-            self._emit(piece[:n])
-            start += n
+            if n != piece.nbytes:
+                raise PatcherError(f"source shard ended at byte {start + max(n, 0)}, expected {end}: was it changed during the bake?")
+            j = seg
+            while j < len(segments) and segments[j][0] < stop:
+                s0, s1, dtype, name = segments[j]
+                lo, hi = max(s0, start), min(s1, stop)
+                if has_nonfinite(piece[lo - start : hi - start], dtype):
+                    raise NonFinite(name)
+                j += 1
+            self._emit(piece)
+            start = stop
 
     def close(self) -> str:
         """Finish the file; returns its sha256."""

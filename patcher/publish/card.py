@@ -69,9 +69,18 @@ def front_matter(text: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _base_folder(base: dict[str, Any]) -> Path | None:
+def base_label(base: dict[str, Any]) -> str:
+    """How the card and the commit message name the base: its id, or its recorded relative path."""
+    return str(base.get("model") or base.get("local_path") or "unknown")
+
+
+def _base_folder(base: dict[str, Any], out: Path | None = None) -> Path | None:
     spec = str(base.get("model", ""))
-    if Path(spec).is_dir():
+    local = base.get("local_path")
+    if isinstance(local, str) and local:
+        folder = Path(local) if Path(local).is_absolute() or out is None else Path(out) / local
+        return folder if folder.is_dir() else None
+    if spec and Path(spec).is_dir():
         return Path(spec)
     if HUB_ID.match(spec):
         try:
@@ -85,10 +94,11 @@ def _base_folder(base: dict[str, Any]) -> Path | None:
     return None
 
 
-def base_license(base: dict[str, Any]) -> str:
+def base_license(base: dict[str, Any], out: Path | None = None) -> str:
     """The base model's license: its README front matter, else its config, else a license patcher
-    knows for a short name, else "other"."""
-    folder = _base_folder(base)
+    knows for a short name, else "other". ``out``: the output folder a local base is recorded
+    relative to."""
+    folder = _base_folder(base, out)
     if folder is not None:
         readme = folder / CARD_NAME
         if readme.is_file():
@@ -194,14 +204,14 @@ def render_card(folder: str | Path, eval_report: dict[str, Any] | None = None, r
     fm: dict[str, Any] = {}
     if base_id:
         fm["base_model"] = base_id
-    fm |= {"license": base_license(base), "library_name": "transformers", "pipeline_tag": "text-generation",
+    fm |= {"license": base_license(base, folder), "library_name": "transformers", "pipeline_tag": "text-generation",
            "tags": list(dict.fromkeys(["patcher", "detoxification", *ms]))}
     ds = datasets(meta, eval_report)
     if ds:
         fm["datasets"] = ds
     name = repo_id or folder.name
     lines = ["---", _yaml(fm), "---", "", f"# {name}", ""]
-    base_text = f"[`{base_id}`](https://huggingface.co/{base_id})" if base_id else f"`{base.get('model', 'unknown')}`"
+    base_text = f"[`{base_id}`](https://huggingface.co/{base_id})" if base_id else f"`{base_label(base)}`"
     lines.append(
         f"A detoxified copy of {base_text}, made with patcher "
         + (f"recipe `{recipe}` " if recipe else "")
@@ -231,7 +241,7 @@ def render_card(folder: str | Path, eval_report: dict[str, Any] | None = None, r
     lines += ["", "## How to use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f'model = AutoModelForCausalLM.from_pretrained("{name}")', f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", "",
               "No `trust_remote_code`, no extra package: `patcher/` holds only the record of the edits (`patcher/patch.safetensors`), which loaders ignore."]
-    lines += ["", "## Provenance", "", f"- base model: `{base.get('model')}`" + (f" at revision `{base['revision']}`" if base.get("revision") else "")]
+    lines += ["", "## Provenance", "", f"- base model: `{base_label(base)}`" + (f" at revision `{base['revision']}`" if base.get("revision") else "")]
     if base.get("fingerprint"):
         lines.append(f"- base checkpoint fingerprint: `{base['fingerprint']}`")
     lines.append(f"- patch sha256: `{meta['bake'].get('patch_sha256')}`")
@@ -244,9 +254,15 @@ def render_card(folder: str | Path, eval_report: dict[str, Any] | None = None, r
 
 
 def write_card(out_dir: str | Path, eval_report: dict[str, Any] | None = None, repo_id: str | None = None) -> Path:
-    """Write ``README.md`` (the model card) into a baked output folder."""
+    """Write ``README.md`` (the model card) into a baked output folder, atomically (a temporary
+    file renamed over it)."""
     path = Path(out_dir) / CARD_NAME
-    path.write_text(render_card(out_dir, eval_report, repo_id), encoding="utf-8")
+    tmp = path.with_name(f".{CARD_NAME}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(render_card(out_dir, eval_report, repo_id), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

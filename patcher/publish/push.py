@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..bake.verify import check_files
 from ..core.errors import PatcherError
 from ..io.record import read_record
 from .card import (
     CARD_NAME,
     EVAL_NAME,
     HUB_ID,
+    base_label,
     base_model_id,
     load_eval,
     recipe_name,
@@ -70,7 +72,7 @@ class PushResult:
 
 def commit_message(meta: dict[str, Any]) -> str:
     recipe = recipe_name(meta) or "unnamed recipe"
-    base = base_model_id(meta["bake"].get("base") or {}) or Path(str((meta["bake"].get("base") or {}).get("model", "model"))).name
+    base = base_model_id(meta["bake"].get("base") or {}) or Path(base_label(meta["bake"].get("base") or {})).name
     return f"patcher: {recipe} recipe baked into {base}"
 
 
@@ -82,6 +84,10 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     if not HUB_ID.match(repo_id):
         raise PatcherError(f"repo id {repo_id!r} should look like owner/name")
     meta = read_record(folder)
+    bad = check_files(folder)
+    if bad:
+        raise PatcherError(f"{folder} fails verification ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): nothing was uploaded; "
+                           "re-bake it, or run `patcher verify` to see every mismatch")
     card_written = False
     if not (folder / CARD_NAME).is_file():
         report = load_eval(folder / EVAL_NAME) if (folder / EVAL_NAME).is_file() else None

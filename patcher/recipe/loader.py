@@ -37,8 +37,9 @@ from .settings import build, setting
 class ModelSettings:
     id: str = setting("smollm2-135m", help="Model: local folder, Hub id, or an embedded model (smollm2-135m, gemma3-270m)")
     revision: str | None = setting(None, help="Hub revision (branch, tag or commit) to pin")
-    dtype: str = setting("float32", help="Dtype the model runs in while collecting: float32, bfloat16, float16")
-    trust_remote_code: bool = setting(False, help="Run the model's own code (only from the command line)")
+    dtype: str = setting("float32", help="Dtype the model runs in while collecting: float32, bfloat16, float16",
+                         choices=("float32", "bfloat16", "float16"))
+    trust_remote_code: bool = setting(False, help="Run the model's own code: only --trust-remote-code on the command line sets it, a recipe may not")
     untie: bool = setting(False, help="Allow edits on tied embeddings: the output writes a separate lm_head.weight")
 
 
@@ -48,8 +49,8 @@ class DataSettings:
     dataset: str = setting("", help='A catalog name (patcher.data.catalog, e.g. "paradetox"): the data folder, else the Hub')
     text_field: str = setting("text", help="Field holding the text")
     label_field: str = setting("label", help="Field holding the label (1 toxic, 0 non-toxic)")
-    n_per_class: int = setting(500, help="Sentences per class (pairs with pairs = true)")
-    max_tokens: int = setting(64, help="Tokens per sentence (longer ones are cut)")
+    n_per_class: int = setting(500, help="Sentences per class (pairs with pairs = true)", minimum=1)
+    max_tokens: int = setting(64, help="Tokens per sentence (longer ones are cut)", minimum=1)
     match_lengths: bool = setting(True, help="Draw the non-toxic sample to match the toxic one's token lengths")
     dedupe: bool = setting(True, help="Drop duplicate texts")
     seed: int = setting(0, help="Seed of the sample")
@@ -58,8 +59,8 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class CollectSettings:
-    batch_size: int = setting(32, help="Sentences per forward pass while collecting statistics")
-    padding_side: str = setting("right", help="Pad batches on the right or the left (statistics do not depend on it)")
+    batch_size: int = setting(32, help="Sentences per forward pass while collecting statistics", minimum=1)
+    padding_side: str = setting("right", help="Pad batches on the right or the left (statistics do not depend on it)", choices=("right", "left"))
     skip_first: bool = setting(True, help="Leave the first real token (the attention sink) out of pooled statistics")
 
 
@@ -67,8 +68,8 @@ class CollectSettings:
 class CheckSettings:
     ppl_text: str = setting("", help="A local text file whose perplexity is checked before and after; wins over ppl_dataset")
     ppl_dataset: str = setting("", help='A catalog name for that text, e.g. "wikitext-2"')
-    ppl_tokens: int = setting(4096, help="Tokens of that text used for the check")
-    ppl_window: int = setting(512, help="Perplexity window (and stride) in tokens")
+    ppl_tokens: int = setting(4096, help="Tokens of that text used for the check", minimum=2)
+    ppl_window: int = setting(512, help="Perplexity window (and stride) in tokens", minimum=2)
     max_ppl_increase: float = setting(1.0, help="Budget: the largest relative rise allowed (0.05 = +5%)")
 
 
@@ -153,26 +154,41 @@ def load_recipe(path: str | Path) -> Recipe:
             raise PatcherError(f"{where(path, line_of(text, key))}: unknown top-level key {key!r}; known: {', '.join(sorted(top))}")
 
     def section(cls: type, key: str) -> Any:
-        return build(cls, raw.get(key, {}), where(path, line_of(text, key)), key)
+        table = raw.get(key, {})
+        if not isinstance(table, dict):
+            raise PatcherError(f"{where(path, line_of(text, key))}: {key} should be a table ([{key}]), not {type(table).__name__}")
+        return build(cls, table, where(path, line_of(text, key)), key)
+
+    for key in ("name", "description"):
+        if key in raw and not isinstance(raw[key], str):
+            raise PatcherError(f"{where(path, line_of(text, key))}: {key} = {raw[key]!r} should be a string")
+    if not isinstance(raw.get("eval", {}), dict):
+        raise PatcherError(f"{where(path, line_of(text, 'eval'))}: eval should be a table ([eval]) of evaluation settings")
 
     base = path.parent
+    model_table = raw.get("model", {})
+    if isinstance(model_table, dict) and model_table.get("trust_remote_code") is not False and "trust_remote_code" in model_table:
+        raise PatcherError(f"{where(path, line_of(text, 'trust_remote_code'))}: a recipe may not set model.trust_remote_code (a shared recipe "
+                           "would run a model's own code): remove it, and pass --trust-remote-code on the command line if you trust that model")
     model = section(ModelSettings, "model")
     data = section(DataSettings, "data")
     data = dataclasses.replace(data, path=resolve_path(base, data.path))
     check = section(CheckSettings, "check")
     check = dataclasses.replace(check, ppl_text=resolve_path(base, check.ppl_text))
     steps_raw = raw.get("step", [])
-    if not isinstance(steps_raw, list) or not steps_raw:
-        raise PatcherError(f"{path}: a recipe needs at least one [[step]] table with a method")
+    if not isinstance(steps_raw, list) or not steps_raw or not all(isinstance(s, dict) for s in steps_raw):
+        raise PatcherError(f"{path}: a recipe needs at least one [[step]] table with a method (step should be [[step]] tables)")
     steps, after = [], 0
     for i, s in enumerate(steps_raw):
         line = line_of(text, "[[step]]".strip("[]"), after)
         after = line
-        if "method" not in s:
-            raise PatcherError(f"{where(path, line)}: step {i + 1} has no method key")
+        if not isinstance(s.get("method"), str):
+            raise PatcherError(f"{where(path, line)}: step {i + 1} needs method = \"NAME\" (a string), e.g. method = \"aura\"")
         s = dict(s)
         step_data = None
         if "data" in s:
+            if not isinstance(s["data"], dict):
+                raise PatcherError(f"{where(path, line)}: step[{i + 1}].data should be a table of data settings")
             own = s.pop("data")
             inherited = dataclasses.asdict(data)
             if isinstance(own, dict) and "dataset" in own and "path" not in own:

@@ -41,15 +41,30 @@ def build(cls: type, table: dict[str, Any], where: str, section: str) -> Any:
     for key, value in table.items():
         if not matches(value, hints[key]):
             raise PatcherError(f"{where}: {section}.{key} = {value!r} should be of type {hints[key]}")
+    for f in dataclasses.fields(cls):
+        if f.name in table:
+            check_value(f, table[f.name], where, section)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
     return cls(**kwargs)
 
 
-def setting(default: Any = dataclasses.MISSING, *, help: str, build_only: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:  # noqa: A002
+def check_value(f: dataclasses.Field, value: Any, where: str, section: str) -> None:
+    """A field's declared bounds (``minimum``) and ``choices``, refused by name with what is allowed."""
+    low, choices = f.metadata.get("minimum"), f.metadata.get("choices")
+    if low is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= low:
+        raise PatcherError(f"{where}: {section}.{f.name} = {value!r} should be at least {low}")
+    if choices is not None and value not in choices:
+        raise PatcherError(f"{where}: {section}.{f.name} = {value!r} should be one of {', '.join(map(repr, choices))}")
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, build_only: bool = False, default_factory: Any = dataclasses.MISSING,  # noqa: A002
+            minimum: float | None = None, choices: tuple[Any, ...] | None = None) -> Any:
     """A settings field with its help text (shown by the CLI flags generated from it) and, for a
     method's settings, whether it is ``build_only``: it changes how statistics become a patch but
-    never what is collected, so a sweep or a tune over it reuses one collection."""
-    meta = {"help": help, "build_only": build_only}
+    never what is collected, so a sweep or a tune over it reuses one collection. ``minimum`` and
+    ``choices`` bound its value: `build` refuses a value outside them with the key and the line
+    (a batch size of 0 or a padding side of "middle" never reaches the code)."""
+    meta = {"help": help, "build_only": build_only, "minimum": minimum, "choices": choices}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

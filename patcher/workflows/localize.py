@@ -15,7 +15,7 @@ def localize_recipe(recipe: Recipe, *, device: str = "cpu") -> Localisation:
     """Localisation on a recipe's model and data. The data and ``paired`` come from the recipe's first
     step that has them (else ``[data]``, unpaired); earlier steps are not applied."""
     spec = recipe.model.id
-    folder, _ = resolve_model(spec, recipe.model.revision)
+    folder, _ = resolve_model(spec, recipe.model.revision, recipe.model.trust_remote_code)
     model, tok = load_model(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
     data_settings = recipe.data
     paired = False

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..bake.writer import bake
+from ..bake.writer import prepare_bake, write_bake
 from ..collect.collector import Collector
 from ..collect.layerwise import layerwise_perplexity
 from ..core.errors import PatcherError
@@ -36,7 +35,7 @@ from ..evaluate.perplexity import perplexity, token_stream
 from ..evaluate.plots import plot_report
 from ..evaluate.report import EvalSettings, eval_prompts, evaluate
 from ..io.checkpoint import sha256_file
-from ..io.folders import atomic_folder, check_output_path, move_into_place
+from ..io.folders import atomic_folder, check_output_path
 from ..io.model_files import resolve_model
 from ..io.record import update_record
 from ..methods.registry import StepContext, get_method
@@ -120,24 +119,51 @@ def compute_patch(recipe: Recipe, model: Any, tokenizer: Any, *, timings: Timing
     return patch, summaries
 
 
+def recipe_inputs(recipe: Recipe) -> list[Path]:
+    """Every local file a recipe reads: the recipe itself, its data (a missing data set stops the run
+    here, before the model loads), its perplexity text, files its steps name (``*_path``) and its
+    ``[eval]`` table's files. No output may touch any of them."""
+    ppl = ppl_source(recipe.check)
+    paths: list[Any] = [recipe.path, ppl[0] if ppl else ""]
+    for data in dict.fromkeys(step.data or recipe.data for step in recipe.steps):
+        paths.append(data_source(data)[0])  # a catalog name resolves to its local file (data folder or cache)
+    for step in recipe.steps:
+        paths += [v for k, v in step.settings.items() if k.endswith("_path") and isinstance(v, str)]
+    if isinstance(recipe.eval, dict):
+        paths += [resolve_path(recipe.path.parent, recipe.eval[k]) for k in ("prompts", "ppl_text") if isinstance(recipe.eval.get(k), str)]
+    return [Path(p) for p in paths if p and "://" not in str(p)]
+
+
+@contextmanager
+def _collect_state(scale: Any) -> Iterator[None]:
+    """On a failure, the collection checkpoints are kept only when ``--resume`` can continue from
+    them (the collection itself was interrupted after a checkpoint); otherwise they are removed.
+    Either way the log says which."""
+    try:
+        yield
+    except BaseException:
+        if scale is not None:
+            scale.abandon()
+        raise
+
+
 def compute(recipe: Recipe, out: Path, *, device: str = "cpu", overwrite: bool = False, scale: Any = None) -> Patch | None:
-    """`patcher compute`: the recipe's patch written to ``out`` (``patch.json`` +
-    ``patch.safetensors``) without baking. Under several processes only rank 0 writes; the others
-    return None."""
+    """`patcher compute`: the recipe's patch written to ``out`` (``patch.json`` with the patch's
+    sha256 + ``patch.safetensors``) without baking. Under several processes only rank 0 writes; the
+    others return None."""
     step_settings(recipe)
-    folder, _ = resolve_model(recipe.model.id, recipe.model.revision)
-    if out.exists() and not overwrite:
-        raise PatcherError(f"output folder {out} already exists: choose another --out or pass --overwrite")
-    check_output_path(out, folder, overwrite)
+    folder, _ = resolve_model(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)
+    check_output_path(out, folder, overwrite, recipe_inputs(recipe))
     if scale is not None:
         device = scale.prepare(folder, out, device)
     load = scale.load if scale is not None else load_model
-    model, tokenizer = load(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
-    patch, _ = compute_patch(recipe, model, tokenizer, scale=scale)
-    if scale is not None and not scale.world.is_main:
-        return None
-    with atomic_folder(out) as tmp:
-        patch.save(tmp)
+    with _collect_state(scale):
+        model, tokenizer = load(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
+        patch, _ = compute_patch(recipe, model, tokenizer, scale=scale)
+        if scale is not None and not scale.world.is_main:
+            return None
+        with atomic_folder(out, overwrite) as tmp:
+            patch.save(tmp)
     if scale is not None:
         scale.finish()
     return patch
@@ -211,9 +237,10 @@ def _evaluate_staging(staging: Path, out: Path, baseline: str, settings: Any, de
     """Evaluate the staged output against ``baseline``; writes eval.json and eval.png into it."""
 
     report = evaluate(staging, baseline=baseline, settings=settings, device=device)
-    final = str(out.resolve())  # measured in the staging folder, published as ``out``
-    report.model.spec, report.model.folder = str(out), final
-    report.model.provenance = report.model.provenance | {"model": final}
+    # measured in the staging folder, published as ``out``: the report sits inside the model it
+    # describes, so the model is "." (local paths in published files are relative, never absolute)
+    report.model.spec, report.model.folder = ".", "."
+    report.model.provenance = report.model.provenance | {"model": "."}
     report.save_json(staging / EVAL_NAME)
     data = report.to_json()
     plot_report(data, staging / EVAL_PLOT)
@@ -241,17 +268,16 @@ def run(
     scale: Any = None,
     run_eval: bool = True,
     stats_cache: dict | None = None,
+    allow_nonfinite: bool = False,
 ) -> RunResult | None:
     """``scale`` (`patcher.distributed.ScaleOptions`): device map, layer-by-layer, data-parallel,
     checkpoints; under several processes only rank 0 bakes and writes, the others return None.
     ``run_eval=False`` skips the recipe's ``[eval]`` table (the card is written without it).
-    ``stats_cache`` is `compute_patch`'s: runs of recipes that share a step's statistics collect them once."""
+    ``stats_cache`` is `compute_patch`'s: runs of recipes that share a step's statistics collect them once.
+    ``allow_nonfinite``: copy untouched source tensors holding NaN or inf."""
     timings = Timings()
     spec = recipe.model.id
     effective = recipe.effective_settings(step_settings(recipe))  # every step validated before the work
-    for data_settings in dict.fromkeys(step.data or recipe.data for step in recipe.steps):
-        data_source(data_settings)  # a missing data set stops the run before the model loads
-    ppl = ppl_source(recipe.check)
     settings = eval_settings(recipe)  # refuse a bad [eval] table before the work, even when skipped
     if not run_eval:
         settings = None
@@ -259,51 +285,62 @@ def run(
         _check_eval(settings, device)
     for data_settings in dict.fromkeys(step.data or recipe.data for step in recipe.steps):
         data_source(data_settings)  # a missing data set stops the run before the model loads
-    ppl_source(recipe.check)
+    trust = recipe.model.trust_remote_code
     with timings.stage("load"):
-        folder, _ = resolve_model(spec, recipe.model.revision)
+        folder, _ = resolve_model(spec, recipe.model.revision, trust)
         out = Path(out or f"runs/{recipe.name}-{Path(spec).name}")
-        check_output_path(out, folder, overwrite)
+        check_output_path(out, folder, overwrite, recipe_inputs(recipe))
         if scale is not None:
             device = scale.prepare(folder, out, device)
         load = scale.load if scale is not None else load_model
-        model, tokenizer = load(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
-    patch, summaries = compute_patch(recipe, model, tokenizer, timings=timings, scale=scale, stats_cache=stats_cache)
-    if scale is not None and not scale.world.is_main:
-        return None
-    staging = out.resolve().parent / f".{out.name}.staging"
-    if staging.exists():
-        shutil.rmtree(staging)
-    record = {"recipe": {"path": str(recipe.path), "name": recipe.name, "text": recipe.text, "settings": effective}, "data": summaries}
-    try:
-        with timings.stage("bake"):
-            bake(patch, spec, staging, untie=recipe.model.untie, record=record)
-        with timings.stage("perplexity"):
-            ppl = ppl_source(recipe.check)
-            before = _ppl(model, tokenizer, recipe) if ppl else float("nan")
-            del model
-            baked, _ = load(staging, recipe.model.dtype, device)
-            after = _ppl(baked, tokenizer, recipe) if ppl else float("nan")
-            del baked
-        result = RunResult(out, patch, before, after, timings, summaries)
-        update_record(staging, {"check": dataclasses.asdict(recipe.check) | {"ppl_before": before, "ppl_after": after, "ppl_increase": result.ppl_increase,
-                                                                           "ppl_source": ppl[1] if ppl else None}})
-        budget = recipe.check.max_ppl_increase
-        if ppl and result.ppl_increase > budget and not force:
-            raise PatcherError(
-                f"perplexity rose {result.ppl_increase:+.1%} ({before:.2f} -> {after:.2f}), over the recipe's budget of "
-                f"{budget:+.0%}: nothing was written; pass --force to publish anyway or raise check.max_ppl_increase"
-            )
-        if settings is not None:
-            with timings.stage("eval"):
-                # the base model as resolved for the bake (a pinned revision stays pinned)
-                baseline = spec if recipe.model.revision is None else str(folder)
-                result.eval_report = _evaluate_staging(staging, out, baseline, settings, device)
-        _write_card(staging, out, result.eval_report)
-        move_into_place(staging, out)
-        if scale is not None:
-            scale.finish()
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    with _collect_state(scale):
+        with timings.stage("load"):
+            model, tokenizer = load(folder, recipe.model.dtype, device, trust)
+        patch, summaries = compute_patch(recipe, model, tokenizer, timings=timings, scale=scale, stats_cache=stats_cache)
+        if scale is not None and not scale.world.is_main:
+            return None
+        record = {"recipe": {"path": str(recipe.path.resolve()), "name": recipe.name, "text": recipe.text, "settings": effective}, "data": summaries}
+        holder = [model]
+        del model
+        with atomic_folder(out, overwrite) as staging:
+            result = _bake_and_check(recipe, patch, summaries, holder, tokenizer, load, staging, out, record, timings, device,
+                                     settings, force, allow_nonfinite, folder)
+    if scale is not None:
+        scale.finish()
+    return result
+
+
+def _bake_and_check(recipe: Recipe, patch: Patch, summaries: list[dict], holder: list[Any], tokenizer: Any, load: Any, staging: Path, out: Path,
+                    record: dict[str, Any], timings: Timings, device: str, settings: Any, force: bool, allow_nonfinite: bool,
+                    folder: Path) -> RunResult:
+    """Bake into ``staging``, check perplexity against the budget, evaluate, write the card: the
+    caller publishes ``staging`` as ``out`` only when this returns. ``holder`` holds the only
+    reference to the collected model, dropped once the base perplexity is measured (the baked model
+    is loaded next)."""
+    spec = recipe.model.id
+    with timings.stage("bake"):
+        prep = prepare_bake(patch, spec, untie=recipe.model.untie, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)
+        write_bake(patch, prep, staging, out, record=record, allow_nonfinite=allow_nonfinite)
+    with timings.stage("perplexity"):
+        ppl = ppl_source(recipe.check)
+        before = _ppl(holder.pop(), tokenizer, recipe) if ppl else float("nan")  # the model is freed here
+        holder.clear()
+        baked, _ = load(staging, recipe.model.dtype, device)
+        after = _ppl(baked, tokenizer, recipe) if ppl else float("nan")
+        del baked
+    result = RunResult(out, patch, before, after, timings, summaries)
+    update_record(staging, {"check": dataclasses.asdict(recipe.check) | {"ppl_before": before, "ppl_after": after, "ppl_increase": result.ppl_increase,
+                                                                       "ppl_source": ppl[1] if ppl else None}})
+    budget = recipe.check.max_ppl_increase
+    if ppl and result.ppl_increase > budget and not force:
+        raise PatcherError(
+            f"perplexity rose {result.ppl_increase:+.1%} ({before:.2f} -> {after:.2f}), over the recipe's budget of "
+            f"{budget:+.0%}: nothing was written; pass --force to publish anyway or raise check.max_ppl_increase"
+        )
+    if settings is not None:
+        with timings.stage("eval"):
+            # the base model as resolved for the bake (a pinned revision stays pinned)
+            baseline = spec if recipe.model.revision is None else str(folder)
+            result.eval_report = _evaluate_staging(staging, out, baseline, settings, device)
+    _write_card(staging, out, result.eval_report)
     return result

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,11 @@ from ..core.errors import PatcherError
 from ..core.models import load_model
 from ..core.table import render
 from ..evaluate.report import EvalSettings, evaluate
+from ..io.folders import check_output_path
 from ..io.model_files import resolve_model
+from ..io.record import write_json_file
 from ..recipe.loader import Recipe
-from .run import compute_patch
+from .run import compute_patch, recipe_inputs
 
 
 def parse_set(expr: str, recipe: Recipe) -> tuple[int, str, list[Any]]:
@@ -142,7 +143,9 @@ def sweep(
     index, key, values = parse_set(expr, recipe)
     settings = eval_settings or EvalSettings.from_preset("quick")
     spec = recipe.model.id
-    folder, _ = resolve_model(spec, recipe.model.revision)
+    folder, _ = resolve_model(spec, recipe.model.revision, recipe.model.trust_remote_code)
+    inputs = [*recipe_inputs(recipe), *(references or {}).values(), eval_settings.prompts if eval_settings else None]
+    check_output_path(out, folder, True, inputs)  # an existing sweep folder is reused: patcher wrote it
     model, tokenizer = load_model(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
     base = _point(evaluate(folder, settings=settings, device=device).to_json())
     refs = {}
@@ -154,16 +157,15 @@ def sweep(
     for v in values:
         patch, _ = compute_patch(with_setting(recipe, index, key, v), model, tokenizer, stats_cache=cache)
         target = out / f"{key}={v}"
-        if target.exists():
-            shutil.rmtree(target)
-        bake(patch, spec, target, untie=recipe.model.untie)
-        report = evaluate(target, settings=settings, device=device).to_json()
-        (target / "eval.json").write_text(json.dumps(report, indent=1))
+        bake(patch, spec, target, untie=recipe.model.untie, overwrite=True, trust_remote_code=recipe.model.trust_remote_code, inputs=tuple(inputs))
+        evaluation = evaluate(target, settings=settings, device=device)
+        report = evaluation.to_json()
+        evaluation.save_json(target / "eval.json")
         points.append({"value": v, "folder": str(target), **_point(report)})
     result = SweepResult(key, values, points, base, refs, collections=len(cache))
     if max_ppl_increase is not None:
         within = [i for i, p in enumerate(points) if p["ppl"] <= base["ppl"] * (1 + max_ppl_increase)]
         if within:
             result.chosen = min(within, key=lambda i: points[i]["toxicity_probability"].get("any", max(points[i]["toxicity_probability"].values())))
-    (out / "sweep.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
+    write_json_file(out / "sweep.json", result.to_json())
     return result
