@@ -165,8 +165,9 @@ def test_bos_is_read_as_generation_reads_it() -> None:
     """A tokenizer that puts <s> before text (Gemma's, Llama's): statistics see it first (and skip
     it as the sink), perplexity starts every window with it and scores the same text tokens."""
     from helpers import tiny_tokenizer
-    from patcher.perplexity import perplexity
-    from patcher.tokens import leading_specials
+
+    from patcher.core.tokens import leading_specials
+    from patcher.evaluate.perplexity import perplexity
 
     assert leading_specials(bos_tokenizer()) == [1] and leading_specials(tiny_tokenizer()) == []
     data = paired_data(4)
