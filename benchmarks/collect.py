@@ -123,7 +123,7 @@ def contention() -> dict:
 def transport_cost(args: argparse.Namespace) -> None:
     """Causal transport estimation time / one plain collection pass of the same statistics."""
     torch.manual_seed(0)
-    recipe = load_recipe(ROOT / "recipes/aura.toml")
+    recipe = load_recipe(args.recipe)
     folder, _ = resolve_model(args.model)
     model, tok = load_model(folder)
     data = load_data(dataclasses.replace(recipe.data, n_per_class=args.n_per_class), tok)
@@ -173,6 +173,7 @@ def main() -> None:
     ap.add_argument("--no-contention", action="store_true", help="skip the run beside a competing PyTorch job")
     ap.add_argument("--transport", action="store_true", help="causal transport estimation vs one plain collection pass")
     ap.add_argument("--modules", default="mlp_out", help="with --transport: comma-separated roles (attn_out, mlp_in, mlp_out)")
+    ap.add_argument("--recipe", default=str(ROOT / "recipes/transport-linear.toml"), help="with --transport: the recipe whose data is used")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.transport:
