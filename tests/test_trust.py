@@ -888,3 +888,14 @@ def test_shards_and_base_untouched_by_every_successful_command(world: World) -> 
     assert code == 0, output
     assert tree_hash(world.inp) == before
     assert str(world.inp) not in (world.out / "README.md").read_text()
+
+
+def test_relative_paths_never_rewrite_a_path_twice(tmp_path: Path) -> None:
+    """An absolute path that also ends a relative path already in the record (the base model's
+    ``local_path`` beside the recipe's model id) is rewritten once, where it starts a word."""
+    from patcher.io.record import relative_paths
+
+    base = str((tmp_path / "cache" / "model").resolve())
+    out = tmp_path / "runs" / "out"
+    rel = relative_paths({"id": base, "local_path": "../../cache/model", "text": f'id = "{base}"'}, out)
+    assert rel == {"id": "../../cache/model", "local_path": "../../cache/model", "text": 'id = "../../cache/model"'}

@@ -117,8 +117,10 @@ def relative_paths(data: Any, folder: Path) -> Any:
         if isinstance(x, list):
             return [texts(v) for v in x]
         if isinstance(x, str) and "/" in x:
-            for absolute in sorted(found, key=len, reverse=True):
-                x = x.replace(absolute, found[absolute])
+            # a path starts a word: not the tail of a longer path (a relative path already written,
+            # "../../root/x", holds the absolute "/root/x" and must not be rewritten twice)
+            pattern = "|".join(re.escape(a) for a in sorted(found, key=len, reverse=True))
+            x = re.sub(rf"(?<![\w.~/-])(?:{pattern})", lambda m: found[m.group(0)], x)
         return x
 
     return texts(out)
