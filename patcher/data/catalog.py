@@ -25,7 +25,6 @@ revision or the local layout file, and the sha256 of the bytes read) that runs w
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import PatcherError
+from ..io.checkpoint import sha256_file
 
 DATA_ENV = "PATCHER_DATA"
 _data_dir_override: Path | None = None
@@ -213,13 +213,13 @@ def resolve(name: str) -> Resolved:
     folder = data_dir()
     if folder is not None and (folder / e.local).is_file():
         file = folder / e.local
-        return Resolved(file, {"name": e.name, "from": "data-dir", "file": e.local, "sha256": _sha256(file)})
+        return Resolved(file, {"name": e.name, "from": "data-dir", "file": e.local, "sha256": sha256_file(file)})
     converted = cache_dir() / e.name / e.revision / Path(e.local).name
     if not converted.is_file():
         downloaded = [_download(e, f, folder) for f in e.files]
         _write_atomic(converted, e.convert(downloaded))
     return Resolved(converted, {"name": e.name, "from": "hub", "repo": e.repo, "revision": e.revision, "files": list(e.files),
-                                "split": e.split, "layout_file": e.local, "sha256": _sha256(converted)})
+                                "split": e.split, "layout_file": e.local, "sha256": sha256_file(converted)})
 
 
 def _download(e: Entry, filename: str, folder: Path | None) -> Path:
@@ -243,11 +243,4 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 

@@ -34,6 +34,7 @@ import torch
 
 from ..core.auroc import auroc
 from ..core.errors import PatcherError
+from ..io.checkpoint import sha256_file
 from ..recipe.loader import CheckSettings, DataSettings
 from .catalog import resolve
 
@@ -226,7 +227,7 @@ def load_prompts(
     if not rows:
         raise PatcherError(f"{path}: every '{field}' is blank; give a file with non-empty prompts")
     scores = [s for _, s, _ in rows] if with_scores and any(s is not None for _, s, _ in rows) else None
-    return PromptSet([p for p, _, _ in rows], scores, path, [line for _, _, line in rows], _sha256_file(file))
+    return PromptSet([p for p, _, _ in rows], scores, path, [line for _, _, line in rows], sha256_file(file))
 
 
 def _flat_prompt(rec: dict, field: str) -> dict:
@@ -236,14 +237,6 @@ def _flat_prompt(rec: dict, field: str) -> dict:
     if isinstance(inner, dict) and "text" in inner:
         return rec | {k: v for k, v in inner.items() if k != "text"} | {field: inner["text"]}
     return rec
-
-
-def _sha256_file(file: Path) -> str:
-    h = hashlib.sha256()
-    with file.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def length_auroc(labeled: LabeledSet, tokenizer: Tokenizer) -> float:

@@ -283,13 +283,12 @@ def run(
         settings = None
     if settings is not None:
         _check_eval(settings, device)
-    for data_settings in dict.fromkeys(step.data or recipe.data for step in recipe.steps):
-        data_source(data_settings)  # a missing data set stops the run before the model loads
+    inputs = recipe_inputs(recipe)  # resolves every data set: a missing one stops the run before the model loads
     trust = recipe.model.trust_remote_code
     with timings.stage("load"):
         folder, _ = resolve_model(spec, recipe.model.revision, trust)
         out = Path(out or f"runs/{recipe.name}-{Path(spec).name}")
-        check_output_path(out, folder, overwrite, recipe_inputs(recipe))
+        check_output_path(out, folder, overwrite, inputs)
         if scale is not None:
             device = scale.prepare(folder, out, device)
         load = scale.load if scale is not None else load_model
