@@ -386,3 +386,14 @@ paired = true
     j = json.loads((tmp_path / "loc.json").read_text())
     assert len(j["blocks"]["mlp_out"]) == 2 and j["paired"]
     assert (tmp_path / "loc.png").stat().st_size > 1000
+
+
+def test_per_layer_table_marks_a_missing_factor_not_nan() -> None:
+    """A projection-only layer has no scale factor: the table says "-", never NaN (which would read
+    as the numerical failure patcher guards against)."""
+    u = torch.tensor([[1.0], [0.0]])
+    patch = Patch([ProjectOutputs("model.layers.3.mlp.down_proj", basis=u),
+                   ScaleInputs("model.layers.4.mlp.down_proj", factors=torch.tensor([1.0, 0.5, 0.0]))])
+    rows = {r[0]: r for r in patch.per_layer()}
+    assert rows[3][4] == "-" and rows[3][5] == 1
+    assert rows[4][2:5] == [2, 3, pytest.approx(0.5)]

@@ -3,6 +3,7 @@ the budget, and resuming a killed study."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -120,6 +121,8 @@ def test_planted_direction_best_strength_found(planted: tuple[Path, Scorer]) -> 
     chosen = result.chosen_settings["step1.strength"]
     assert chosen >= 0.9, f"tune picked strength {chosen}, the planted model's least toxic is 1.0"
     assert load_recipe(tmp / "best.toml").steps[0].settings["strength"] == chosen
+    assert all(t["settings"]["step1.strength"] == round(t["settings"]["step1.strength"], 2) for t in result.trials), \
+        "grid values are written as the grid has them (0.3, not 0.30000000000000004)"
     assert result.seconds["trials_this_run"] == 16 and result.collections == 1, "one statistics collection serves every trial"
 
 
@@ -228,3 +231,23 @@ def test_pick_by_quick_evaluation(planted: tuple[Path, Scorer], shared_data: Pat
     tuned = load_recipe(tmp / "ev.toml")
     assert tuned.tune == {} and tuned.check.max_ppl_increase == 0.2 and tuned.data.path == recipe.data.path
     assert not any(Path(tmp).glob(".ev.toml.eval-*")), "the evaluation's bakes are removed"
+
+
+def test_damage_is_the_run_check_perplexity_with_leading_specials(planted: tuple[Path, Scorer]) -> None:
+    """Tune's damage is the number `patcher run` gates on: with a tokenizer that starts texts with a
+    special token (Gemma's ``<bos>``) every window starts with it (a tune once measured Gemma without
+    it: 64.3 against the check's 23.1)."""
+    from helpers import bos_tokenizer
+
+    from patcher.data.loaders import ppl_source
+    from patcher.evaluate.perplexity import perplexity, token_stream
+    from patcher.workflows.run import check_perplexity
+
+    _, scorer = planted
+    tok = bos_tokenizer()
+    ids = token_stream(tok, ppl_source(scorer.recipe.check)[0], scorer.recipe.check.ppl_tokens)
+    bos = dataclasses.replace(scorer, tokenizer=tok, ppl_ids=ids)
+    damage, _ = bos.measure(bos.model)
+    assert damage == pytest.approx(check_perplexity(bos.model, tok, bos.recipe), rel=1e-6)
+    w = scorer.recipe.check.ppl_window
+    assert damage != pytest.approx(perplexity(bos.model, ids, window=w, stride=w), rel=1e-4), "the <s> prefix must be in"

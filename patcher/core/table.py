@@ -12,10 +12,11 @@ def _fmt(v: object) -> str:
 
 
 def render(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None) -> str:
-    """Columns padded to their widest cell; numbers right-aligned."""
+    """Columns padded to their widest cell; numbers right-aligned ("-", a number that does not apply,
+    aligned with them)."""
     cells = [[_fmt(v) for v in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    numeric = [all(isinstance(r[i], (int, float)) for r in rows) and bool(rows) for i in range(len(headers))]
+    numeric = [all(isinstance(r[i], (int, float)) or r[i] == "-" for r in rows) and bool(rows) for i in range(len(headers))]
 
     def line(vals: Sequence[str]) -> str:
         return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(vals, widths, numeric)).rstrip()

@@ -48,7 +48,8 @@ class Patch:
 
     def per_layer(self) -> list[list[Any]]:
         """Rows of (layer, edits, units changed, units total, mean factor over scaled units' modules,
-        projection rank) for the terminal table."""
+        projection rank) for the terminal table; "-" where a column does not apply (a layer with only
+        projections has no factor: not NaN, which would read as a numerical failure)."""
         rows: dict[int | str, list[Any]] = {}
         for e in self.edits:
             m = _LAYER.search(e.module)
@@ -68,7 +69,7 @@ class Patch:
         out = []
         for key in sorted(rows, key=lambda k: (isinstance(k, str), k)):
             r = rows[key]
-            mean = float(torch.cat(r[4]).mean()) if r[4] else float("nan")
+            mean: float | str = float(torch.cat(r[4]).mean()) if r[4] else "-"
             out.append([r[0], r[1], r[2], r[3], mean, r[5]])
         return out
 

@@ -184,8 +184,12 @@ class RunResult:
         return self.ppl_after / self.ppl_before - 1.0
 
 
-def _ppl(model: Any, tokenizer: Any, recipe: Recipe) -> float:
-    ids = token_stream(tokenizer, ppl_source(recipe.check)[0], recipe.check.ppl_tokens)  # type: ignore[index]
+def check_perplexity(model: Any, tokenizer: Any, recipe: Recipe, ids: Any = None) -> float:
+    """The recipe's ``[check]`` perplexity, the one number `patcher run` gates on and `patcher tune`
+    measures damage with: windows without overlap, the tokenizer's leading specials (Gemma's
+    ``<bos>``) first in every window. ``ids``: the check text's tokens when the caller keeps them."""
+    if ids is None:
+        ids = token_stream(tokenizer, ppl_source(recipe.check)[0], recipe.check.ppl_tokens)  # type: ignore[index]
     w = recipe.check.ppl_window
     if getattr(model, "_patcher_layerwise", None) is not None:  # --sequential: the skeleton of a LayerwiseModel
         return layerwise_perplexity(model._patcher_layerwise, ids, window=w, stride=w, prefix=leading_specials(tokenizer))
@@ -322,10 +326,10 @@ def _bake_and_check(recipe: Recipe, patch: Patch, summaries: list[dict], holder:
         write_bake(patch, prep, staging, out, record=record, allow_nonfinite=allow_nonfinite)
     with timings.stage("perplexity"):
         ppl = ppl_source(recipe.check)
-        before = _ppl(holder.pop(), tokenizer, recipe) if ppl else float("nan")  # the model is freed here
+        before = check_perplexity(holder.pop(), tokenizer, recipe) if ppl else float("nan")  # the model is freed here
         holder.clear()
         baked, _ = load(staging, recipe.model.dtype, device)
-        after = _ppl(baked, tokenizer, recipe) if ppl else float("nan")
+        after = check_perplexity(baked, tokenizer, recipe) if ppl else float("nan")
         del baked
     result = RunResult(out, patch, before, after, timings, summaries)
     update_record(staging, {"check": dataclasses.asdict(recipe.check) | {"ppl_before": before, "ppl_after": after, "ppl_increase": result.ppl_increase,

@@ -48,14 +48,14 @@ from ..core.table import render
 from ..data.loaders import data_source, load_data, load_pairs, ppl_source
 from ..edits.patch import Patch
 from ..evaluate.likelihood import likelihood_margin
-from ..evaluate.perplexity import perplexity, token_stream
+from ..evaluate.perplexity import token_stream
 from ..evaluate.report import DEFAULT_EVALUATORS, EvalSettings, evaluate
 from ..io.model_files import resolve_model
 from ..methods.registry import get_method
 from ..recipe.loader import Recipe, line_of, resolve_path, where
 from ..recipe.settings import build, matches, setting
 from ..recipe.writer import dump_recipe, rebase_paths
-from .run import compute_patch, step_settings
+from .run import check_perplexity, compute_patch, step_settings
 from .sweep import with_setting
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,8 @@ class Param:
 
     def suggest(self, trial: Any) -> Any:
         """The setting's value for an Optuna trial."""
-        if self.kind == "float":
-            return trial.suggest_float(self.name, self.low, self.high, step=self.step_size)
+        if self.kind == "float":  # rounded: a grid value is written into the tuned recipe (0.3, not 0.30000000000000004)
+            return round(trial.suggest_float(self.name, self.low, self.high, step=self.step_size), 10)
         if self.kind == "int":
             return trial.suggest_int(self.name, self.low, self.high)
         if self.kind == "layers":
@@ -244,8 +244,7 @@ class Scorer:
     patches: dict[int, Patch] = field(default_factory=dict)
 
     def measure(self, model: Any) -> tuple[float, float]:
-        w = self.recipe.check.ppl_window
-        ppl = perplexity(model, self.ppl_ids, window=w, stride=w)
+        ppl = check_perplexity(model, self.tokenizer, self.recipe, self.ppl_ids)
         return ppl, likelihood_margin(model, self.tokenizer, self.pairs, max_tokens=self.recipe.data.max_tokens,
                                       batch_size=self.recipe.collect.batch_size)
 
