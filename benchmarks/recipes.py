@@ -80,13 +80,15 @@ def main() -> None:
         return report if report["settings"] == wanted else None
 
     t0 = time.perf_counter()
-    base_path = args.base_eval or args.out / "base-eval.json"
-    report = reusable(base_path) if not args.base_eval else json.loads(base_path.read_text())
-    if args.base_eval and report["settings"] != wanted:
-        raise SystemExit(f"{args.base_eval} was evaluated with other settings than --n-prompts {args.n_prompts} and the quick preset")
-    if report is None:
-        report = evaluate(folder, settings=settings).to_json()
-        base_path.write_text(json.dumps(report, indent=1) + "\n")
+    if args.base_eval:
+        report = json.loads(args.base_eval.read_text())
+        if report["settings"] != wanted:
+            raise SystemExit(f"{args.base_eval} was evaluated with other settings than --n-prompts {args.n_prompts} and the quick preset")
+    else:
+        report = reusable(args.out / "base-eval.json")
+        if report is None:
+            report = evaluate(folder, settings=settings).to_json()
+            (args.out / "base-eval.json").write_text(json.dumps(report, indent=1) + "\n")
     results["base"] = base = point(report)
     print(f"base evaluated ({time.perf_counter() - t0:.0f}s)", flush=True)
     model, tokenizer = load_model(folder)

@@ -65,7 +65,7 @@ outlier dimensions and on its 3 largest coordinates (``provenance.layers``).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -86,7 +86,7 @@ from ..edits.edit import ProjectOutputs
 from ..edits.patch import Patch
 from ..recipe.settings import setting
 from .localize import direction_effect, pair_rows, parse_layers
-from .registry import METHODS, Method, StepContext
+from .registry import METHODS, Method, StepContext, settings_record
 from .saes import SAE, read_sae
 
 log = logging.getLogger(__name__)
@@ -522,9 +522,7 @@ def build(ctx: StepContext, stats: dict[str, Statistic], s: ProjectSettings) -> 
             u, info = estimate(x, y, pair_ids, s, "project: embeddings")
         edits.insert(0, ProjectOutputs(arch.embed, "embedding", basis=u, strength=s.strength, **_write(info.get("write"))))
         records.insert(0, {"layer": "embed", "block": "embed"} | {k: v for k, v in info.items() if k not in SHARED_INFO})
-    settings = asdict(s) | {"blocks": list(s.blocks), "layers": list(s.layers) if isinstance(s.layers, tuple) else s.layers,
-                            "sae_features": list(s.sae_features)}
-    prov: dict[str, Any] = {"method": "project", "settings": settings, "layers": records}
+    prov: dict[str, Any] = {"method": "project", "settings": settings_record(s), "layers": records}
     if shared is not None:
         prov["sae"] = {k: v for k, v in shared[1].items() if k in ("sae", "sae_layer", "features", "feature_scores")}
     return Patch(edits, prov)

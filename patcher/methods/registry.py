@@ -9,7 +9,7 @@ model). The split lets a sweep or a tune collect once and build many patches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from torch import nn
@@ -61,3 +61,9 @@ METHODS: Registry[type[Method]] = Registry("method")
 def get_method(name: str) -> Method:
     """An instance of the method a recipe step names."""
     return METHODS.get(name)()
+
+
+def settings_record(settings: Any) -> dict[str, Any]:
+    """A step's settings as its patch records them: tuples (layers, blocks, modules...) as lists, the
+    form JSON gives back, so a loaded patch's provenance equals the one built."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}

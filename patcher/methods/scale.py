@@ -11,7 +11,7 @@ scaling of the rank-one literature, baked.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from ..edits.edit import ScaleInputs
 from ..edits.patch import Patch
 from ..recipe.settings import setting
 from .localize import neuron_effects, pair_rows, parse_layers
-from .registry import METHODS, Method, StepContext
+from .registry import METHODS, Method, StepContext, settings_record
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,7 @@ def build(ctx: StepContext, stat: PooledValues, s: ScaleSettings) -> Patch:
         f[picks[i]] = s.factor
         edits.append(ScaleInputs(arch.module("mlp_out", i), arch.layout, factors=f))
         records.append({"layer": i, "neurons": sorted(picks[i]), "min_d": round(float(d[picks[i]].min()), 4)})
-    settings = asdict(s) | {"layers": list(s.layers) if isinstance(s.layers, tuple) else s.layers}
-    return Patch(edits, {"method": "scale", "settings": settings, "layers": records})
+    return Patch(edits, {"method": "scale", "settings": settings_record(s), "layers": records})
 
 
 @METHODS.register("scale")

@@ -53,7 +53,7 @@ processes (`torchrun`) by concatenation like every `PooledValues`. Causal estima
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -70,7 +70,7 @@ from ..edits.edit import AffineOutputs
 from ..edits.patch import Patch
 from ..recipe.settings import setting
 from .localize import parse_layers
-from .registry import METHODS, Method, StepContext
+from .registry import METHODS, Method, StepContext, settings_record
 
 ROLES = ("attn_out", "mlp_in", "mlp_out")  # forward order inside a decoder layer
 POST_NORMS = ("mlp_out_norm", "attn_out_norm")
@@ -268,8 +268,7 @@ def build(ctx: StepContext, stats: TransportMaps, s: TransportSettings) -> Patch
         scale, shift = _with_strength(w, b, s.strength)
         edits.append(AffineOutputs(m, arch.layout, scale=scale, shift=shift))
         records.append({"module": m, "scale_mean": round(float(w.mean()), 4), "shift_abs_mean": round(float(b.abs().mean()), 5)})
-    settings = asdict(s) | {"modules": list(s.modules), "layers": list(s.layers) if isinstance(s.layers, tuple) else s.layers}
-    return Patch(edits, {"method": "transport", "settings": settings, "n_per_class": stats.n_per_class, "maps": records})
+    return Patch(edits, {"method": "transport", "settings": settings_record(s), "n_per_class": stats.n_per_class, "maps": records})
 
 
 @METHODS.register("transport")
