@@ -19,7 +19,7 @@ from patcher.recipe.loader import load_recipe
 
 pytest.importorskip("optuna", reason="patcher tune needs optuna (the tune extra)")
 
-from patcher.workflows.tune import Scorer, held_back_pairs, tune, tune_space  # noqa: E402
+from patcher.workflows.tune import Param, Scorer, budget_start, held_back_pairs, tune, tune_space  # noqa: E402
 
 MARKER = "z"  # the planted "toxic" token: no neutral text holds it
 NEUTRAL_MARKER = "q"  # its paraphrase: the same embedding but for the planted direction
@@ -174,6 +174,36 @@ def test_resume_after_kill_gives_same_pick(planted: tuple[Path, Scorer], monkeyp
         tune(recipe, out=tmp / "other.toml", study_path=tmp / "killed.study.db", max_ppl_increase=0.3, trials=12, seed=7)
 
 
+class _Done:
+    """A finished start trial as `budget_start` reads it."""
+
+    def __init__(self, scale: float, inc: float) -> None:
+        self.user_attrs = {"start_scale": scale, "ppl_increase": inc}
+
+
+def test_budget_start_bisects_for_the_budget_line() -> None:
+    """Damage grows with the common scale (here strength s costs s**2 + 2 * (1 - factor)**2); the
+    start brackets the largest scale within budget and stops when the grid cannot split it further."""
+    params = [Param(0, "strength", "float", 0.0, 1.0, step_size=0.05), Param(1, "factor", "float", 0.0, 1.0, step_size=0.05),
+              Param(1, "erase", "choice", choices=("orthogonal", "whitened"))]
+    assert params[0].at_scale(0.0) == 0.0 and params[1].at_scale(0.0) == 1.0 and params[2].at_scale(0.5) is None, \
+        "scale 0 is each range's no-edit end (strength 0, factor 1); a choice is left to the sampler"
+    damage = lambda v: v["step1.strength"] ** 2 + 2 * (1 - v["step2.factor"]) ** 2  # noqa: E731
+    done, scales = [], []
+    while (nxt := budget_start(params, done, 0.1, 10)) is not None:
+        scale, values = nxt
+        assert set(values) == {"step1.strength", "step2.factor"} and values["step1.strength"] == round(1 - values["step2.factor"], 10)
+        scales.append(scale)
+        done.append(_Done(scale, damage(values)))
+    assert scales[:3] == [0.5, 0.25, 0.125], "bisection: over budget at 0.5 and 0.25"
+    within = [d for d in done if d.user_attrs["ppl_increase"] <= 0.1]
+    best = max(within, key=lambda d: d.user_attrs["start_scale"]).user_attrs["start_scale"]
+    assert params[0].at_scale(best) == 0.15, "3 * 0.15**2 = 0.0675 is within 0.1, 3 * 0.2**2 = 0.12 is not"
+    assert len(done) < 10, "over once the grid cannot split the bracket"
+    assert budget_start(params, done[:2], 0.1, 2) is None, "or after startup_trials"
+    assert budget_start(params[2:], [], 0.1, 6) is None, "nothing to scale: the sampler's own start"
+
+
 def _project_recipe(tmp: Path, tune_table: str) -> Path:
     path = write_recipe(tmp)
     path.write_text(path.read_text().replace('method = "aura"', 'method = "project"') + tune_table)
@@ -188,6 +218,7 @@ def _project_recipe(tmp: Path, tune_table: str) -> Path:
     ('[tune.step.1]\nlayers = [1, 0]\n', 21, "first <= last"),
     ('[tune.step.1]\nerase = ["orthogonal", "sideways"]\n', 21, "distinct choices"),
     ('[tune.step.2]\nstrength = [0.0, 1.0]\n', 20, "the recipe has steps 1..1"),
+    ('[tune]\nstart = "sideways"\n', 20, "tune.start = 'sideways' should be one of 'budget', 'random'"),
 ])
 def test_tune_table_line_errors(tmp_path: Path, table: str, line: int, message: str) -> None:
     path = _project_recipe(tmp_path, table)

@@ -9,6 +9,12 @@ co-minimises two objectives, heretic-style, with the budget as a constraint:
 * **toxicity proxy**: the mean log-likelihood margin of toxic sentences over their non-toxic
   paraphrases, on pairs none of the recipe's steps uses (`patcher.evaluate.likelihood`).
 
+The search starts on the budget line: the first trials bisect one common edit scale of every
+strength-like setting (each from its no-edit end towards its strongest) for the scale whose damage
+meets the budget, so that TPE models from points where the answer lies instead of from random
+points a CPU's few tens of trials cannot afford (on SmolLM2 most random points cost 2-5x the
+budget).
+
 A trial is cheap: statistics come from the sweep's cache (collected once per distinct set of
 collection-relevant settings; a searched layer range is collected once at its widest), the patch
 is attached through its hook face (no bake), and the two scores are teacher-forced forward passes.
@@ -65,6 +71,9 @@ log = logging.getLogger(__name__)
 # On a grid of 0.05 (as fine as the hand-tuned recipes' values): a later step's statistics depend on
 # an earlier step's strength, and a grid lets the trials TPE repeats reuse them.
 DEFAULT_RANGES: dict[str, tuple[float, float, float]] = {"strength": (0.0, 1.0, 0.05), "factor": (0.0, 1.0, 0.05), "min_auroc": (0.5, 1.0, 0.01)}
+# The end of each strength-like setting's range that edits least (strength 0; factor 1 keeps a neuron;
+# min_auroc 1 locates none): the budget start scales every such setting from there.
+NO_EDIT_END: dict[str, str] = {"strength": "low", "factor": "high", "min_auroc": "high"}
 # Methods whose statistics for a set of layers hold those of every subset (one collection serves a
 # searched layer range).
 LAYER_RANGE_METHODS = frozenset({"project"})
@@ -80,7 +89,9 @@ class TuneSettings:
 
     proxy_pairs: str = setting("", help="Toxic/non-toxic pairs for the proxy (default: the recipe's paired data); pairs any step uses are left out")
     proxy_n: int = setting(100, help="Held-back pairs the proxy scores")
-    startup_trials: int = setting(6, help="Random trials before TPE models the results (few: a CPU affords tens of trials, not hundreds)")
+    start: str = setting("budget", choices=("budget", "random"),
+                         help="How the search starts: budget (bisect a common edit scale of the strength-like settings for the budget line) or random")
+    startup_trials: int = setting(6, help="Trials of that start before TPE models the results (few: a CPU affords tens of trials, not hundreds)")
     candidates: int = setting(4, help="Pareto points within budget scored by the quick evaluation for the final pick (0: pick by the proxy)")
     validate: int = setting(3, help="Other trials also evaluated, spread over the proxy's range, for the rank correlation")
     eval_prompts: str = setting("", help="Prompt file of that evaluation (default: the RTP challenging prompts)")
@@ -118,6 +129,20 @@ class Param:
             b = trial.suggest_int(f"{self.name}.b", self.low, self.high)
             return f"{min(a, b)}-{max(a, b)}"
         return trial.suggest_categorical(self.name, list(self.choices))
+
+    def at_scale(self, t: float) -> Any:
+        """The value of a common edit scale ``t`` (0: this range's no-edit end, 1: its other end)
+        on this setting's grid, or None for a setting with no known no-edit end (the sampler
+        chooses those)."""
+        end = NO_EDIT_END.get(self.key)
+        if end is None or self.kind not in ("float", "int"):
+            return None
+        v = self.low + t * (self.high - self.low) if end == "low" else self.high - t * (self.high - self.low)
+        if self.kind == "int":
+            return int(round(v))
+        if self.step_size:
+            v = self.low + round((v - self.low) / self.step_size) * self.step_size
+        return round(min(max(v, self.low), self.high), 10)
 
     def describe(self) -> str:
         if self.kind == "choice":
@@ -287,12 +312,35 @@ def _optuna() -> Any:
     return optuna
 
 
-def _sampler(optuna: Any, seed: int, startup: int) -> Any:
-    """Multivariate TPE; the budget reaches it as each trial's constraint (`Trial.set_constraint`)."""
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
+def _sampler(optuna: Any, seed: int, startup: int, fixed: dict[str, Any] | None = None) -> Any:
+    """Multivariate TPE; the budget reaches it as each trial's constraint (`Trial.set_constraint`).
+    A budget-start trial fixes the scaled settings (`PartialFixedSampler`) and leaves the rest to it."""
+    tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
+    return optuna.samplers.PartialFixedSampler(fixed, tpe) if fixed else tpe
 
 
-SEARCH_KEYS = ("proxy_pairs", "proxy_n", "startup_trials")  # the TuneSettings that change what the trials ask and score
+def budget_start(params: list[Param], done: list[Any], budget: float, n: int) -> tuple[float, dict[str, Any]] | None:
+    """The next trial of the budget start, as (scale, fixed values), or None once it is over.
+
+    Bisection of one common edit scale over the settings with a no-edit end: the scale of no edit
+    costs nothing, the damage grows with the scale, so the largest scale within budget is bracketed
+    by the start trials already done (``done``: Optuna trials carrying ``start_scale`` and
+    ``ppl_increase``). Read from the finished trials alone, so a resumed study asks the same. Over
+    after ``n`` trials or when the next scale lands on the grid values of one already tried."""
+    scaled = [p for p in params if p.at_scale(0.0) is not None]
+    tried = [(t.user_attrs["start_scale"], t.user_attrs["ppl_increase"]) for t in done if "start_scale" in t.user_attrs]
+    if not scaled or len(tried) >= n:
+        return None
+    lo = max((s for s, inc in tried if inc <= budget), default=0.0)
+    hi = min((s for s, inc in tried if inc > budget), default=1.0)
+    scale = (lo + hi) / 2
+    values = {p.name: p.at_scale(scale) for p in scaled}
+    if any(values == {p.name: p.at_scale(s) for p in scaled} for s, _ in tried):
+        return None
+    return scale, values
+
+
+SEARCH_KEYS = ("proxy_pairs", "proxy_n", "start", "startup_trials")  # the TuneSettings that change what the trials ask and score
 
 
 def fingerprint(recipe: Recipe, params: list[Param], settings: TuneSettings, budget: float, seed: int) -> str:
@@ -452,10 +500,15 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
     complete = lambda: study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))  # noqa: E731
     t_search, times = time.perf_counter(), []
     progress = bar(total=trials, initial=min(len(complete()), trials), desc="tune", unit="trial")
+    by_budget = ts.start == "budget" and any(p.at_scale(0.0) is not None for p in params)
     while len(complete()) < trials and (timeout is None or time.perf_counter() - t_search < timeout):
-        study.sampler = _sampler(optuna, seed + len(complete()), ts.startup_trials)
+        start = budget_start(params, complete(), max_ppl_increase, ts.startup_trials) if by_budget else None
+        # After a budget start TPE models at once: its trials are the start.
+        study.sampler = _sampler(optuna, seed + len(complete()), 0 if by_budget and start is None else ts.startup_trials, start and start[1])
         trial = study.ask()
         values = {p.name: p.suggest(trial) for p in params}
+        if start:
+            trial.set_user_attr("start_scale", start[0])
         t0 = time.perf_counter()
         patch, ppl, margin = scorer.score(values)
         inc = ppl / base_ppl - 1.0
@@ -472,7 +525,8 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
 
     done = sorted(complete(), key=lambda t: t.number)
     rows = [{"number": t.number, "settings": t.user_attrs["settings"], "ppl": t.user_attrs["ppl"], "proxy": t.user_attrs["proxy"],
-             "ppl_increase": t.user_attrs["ppl_increase"], "seconds": t.user_attrs["seconds"]} for t in done]
+             "ppl_increase": t.user_attrs["ppl_increase"], "seconds": t.user_attrs["seconds"],
+             "start_scale": t.user_attrs.get("start_scale")} for t in done]
     within = [r for r in rows if r["ppl_increase"] <= max_ppl_increase]
     front = [within[i]["number"] for i in pareto([(r["proxy"], r["ppl_increase"]) for r in within])]
     by = {r["number"]: r for r in rows}
