@@ -124,6 +124,8 @@ def test_planted_direction_best_strength_found(planted: tuple[Path, Scorer]) -> 
     assert all(t["settings"]["step1.strength"] == round(t["settings"]["step1.strength"], 2) for t in result.trials), \
         "grid values are written as the grid has them (0.3, not 0.30000000000000004)"
     assert result.seconds["trials_this_run"] == 16 and result.collections == 1, "one statistics collection serves every trial"
+    assert result.trials[0]["start"] == {"start_scale": 0.5} and result.trials[0]["settings"] == {"step1.strength": 0.5}, \
+        "the budget start's first trial: half of every strength"
 
 
 def test_pick_respects_budget(planted: tuple[Path, Scorer]) -> None:
@@ -175,32 +177,43 @@ def test_resume_after_kill_gives_same_pick(planted: tuple[Path, Scorer], monkeyp
 
 
 class _Done:
-    """A finished start trial as `budget_start` reads it."""
+    """A finished trial as `budget_start` reads it."""
 
-    def __init__(self, scale: float, inc: float) -> None:
-        self.user_attrs = {"start_scale": scale, "ppl_increase": inc}
+    def __init__(self, marks: dict, values: dict, inc: float, proxy: float) -> None:
+        self.user_attrs = marks | {"settings": values, "ppl_increase": inc, "proxy": proxy}
 
 
-def test_budget_start_bisects_for_the_budget_line() -> None:
-    """Damage grows with the common scale (here strength s costs s**2 + 2 * (1 - factor)**2); the
-    start brackets the largest scale within budget and stops when the grid cannot split it further."""
+def test_budget_start_bisects_then_climbs_the_budget_line() -> None:
+    """Damage grows with every setting (strength s and factor f cost s**2 + 2 * (1 - f)**2), the
+    proxy falls with both (-s - (1 - f)): the start brackets the largest common scale within budget,
+    then tries each setting one step up from there and moves to the best step within budget."""
     params = [Param(0, "strength", "float", 0.0, 1.0, step_size=0.05), Param(1, "factor", "float", 0.0, 1.0, step_size=0.05),
               Param(1, "erase", "choice", choices=("orthogonal", "whitened"))]
     assert params[0].at_scale(0.0) == 0.0 and params[1].at_scale(0.0) == 1.0 and params[2].at_scale(0.5) is None, \
         "scale 0 is each range's no-edit end (strength 0, factor 1); a choice is left to the sampler"
+    assert params[0].step_up(0.3) == 0.35 and params[1].step_up(0.3) == 0.25 and params[0].step_up(1.0) is None
     damage = lambda v: v["step1.strength"] ** 2 + 2 * (1 - v["step2.factor"]) ** 2  # noqa: E731
-    done, scales = [], []
+    proxy = lambda v: -v["step1.strength"] - (1 - v["step2.factor"])  # noqa: E731
+    done = []
     while (nxt := budget_start(params, done, 0.1, 10)) is not None:
-        scale, values = nxt
-        assert set(values) == {"step1.strength", "step2.factor"} and values["step1.strength"] == round(1 - values["step2.factor"], 10)
-        scales.append(scale)
-        done.append(_Done(scale, damage(values)))
+        marks, values = nxt
+        assert set(values) == {"step1.strength", "step2.factor"}
+        done.append(_Done(marks, values, damage(values), proxy(values)))
+    scales = [d.user_attrs["start_scale"] for d in done if "start_scale" in d.user_attrs]
     assert scales[:3] == [0.5, 0.25, 0.125], "bisection: over budget at 0.5 and 0.25"
-    within = [d for d in done if d.user_attrs["ppl_increase"] <= 0.1]
-    best = max(within, key=lambda d: d.user_attrs["start_scale"]).user_attrs["start_scale"]
-    assert params[0].at_scale(best) == 0.15, "3 * 0.15**2 = 0.0675 is within 0.1, 3 * 0.2**2 = 0.12 is not"
-    assert len(done) < 10, "over once the grid cannot split the bracket"
-    assert budget_start(params, done[:2], 0.1, 2) is None, "or after startup_trials"
+    assert all(d.user_attrs["settings"]["step1.strength"] == round(1 - d.user_attrs["settings"]["step2.factor"], 10)
+               for d in done if "start_scale" in d.user_attrs), "one common scale"
+    bisected_best = max((d for d in done if "start_scale" in d.user_attrs and d.user_attrs["ppl_increase"] <= 0.1),
+                        key=lambda d: d.user_attrs["start_scale"])
+    assert bisected_best.user_attrs["settings"] == {"step1.strength": 0.15, "step2.factor": 0.85}, \
+        "3 * 0.15**2 = 0.0675 is within 0.1, 3 * 0.2**2 = 0.12 is not"
+    climbed = [d.user_attrs["settings"] for d in done if "start_up" in d.user_attrs]
+    assert climbed == [{"step1.strength": 0.2, "step2.factor": 0.85},  # 0.085: within, proxy -0.35
+                       {"step1.strength": 0.15, "step2.factor": 0.8},  # 0.1025: over
+                       {"step1.strength": 0.25, "step2.factor": 0.85}], \
+        "from the new base (0.2, 0.85): 0.1075 is over, and (0.2, 0.8) was bisected already (0.12, over): the climb is over"
+    assert len(done) < 12
+    assert budget_start(params, done[:2], 0.1, 2) is None, "each move stops after n trials (none within budget: no climb)"
     assert budget_start(params[2:], [], 0.1, 6) is None, "nothing to scale: the sampler's own start"
 
 

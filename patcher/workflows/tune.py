@@ -144,6 +144,14 @@ class Param:
             v = self.low + round((v - self.low) / self.step_size) * self.step_size
         return round(min(max(v, self.low), self.high), 10)
 
+    def step_up(self, value: Any) -> Any:
+        """``value`` one grid step (an int: 1; a float with no grid: a twentieth of the range)
+        towards the end away from no edit, or None at that end."""
+        step = 1 if self.kind == "int" else self.step_size or (self.high - self.low) / 20
+        v = value + step if NO_EDIT_END[self.key] == "low" else value - step
+        v = min(max(v, self.low), self.high)
+        return None if v == value else (v if self.kind == "int" else round(v, 10))
+
     def describe(self) -> str:
         if self.kind == "choice":
             return f"{self.name} in {{{', '.join(map(str, self.choices))}}}"
@@ -319,25 +327,52 @@ def _sampler(optuna: Any, seed: int, startup: int, fixed: dict[str, Any] | None 
     return optuna.samplers.PartialFixedSampler(fixed, tpe) if fixed else tpe
 
 
-def budget_start(params: list[Param], done: list[Any], budget: float, n: int) -> tuple[float, dict[str, Any]] | None:
-    """The next trial of the budget start, as (scale, fixed values), or None once it is over.
+def budget_start(params: list[Param], done: list[Any], budget: float, n: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The next trial of the budget start, as (user attributes that mark it, fixed values), or
+    None once the start is over. Read from the finished trials alone (``done``: Optuna trials with
+    their ``settings``, ``ppl_increase`` and ``proxy``), so a resumed study asks the same.
 
-    Bisection of one common edit scale over the settings with a no-edit end: the scale of no edit
-    costs nothing, the damage grows with the scale, so the largest scale within budget is bracketed
-    by the start trials already done (``done``: Optuna trials carrying ``start_scale`` and
-    ``ppl_increase``). Read from the finished trials alone, so a resumed study asks the same. Over
-    after ``n`` trials or when the next scale lands on the grid values of one already tried."""
+    Damage and the edit grow together with every strength-like setting, so the least toxic settings
+    within budget lie on the budget line. The start finds that line in two moves, at most ``n``
+    trials each:
+
+    1. bisection of one common edit scale of the settings with a no-edit end, until the largest
+       scale within budget is bracketed as finely as the grid allows (``start_scale``);
+    2. a climb along the line: from the largest scale within budget, each setting one grid step
+       stronger (``start_up``); the step within budget that the proxy finds least toxic, if it
+       beats its base, is the next base. This spends what the common scale leaves of the budget.
+    """
     scaled = [p for p in params if p.at_scale(0.0) is not None]
-    tried = [(t.user_attrs["start_scale"], t.user_attrs["ppl_increase"]) for t in done if "start_scale" in t.user_attrs]
-    if not scaled or len(tried) >= n:
+    if not scaled:
         return None
-    lo = max((s for s, inc in tried if inc <= budget), default=0.0)
-    hi = min((s for s, inc in tried if inc > budget), default=1.0)
-    scale = (lo + hi) / 2
-    values = {p.name: p.at_scale(scale) for p in scaled}
-    if any(values == {p.name: p.at_scale(s) for p in scaled} for s, _ in tried):
+    own = lambda t: {p.name: t.user_attrs["settings"][p.name] for p in scaled}  # noqa: E731
+    key = lambda values: json.dumps(values, sort_keys=True)  # noqa: E731
+    bisected = [t for t in done if "start_scale" in t.user_attrs]
+    if len(bisected) < n:
+        lo = max((t.user_attrs["start_scale"] for t in bisected if t.user_attrs["ppl_increase"] <= budget), default=0.0)
+        hi = min((t.user_attrs["start_scale"] for t in bisected if t.user_attrs["ppl_increase"] > budget), default=1.0)
+        scale = (lo + hi) / 2
+        values = {p.name: p.at_scale(scale) for p in scaled}
+        if values not in [own(t) for t in bisected]:
+            return {"start_scale": scale}, values
+    started = [t for t in done if "start_scale" in t.user_attrs or "start_up" in t.user_attrs]
+    if sum("start_up" in t.user_attrs for t in started) >= n:
         return None
-    return scale, values
+    seen = {key(own(t)): t for t in reversed(started)}  # values -> the first trial that tried them
+    within = [t for t in bisected if t.user_attrs["ppl_increase"] <= budget]
+    if not within:
+        return None
+    base = max(within, key=lambda t: t.user_attrs["start_scale"])
+    while True:  # best-improvement steps: every step up from the base is tried before moving on
+        ups = [(p.name, own(base) | {p.name: p.step_up(own(base)[p.name])}) for p in scaled if p.step_up(own(base)[p.name]) is not None]
+        for name, up in ups:
+            if key(up) not in seen:
+                return {"start_up": name}, up
+        better = [seen[key(up)] for _, up in ups]
+        better = [t for t in better if t.user_attrs["ppl_increase"] <= budget and t.user_attrs["proxy"] < base.user_attrs["proxy"]]
+        if not better:
+            return None
+        base = min(better, key=lambda t: t.user_attrs["proxy"])
 
 
 SEARCH_KEYS = ("proxy_pairs", "proxy_n", "start", "startup_trials")  # the TuneSettings that change what the trials ask and score
@@ -507,8 +542,8 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
         study.sampler = _sampler(optuna, seed + len(complete()), 0 if by_budget and start is None else ts.startup_trials, start and start[1])
         trial = study.ask()
         values = {p.name: p.suggest(trial) for p in params}
-        if start:
-            trial.set_user_attr("start_scale", start[0])
+        for k, v in (start[0] if start else {}).items():
+            trial.set_user_attr(k, v)
         t0 = time.perf_counter()
         patch, ppl, margin = scorer.score(values)
         inc = ppl / base_ppl - 1.0
@@ -526,7 +561,7 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
     done = sorted(complete(), key=lambda t: t.number)
     rows = [{"number": t.number, "settings": t.user_attrs["settings"], "ppl": t.user_attrs["ppl"], "proxy": t.user_attrs["proxy"],
              "ppl_increase": t.user_attrs["ppl_increase"], "seconds": t.user_attrs["seconds"],
-             "start_scale": t.user_attrs.get("start_scale")} for t in done]
+             "start": {k: t.user_attrs[k] for k in ("start_scale", "start_up") if k in t.user_attrs}} for t in done]
     within = [r for r in rows if r["ppl_increase"] <= max_ppl_increase]
     front = [within[i]["number"] for i in pareto([(r["proxy"], r["ppl_increase"]) for r in within])]
     by = {r["number"]: r for r in rows}
