@@ -9,11 +9,11 @@ co-minimises two objectives, heretic-style, with the budget as a constraint:
 * **toxicity proxy**: the mean log-likelihood margin of toxic sentences over their non-toxic
   paraphrases, on pairs none of the recipe's steps uses (`patcher.evaluate.likelihood`).
 
-The search starts on the budget line: the first trials bisect one common edit scale of every
-strength-like setting (each from its no-edit end towards its strongest) for the scale whose damage
-meets the budget, so that TPE models from points where the answer lies instead of from random
-points a CPU's few tens of trials cannot afford (on SmolLM2 most random points cost 2-5x the
-budget).
+The search starts on the budget line (`budget_start`): the first trials bisect one common edit
+scale of every strength-like setting (each from its no-edit end towards its strongest) for the
+largest scale within budget, then climb the line a grid step at a time, so that TPE models from
+points where the answer lies instead of from random points a CPU's few tens of trials cannot
+afford (on SmolLM2 most random points cost 2-5x the budget).
 
 A trial is cheap: statistics come from the sweep's cache (collected once per distinct set of
 collection-relevant settings; a searched layer range is collected once at its widest), the patch
@@ -91,7 +91,7 @@ class TuneSettings:
     proxy_n: int = setting(100, help="Held-back pairs the proxy scores")
     start: str = setting("budget", choices=("budget", "random"),
                          help="How the search starts: budget (bisect a common edit scale of the strength-like settings for the budget line) or random")
-    startup_trials: int = setting(6, help="Trials of that start before TPE models the results (few: a CPU affords tens of trials, not hundreds)")
+    startup_trials: int = setting(6, help="Trials of each move of the budget start (bisection, climb), or random trials, before TPE models the results")
     candidates: int = setting(4, help="Pareto points within budget scored by the quick evaluation for the final pick (0: pick by the proxy)")
     validate: int = setting(3, help="Other trials also evaluated, spread over the proxy's range, for the rank correlation")
     eval_prompts: str = setting("", help="Prompt file of that evaluation (default: the RTP challenging prompts)")
