@@ -130,14 +130,17 @@ class Param:
             return f"{min(a, b)}-{max(a, b)}"
         return trial.suggest_categorical(self.name, list(self.choices))
 
+    @property
+    def scalable(self) -> bool:
+        """A numeric range with a known no-edit end: the budget start moves it (the sampler chooses
+        the others)."""
+        return self.key in NO_EDIT_END and self.kind in ("float", "int")
+
     def at_scale(self, t: float) -> Any:
         """The value of a common edit scale ``t`` (0: this range's no-edit end, 1: its other end)
-        on this setting's grid, or None for a setting with no known no-edit end (the sampler
-        chooses those)."""
-        end = NO_EDIT_END.get(self.key)
-        if end is None or self.kind not in ("float", "int"):
-            return None
-        v = self.low + t * (self.high - self.low) if end == "low" else self.high - t * (self.high - self.low)
+        on this setting's grid (a `scalable` setting)."""
+        span = self.high - self.low
+        v = self.low + t * span if NO_EDIT_END[self.key] == "low" else self.high - t * span
         if self.kind == "int":
             return int(round(v))
         if self.step_size:
@@ -342,7 +345,7 @@ def budget_start(params: list[Param], done: list[Any], budget: float, n: int) ->
        stronger (``start_up``); the step within budget that the proxy finds least toxic, if it
        beats its base, is the next base. This spends what the common scale leaves of the budget.
     """
-    scaled = [p for p in params if p.at_scale(0.0) is not None]
+    scaled = [p for p in params if p.scalable]
     if not scaled:
         return None
     own = lambda t: {p.name: t.user_attrs["settings"][p.name] for p in scaled}  # noqa: E731
@@ -364,7 +367,8 @@ def budget_start(params: list[Param], done: list[Any], budget: float, n: int) ->
         return None
     base = max(within, key=lambda t: t.user_attrs["start_scale"])
     while True:  # best-improvement steps: every step up from the base is tried before moving on
-        ups = [(p.name, own(base) | {p.name: p.step_up(own(base)[p.name])}) for p in scaled if p.step_up(own(base)[p.name]) is not None]
+        at = own(base)
+        ups = [(p.name, at | {p.name: v}) for p in scaled if (v := p.step_up(at[p.name])) is not None]
         for name, up in ups:
             if key(up) not in seen:
                 return {"start_up": name}, up
@@ -535,7 +539,7 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
     complete = lambda: study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))  # noqa: E731
     t_search, times = time.perf_counter(), []
     progress = bar(total=trials, initial=min(len(complete()), trials), desc="tune", unit="trial")
-    by_budget = ts.start == "budget" and any(p.at_scale(0.0) is not None for p in params)
+    by_budget = ts.start == "budget" and any(p.scalable for p in params)
     while len(complete()) < trials and (timeout is None or time.perf_counter() - t_search < timeout):
         start = budget_start(params, complete(), max_ppl_increase, ts.startup_trials) if by_budget else None
         # After a budget start TPE models at once: its trials are the start.
