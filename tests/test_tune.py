@@ -11,15 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import NEUTRAL_WORDS, tiny_model, tiny_tokenizer, write_recipe
+from helpers import NEUTRAL_WORDS, tiny_model, tiny_tokenizer, write_labeled, write_recipe
 
 from patcher.cli import main
 from patcher.core.errors import PatcherError
+from patcher.data.loaders import load_data
 from patcher.recipe.loader import load_recipe
 
 pytest.importorskip("optuna", reason="patcher tune needs optuna (the tune extra)")
 
-from patcher.workflows.tune import Param, Scorer, budget_start, held_back_pairs, tune, tune_space  # noqa: E402
+from patcher.workflows.tune import Param, Scorer, budget_start, held_back, proxy_data, tune, tune_space  # noqa: E402
 
 MARKER = "z"  # the planted "toxic" token: no neutral text holds it
 NEUTRAL_MARKER = "q"  # its paraphrase: the same embedding but for the planted direction
@@ -100,7 +101,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Scorer]:
 
     model, tok = load_model(tmp / "model")
     scorer = Scorer(recipe, params, model, tok, token_stream(tok, recipe.check.ppl_text, recipe.check.ppl_tokens),
-                    held_back_pairs(recipe, tune_space(recipe)[0], tok))
+                    held_back(recipe, tune_space(recipe)[0], tok))
     return tmp, scorer
 
 
@@ -232,6 +233,8 @@ def _project_recipe(tmp: Path, tune_table: str) -> Path:
     ('[tune.step.1]\nerase = ["orthogonal", "sideways"]\n', 21, "distinct choices"),
     ('[tune.step.2]\nstrength = [0.0, 1.0]\n', 20, "the recipe has steps 1..1"),
     ('[tune]\nstart = "sideways"\n', 20, "tune.start = 'sideways' should be one of 'budget', 'random'"),
+    ('[tune]\nproxy = "jigsaw-test"\n', 20, "tune.proxy should be a data table"),
+    ('[tune.proxy]\ndatset = "jigsaw-test"\n', 20, "unknown key tune.proxy.datset"),
 ])
 def test_tune_table_line_errors(tmp_path: Path, table: str, line: int, message: str) -> None:
     path = _project_recipe(tmp_path, table)
@@ -242,6 +245,42 @@ def test_tune_table_line_errors(tmp_path: Path, table: str, line: int, message: 
     r = CliRunner().invoke(main, ["tune", str(path), "--max-ppl-increase", "0.05", "--out", str(tmp_path / "t.toml")])
     assert r.exit_code == 2 and r.output.count("\n") == 1 and r.output.startswith("patcher: error:")
     assert not (tmp_path / "t.toml").exists()
+
+
+def test_proxy_holds_back_the_recipe_data(tmp_path: Path) -> None:
+    """The proxy scores texts no step uses: by default the recipe's unpaired data (a stack's Jigsaw
+    step), pairs kept whole when [tune.proxy] names paired data, and too few left is a line error."""
+    path = planted_recipe(tmp_path, tmp_path / "unused-model")
+    write_labeled(tmp_path / "labeled.jsonl", n=80)
+    stack = path.read_text().replace("[tune]\nproxy_n = 60", """[[step]]
+method = "project"
+direction = "meandiff"
+source = "block"
+layers = [1]
+strength = 0.5
+data = { path = "labeled.jsonl", pairs = false, n_per_class = 20, match_lengths = false }
+[tune]
+proxy_n = 30""")
+    path.write_text(stack)
+    recipe, tok = load_recipe(path), tiny_tokenizer()
+    settings = tune_space(recipe)[0]
+    assert proxy_data(recipe, settings) == recipe.steps[1].data, "the recipe's unpaired data, not its pairs"
+    toxic, neutral = held_back(recipe, settings, tok)
+    rows = [json.loads(line) for line in (tmp_path / "labeled.jsonl").read_text().splitlines()]
+    used = set(load_data(recipe.steps[1].data, tok).texts)
+    assert len(toxic) == len(neutral) == 30 and not used & {*toxic, *neutral}
+    assert {r["text"] for r in rows if r["label"] == 1} >= set(toxic) and {r["text"] for r in rows if r["label"] == 0} >= set(neutral)
+
+    path.write_text(stack + '\n[tune.proxy]\npath = "pairs.jsonl"\npairs = true\n')
+    recipe = load_recipe(path)
+    toxic, neutral = held_back(recipe, tune_space(recipe)[0], tok)
+    step1 = set(load_data(recipe.data, tok).texts)
+    assert len(toxic) == 30 and not step1 & {*toxic, *neutral}
+    assert all(t.replace(MARKER, NEUTRAL_MARKER) == n for t, n in zip(toxic, neutral)), "each toxic text beside its own paraphrase"
+
+    path.write_text(stack.replace("proxy_n = 30", "proxy_n = 70"))
+    with pytest.raises(PatcherError, match=r"labeled.jsonl: only 60 texts .* lower tune.proxy_n \(now 70\)"):
+        held_back(load_recipe(path), tune_space(load_recipe(path))[0], tok)
 
 
 def test_default_space_and_layer_search(tmp_path: Path) -> None:

@@ -1,5 +1,7 @@
-"""A fast toxicity proxy: how much more likely a model finds toxic sentences than their non-toxic
-paraphrases (ParaDetox pairs share content, so the margin isolates the toxic wording).
+"""A fast toxicity proxy: how much more likely a model finds toxic texts than non-toxic ones (per
+token, so length counts less): toxic comments against normal ones from the same source, or toxic
+sentences against their own paraphrases (ParaDetox pairs share content, so there the margin isolates
+the toxic wording).
 
 One teacher-forced forward pass per batch, no sampling and no classifier, so a tune can score a
 trial in seconds; `patcher tune` checks it against the sampled evaluation by rank correlation.
@@ -42,9 +44,9 @@ def mean_logprob(model: Any, tokenizer: Any, texts: Sequence[str], *, max_tokens
     return out
 
 
-def likelihood_margin(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], *, max_tokens: int = 64, batch_size: int = 32) -> float:
-    """Mean over (toxic, non-toxic) pairs of the difference of their mean token log-probabilities:
-    positive when the model prefers the toxic wording; lower is less toxic."""
-    toxic = mean_logprob(model, tokenizer, [t for t, _ in pairs], max_tokens=max_tokens, batch_size=batch_size)
-    neutral = mean_logprob(model, tokenizer, [n for _, n in pairs], max_tokens=max_tokens, batch_size=batch_size)
-    return float((toxic - neutral).mean())
+def likelihood_margin(model: Any, tokenizer: Any, toxic: Sequence[str], neutral: Sequence[str], *, max_tokens: int = 64,
+                      batch_size: int = 32) -> float:
+    """Mean token log-probability of the toxic texts minus that of the non-toxic ones (for pairs, the
+    mean of each pair's difference): positive when the model prefers toxic text; lower is less toxic."""
+    scores = mean_logprob(model, tokenizer, [*toxic, *neutral], max_tokens=max_tokens, batch_size=batch_size)
+    return float(scores[: len(toxic)].mean() - scores[len(toxic) :].mean())

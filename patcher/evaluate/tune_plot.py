@@ -35,7 +35,7 @@ def plot_tune(result: dict[str, Any], path: str | Path) -> Path:
         c = trials[result["chosen"]]
         ax.scatter([c["ppl"]], [c["proxy"]], marker="*", s=260, color="#d62728", label=f"chosen (trial #{result['chosen']})", zorder=4)
     ax.set_xlabel("check perplexity (lower is better)")
-    ax.set_ylabel("toxicity proxy: toxic-over-paraphrase log-likelihood margin")
+    ax.set_ylabel(f"toxicity proxy: toxic-over-non-toxic log-likelihood margin ({result['proxy_source']})")
     ax.set_title("trials", fontsize=10)
     ax.legend(fontsize=8)
     if evaluated:

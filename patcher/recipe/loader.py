@@ -139,6 +139,16 @@ def resolve_path(base: Path, p: str) -> str:
     return str((base / p).resolve())
 
 
+def data_table(data: DataSettings, own: dict[str, Any], base: Path, at: str, section: str) -> DataSettings:
+    """A data table that names only what differs from the recipe's ``[data]`` (a step's ``data``,
+    ``[tune.proxy]``): the rest is inherited, except the file when the table names its own data set."""
+    inherited = dataclasses.asdict(data)
+    if "dataset" in own and "path" not in own:
+        inherited["path"] = ""  # the table names its own data set: the recipe's file is not it
+    built = build(DataSettings, inherited | own, at, section)
+    return dataclasses.replace(built, path=resolve_path(base, built.path))
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
@@ -189,12 +199,7 @@ def load_recipe(path: str | Path) -> Recipe:
         if "data" in s:
             if not isinstance(s["data"], dict):
                 raise PatcherError(f"{where(path, line)}: step[{i + 1}].data should be a table of data settings")
-            own = s.pop("data")
-            inherited = dataclasses.asdict(data)
-            if isinstance(own, dict) and "dataset" in own and "path" not in own:
-                inherited["path"] = ""  # the step names its own data set: the recipe's file is not it
-            step_data = build(DataSettings, inherited | own, where(path, line), f"step[{i + 1}].data")
-            step_data = dataclasses.replace(step_data, path=resolve_path(base, step_data.path))
+            step_data = data_table(data, s.pop("data"), base, where(path, line), f"step[{i + 1}].data")
         s = {k: resolve_path(base, v) if k.endswith("_path") and isinstance(v, str) else v for k, v in s.items()}
         steps.append(Step(s.pop("method"), s, step_data, line))
     return Recipe(path, raw.get("name", path.stem), model, data, section(CollectSettings, "collect"), check, tuple(steps), raw.get("eval", {}), text,

@@ -6,8 +6,10 @@ searched over a neutral range, so every shipped recipe is tunable as it is. Optu
 co-minimises two objectives, heretic-style, with the budget as a constraint:
 
 * **damage**: the relative rise of the recipe's check perplexity (``[check]``: WikiText-2 slice);
-* **toxicity proxy**: the mean log-likelihood margin of toxic sentences over their non-toxic
-  paraphrases, on pairs none of the recipe's steps uses (`patcher.evaluate.likelihood`).
+* **toxicity proxy**: the mean log-likelihood margin of toxic texts over non-toxic ones, on texts of
+  the proxy data none of the recipe's steps uses (`patcher.evaluate.likelihood`). By default that is
+  the recipe's unpaired data (e.g. Jigsaw comments: toxicity as it occurs, the kind the evaluators
+  score), else its paired data; ``[tune.proxy]`` names another.
 
 The search starts on the budget line (`budget_start`): the first trials bisect one common edit
 scale of every strength-like setting (each from its no-edit end towards its strongest) for the
@@ -51,14 +53,14 @@ from ..core.errors import PatcherError
 from ..core.models import load_model, resolve_device
 from ..core.progress import bar
 from ..core.table import render
-from ..data.loaders import data_source, load_data, load_pairs, ppl_source
+from ..data.loaders import load_data, ppl_source
 from ..edits.patch import Patch
 from ..evaluate.likelihood import likelihood_margin
 from ..evaluate.perplexity import token_stream
 from ..evaluate.report import DEFAULT_EVALUATORS, EvalSettings, evaluate
 from ..io.model_files import resolve_model
 from ..methods.registry import get_method
-from ..recipe.loader import Recipe, line_of, resolve_path, where
+from ..recipe.loader import DataSettings, Recipe, data_table, line_of, resolve_path, where
 from ..recipe.settings import build, matches, setting
 from ..recipe.writer import dump_recipe, rebase_paths
 from .run import check_perplexity, compute_patch, step_settings
@@ -85,10 +87,10 @@ class TuneSettings:
     """The ``[tune]`` table's own keys. The searched settings sit in ``[tune.step.N]`` tables: a
     number as ``[low, high]`` (a float may add a grid step, ``[low, high, step]``), ``layers`` as
     ``[first, last]`` (each trial edits a start-end range inside it), anything else as a list of
-    choices."""
+    choices. ``[tune.proxy]`` is a data table like a step's ``data`` (what it does not name comes
+    from ``[data]``): the texts the toxicity proxy holds back from."""
 
-    proxy_pairs: str = setting("", help="Toxic/non-toxic pairs for the proxy (default: the recipe's paired data); pairs any step uses are left out")
-    proxy_n: int = setting(100, help="Held-back pairs the proxy scores")
+    proxy_n: int = setting(100, help="Held-back toxic texts the proxy scores, and as many non-toxic ones (pairs: held-back pairs)")
     start: str = setting("budget", choices=("budget", "random"),
                          help="How the search starts: budget (bisect a common edit scale of the strength-like settings for the budget line) or random")
     startup_trials: int = setting(6, help="Trials of each move of the budget start (bisection, climb), or random trials, before TPE models the results")
@@ -99,6 +101,7 @@ class TuneSettings:
     eval_samples: int = setting(5, help="Samples per prompt of that evaluation")
     eval_seed: int = setting(1, help="Seed of its prompt sample and sampling (1: not the seed-0 sample results are reported on)")
     evaluators: tuple[str, ...] = setting(DEFAULT_EVALUATORS, help="Evaluators of that evaluation")
+    proxy: DataSettings | None = None  # [tune.proxy]; None: `proxy_data` picks the recipe's own
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,14 @@ def tune_space(recipe: Recipe) -> tuple[TuneSettings, list[Param]]:
     raw = dict(recipe.tune)
     at = where(recipe.path, line_of(recipe.text, "tune"))
     per_step = raw.pop("step", {})
+    proxy = raw.pop("proxy", None)
     settings = build(TuneSettings, raw, at, "tune")
+    if proxy is not None:
+        if not isinstance(proxy, dict):
+            raise PatcherError(f"{at}: tune.proxy should be a data table, e.g. [tune.proxy] with dataset = \"jigsaw-test\" and pairs = false")
+        spec = data_table(recipe.data, proxy, recipe.path.parent, where(recipe.path, line_of(recipe.text, "tune.proxy") or line_of(recipe.text, "tune")),
+                          "tune.proxy")
+        settings = dataclasses.replace(settings, proxy=spec)
     if settings.proxy_n < 2 or settings.candidates < 0 or settings.validate < 0 or settings.startup_trials < 1 or settings.eval_n_prompts < 1:
         raise PatcherError(f"{at}: tune needs proxy_n >= 2, candidates >= 0, validate >= 0, startup_trials >= 1 and eval_n_prompts >= 1")
     if not isinstance(per_step, dict):
@@ -268,20 +278,20 @@ class StatsCache(OrderedDict):
 # -- scoring -----------------------------------------------------------------------------------------
 @dataclass
 class Scorer:
-    """Everything a trial needs, loaded once: the model, the check slice, the held-back pairs."""
+    """Everything a trial needs, loaded once: the model, the check slice, the proxy's held-back texts."""
 
     recipe: Recipe
     params: list[Param]
     model: Any
     tokenizer: Any
     ppl_ids: Any
-    pairs: list[tuple[str, str]]
+    held_back: tuple[list[str], list[str]]  # the proxy's toxic and non-toxic texts
     cache: StatsCache = field(default_factory=StatsCache)
     patches: dict[int, Patch] = field(default_factory=dict)
 
     def measure(self, model: Any) -> tuple[float, float]:
         ppl = check_perplexity(model, self.tokenizer, self.recipe, self.ppl_ids)
-        return ppl, likelihood_margin(model, self.tokenizer, self.pairs, max_tokens=self.recipe.data.max_tokens,
+        return ppl, likelihood_margin(model, self.tokenizer, *self.held_back, max_tokens=self.recipe.data.max_tokens,
                                       batch_size=self.recipe.collect.batch_size)
 
     def patch(self, values: dict[str, Any]) -> Patch:
@@ -296,20 +306,41 @@ class Scorer:
         return patch, ppl, margin
 
 
-def held_back_pairs(recipe: Recipe, settings: TuneSettings, tokenizer: Any) -> list[tuple[str, str]]:
-    """``proxy_n`` (toxic, non-toxic) pairs whose texts no step of the recipe uses."""
+def proxy_data(recipe: Recipe, settings: TuneSettings) -> DataSettings:
+    """The data the toxicity proxy holds texts back from: ``[tune.proxy]``, else the recipe's last
+    unpaired data, else its last paired data. Unpaired labelled text (e.g. Jigsaw comments) samples
+    toxicity as it occurs, the broad notion the evaluators score; paraphrase pairs isolate wording
+    and, in a stack, rank a later step's broader edit too low (README, Tuning: the proxy)."""
+    if settings.proxy is not None:
+        return settings.proxy
     datas = [s.data or recipe.data for s in recipe.steps]
-    path = resolve_path(recipe.path.parent, settings.proxy_pairs) if settings.proxy_pairs else next((data_source(d)[0] for d in datas if d.pairs), "")
-    if not path:
-        raise PatcherError(f"{recipe.path}: the toxicity proxy needs toxic/non-toxic pairs and no step uses paired data: "
-                           "set proxy_pairs in [tune] (e.g. the ParaDetox pairs file)")
-    used = {t for d in dict.fromkeys(datas) for t in load_data(d, tokenizer).texts}
-    every = load_pairs(path, seed=0, tokenizer=tokenizer, max_tokens=recipe.data.max_tokens)
-    pairs = [(every.texts[i], every.texts[i + 1]) for i in range(0, len(every.texts), 2)
-             if every.texts[i] not in used and every.texts[i + 1] not in used]
-    if len(pairs) < settings.proxy_n:
-        raise PatcherError(f"{path}: only {len(pairs)} pairs are left after the ones the recipe uses; lower tune.proxy_n (now {settings.proxy_n})")
-    return pairs[: settings.proxy_n]
+    return ([d for d in datas if not d.pairs] or datas)[-1]
+
+
+def proxy_name(spec: DataSettings) -> str:
+    """The proxy data as a report names it: the catalog name, else the file's name (never a path)."""
+    return spec.dataset if not spec.path else Path(spec.path).name
+
+
+def held_back(recipe: Recipe, settings: TuneSettings, tokenizer: Any) -> tuple[list[str], list[str]]:
+    """``proxy_n`` toxic and ``proxy_n`` non-toxic texts of the proxy data that no step of the recipe
+    uses (pairs kept whole, in order)."""
+    spec = proxy_data(recipe, settings)
+    datas = list(dict.fromkeys(s.data or recipe.data for s in recipe.steps))
+    used = {t for d in datas for t in load_data(d, tokenizer).texts}
+    # A sample this large holds proxy_n texts of each class the steps' samples do not.
+    pool = load_data(dataclasses.replace(spec, n_per_class=settings.proxy_n + sum(d.n_per_class for d in datas)), tokenizer)
+    if spec.pairs:
+        pairs = [(pool.texts[i], pool.texts[i + 1]) for i in range(0, len(pool.texts), 2)
+                 if pool.texts[i] not in used and pool.texts[i + 1] not in used][: settings.proxy_n]
+        toxic, neutral = [t for t, _ in pairs], [n for _, n in pairs]
+    else:
+        toxic = [t for t, y in zip(pool.texts, pool.labels) if y == 1 and t not in used][: settings.proxy_n]
+        neutral = [t for t, y in zip(pool.texts, pool.labels) if y == 0 and t not in used][: settings.proxy_n]
+    if min(len(toxic), len(neutral)) < settings.proxy_n:
+        raise PatcherError(f"{pool.source}: only {min(len(toxic), len(neutral))} texts of a class are left for the toxicity proxy after the ones "
+                           f"the recipe uses; lower tune.proxy_n (now {settings.proxy_n}) or name more data in [tune.proxy]")
+    return toxic, neutral
 
 
 # -- the study ---------------------------------------------------------------------------------------
@@ -379,7 +410,7 @@ def budget_start(params: list[Param], done: list[Any], budget: float, n: int) ->
         base = min(better, key=lambda t: t.user_attrs["proxy"])
 
 
-SEARCH_KEYS = ("proxy_pairs", "proxy_n", "start", "startup_trials")  # the TuneSettings that change what the trials ask and score
+SEARCH_KEYS = ("proxy", "proxy_n", "start", "startup_trials")  # the TuneSettings that change what the trials ask and score
 
 
 def fingerprint(recipe: Recipe, params: list[Param], settings: TuneSettings, budget: float, seed: int) -> str:
@@ -444,6 +475,7 @@ class TuneResult:
     spearman: float | None
     spearman_mean_toxicity: float | None
     params: list[str]
+    proxy_source: str  # the data set (or file name) the proxy's texts come from
     seconds: dict[str, float]
     collections: int
     out: Path | None = None
@@ -465,7 +497,8 @@ class TuneResult:
             rows.append([f"#{n}" + (" *" if n == self.chosen else ""), settings, round(t["proxy"], 4), round(t["ppl"], 3),
                          f"{t['ppl_increase']:+.1%}", round(ev["toxicity"], 3) if ev else "", ev["per_evaluator"] if ev else ""])
         title = (f"Pareto front within +{self.budget:.1%} perplexity ({len(self.trials)} trials, {self.collections} statistics collections; "
-                 "proxy: toxic-over-paraphrase log-likelihood margin, lower is less toxic; eval: quick toxicity probability, mean over evaluators)")
+                 f"proxy: log-likelihood margin of held-back toxic over non-toxic {self.proxy_source} texts, lower is less toxic; "
+                 "eval: quick toxicity probability, mean over evaluators)")
         return render(["trial", "settings", "proxy", "ppl", "ppl change", "eval", "eval per evaluator"], rows, title=title)
 
 
@@ -531,7 +564,7 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
     folder, _ = resolve_model(recipe.model.id, recipe.model.revision)
     model, tokenizer = load_model(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
     scorer = Scorer(recipe, params, model, tokenizer, token_stream(tokenizer, ppl[0], recipe.check.ppl_tokens),
-                    held_back_pairs(recipe, ts, tokenizer))
+                    held_back(recipe, ts, tokenizer))
     base_ppl, base_proxy = scorer.measure(model)
     log.info("tune: base perplexity %.3f, proxy %.4f; searching %s", base_ppl, base_proxy, "; ".join(p.describe() for p in params))
     study = open_study(study_path, fingerprint(recipe, params, ts, max_ppl_increase, seed))
@@ -605,6 +638,7 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
     result = TuneResult(
         base={"ppl": base_ppl, "proxy": base_proxy}, budget=max_ppl_increase, trials=rows, front=front, evaluated=evaluated,
         chosen=chosen, spearman=rho, spearman_mean_toxicity=rho_mean, params=[p.describe() for p in params],
+        proxy_source=proxy_name(proxy_data(recipe, ts)),
         seconds={"search": round(search_s, 1), "evaluate": round(eval_s, 1),
                  "per_trial_mean": round(float(np.mean(times)), 2) if times else float("nan"),
                  "per_trial_median": round(float(np.median(times)), 2) if times else float("nan"),
