@@ -517,8 +517,9 @@ def tune(recipe_path: Path, model: str | None, max_ppl_increase: float, trials: 
                       seed=seed, device=device, candidates=candidates, eval_n_prompts=eval_n_prompts, evaluators=evs, overwrite=overwrite)
     click.echo(result.table())
     s = result.seconds
-    click.echo(f"{len(result.trials)} trials in the study ({s['trials_this_run']} run now, {s['per_trial_mean']:.1f} s per trial on average, "
-               f"median {s['per_trial_median']:.1f} s); search {s['search']:.0f} s, evaluation {s['evaluate']:.0f} s; "
+    ran = (f"{s['trials_this_run']} run now, {s['per_trial_mean']:.1f} s per trial on average, median {s['per_trial_median']:.1f} s"
+           if s["trials_this_run"] else "none run now: the study had them")
+    click.echo(f"{len(result.trials)} trials in the study ({ran}); search {s['search']:.0f} s, evaluation {s['evaluate']:.0f} s; "
                f"{result.collections} statistics collections")
     if result.spearman is not None:
         click.echo(f"proxy vs quick evaluation over {len(result.evaluated)} evaluated trials: Spearman {result.spearman:.2f} "

@@ -20,7 +20,7 @@ from patcher.recipe.loader import load_recipe
 
 pytest.importorskip("optuna", reason="patcher tune needs optuna (the tune extra)")
 
-from patcher.workflows.tune import Param, Scorer, budget_start, held_back, proxy_data, tune, tune_space  # noqa: E402
+from patcher.workflows.tune import Param, Scorer, budget_start, held_back, pick, proxy_data, tune, tune_space  # noqa: E402
 
 MARKER = "z"  # the planted "toxic" token: no neutral text holds it
 NEUTRAL_MARKER = "q"  # its paraphrase: the same embedding but for the planted direction
@@ -283,6 +283,15 @@ proxy_n = 30""")
         held_back(load_recipe(path), tune_space(load_recipe(path))[0], tok)
 
 
+def test_pick_leaves_ties_within_the_evaluations_noise_to_the_proxy() -> None:
+    proxy = {1: -0.50, 2: -0.48, 3: -0.47, 4: -0.46}
+    # 100 prompts: one standard error at p = 0.15 is 0.0357, so 0.18 ties with 0.15 and 0.19 does not.
+    assert pick({1: 0.16, 2: 0.18, 3: 0.15, 4: 0.17}, proxy, 100) == 1, "all tied: the proxy's least toxic"
+    assert pick({1: 0.19, 2: 0.18, 3: 0.15, 4: 0.17}, proxy, 100) == 2, "1 is outside the noise: the proxy's best of the rest"
+    assert pick({1: 0.16, 2: 0.18, 3: 0.15, 4: 0.17}, proxy, 10_000) == 3, "with many prompts the evaluation decides"
+    assert pick({1: 0.30, 2: 0.05, 3: 0.20, 4: 0.25}, proxy, 100) == 2
+
+
 def test_default_space_and_layer_search(tmp_path: Path) -> None:
     recipe = load_recipe(_project_recipe(tmp_path, '[tune.step.1]\nlayers = [0, 1]\nerase = ["orthogonal", "whitened"]\n'))
     _, params = tune_space(recipe)
@@ -295,7 +304,7 @@ def test_default_space_and_layer_search(tmp_path: Path) -> None:
 
 def test_pick_by_quick_evaluation(planted: tuple[Path, Scorer], shared_data: Path) -> None:
     """With candidates, the front within budget is baked and evaluated; the pick is the least toxic
-    of those by the evaluation, and the proxy's rank correlation is reported over every evaluated trial."""
+    of those by the evaluation (ties within its noise to the proxy), and the proxy's rank correlation is reported over every evaluated trial."""
     pytest.importorskip("profanity_check", reason="the evaluation here uses alt-profanity-check")
     pytest.importorskip("scipy", reason="the rank correlation uses scipy")
     tmp, _ = planted
@@ -309,8 +318,16 @@ def test_pick_by_quick_evaluation(planted: tuple[Path, Scorer], shared_data: Pat
     front = data["front"]
     assert set(front[:2]) <= set(evaluated) and len(evaluated) <= 2 + 1  # 2 candidates, 1 more for the correlation
     assert data["chosen"] in front and data["chosen"] in evaluated
-    assert evaluated[data["chosen"]]["toxicity"] == min(v["toxicity"] for n, v in evaluated.items() if n in front)
+    best = min(v["toxicity"] for n, v in evaluated.items() if n in front[:2])
+    tied = [n for n in front[:2] if evaluated[n]["toxicity"] <= best + (best * (1 - best) / 4) ** 0.5]  # one standard error, 4 prompts
+    proxy = {t["number"]: t["proxy"] for t in data["trials"]}
+    assert data["chosen"] == min(tied, key=proxy.__getitem__), "the proxy's least toxic of the candidates the evaluation cannot tell apart"
     assert "Pareto front within +20.0% perplexity" in r.output and "s per trial" in r.output
+    again = CliRunner().invoke(main, ["tune", str(tmp / "recipe.toml"), "--max-ppl-increase", "0.2", "--trials", "8", "--candidates", "2",
+                                      "--eval-n-prompts", "4", "--evaluators", "profanity-check", "--study", str(tmp / "ev.study.db"),
+                                      "--out", str(tmp / "ev-again.toml")])
+    assert again.exit_code == 0 and "8 trials in the study (none run now" in again.output, again.output
+    assert json.loads((tmp / "ev-again.tune.json").read_text())["chosen"] == data["chosen"]
     tuned = load_recipe(tmp / "ev.toml")
     assert tuned.tune == {} and tuned.check.max_ppl_increase == 0.2 and tuned.data.path == recipe.data.path
     assert not any(Path(tmp).glob(".ev.toml.eval-*")), "the evaluation's bakes are removed"

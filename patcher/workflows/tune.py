@@ -455,6 +455,18 @@ def spread(items: list[Any], k: int) -> list[Any]:
     return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
 
 
+def pick(toxicity: dict[int, float], proxy: dict[int, float], n_prompts: int) -> int:
+    """The chosen candidate: the least toxic by the evaluation, unless others lie within one standard
+    error of it (a proportion over ``n_prompts`` prompts: sqrt(p (1 - p) / n)); then, of those, the
+    one the proxy ranks least toxic. At 100 prompts the evaluation's differences between neighbouring
+    front points are mostly noise (one standard error is 0.035 at p = 0.15), while the proxy ranks
+    trials with little noise (Spearman 0.97 against the evaluation over 15 SmolLM2 trials, README)."""
+    best = min(toxicity, key=lambda n: (toxicity[n], proxy[n]))
+    p = toxicity[best]
+    tied = [n for n in toxicity if toxicity[n] <= p + math.sqrt(p * (1 - p) / n_prompts)]
+    return min(tied, key=lambda n: (proxy[n], toxicity[n]))
+
+
 def spearman(x: list[float], y: list[float]) -> float | None:
     """Spearman's rank correlation (ties averaged), or None with fewer than 3 points or a constant side."""
     if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
@@ -628,7 +640,7 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
             shutil.rmtree(staging, ignore_errors=True)
     eval_s = time.perf_counter() - t_eval
     if picks:
-        chosen = min(picks, key=lambda n: (evaluated[n]["toxicity"], by[n]["proxy"]))
+        chosen = pick({n: evaluated[n]["toxicity"] for n in picks}, {n: by[n]["proxy"] for n in picks}, ts.eval_n_prompts)
     else:
         chosen = front[0] if front else None
     xs = [by[n]["proxy"] for n in evaluated]
