@@ -518,7 +518,15 @@ def _short(v: Any) -> Any:
     return round(v, 4) if isinstance(v, float) else v
 
 
-def _eval_point(report: dict[str, Any], names: list[str]) -> dict[str, Any]:
+def quick_settings(recipe: Recipe, ts: TuneSettings) -> EvalSettings:
+    """The quick evaluation a tune scores its candidates with ([tune] eval_* keys)."""
+    prompts = resolve_path(recipe.path.parent, ts.eval_prompts) if ts.eval_prompts else ""
+    return EvalSettings.from_preset("quick", prompts=prompts, n_prompts=ts.eval_n_prompts, samples=ts.eval_samples,
+                                    seed=ts.eval_seed, evaluators=ts.evaluators, ppl_tokens=0, fluency=False)
+
+
+def eval_point(report: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """A trial's evaluation as a tune keeps it: toxicity probability per evaluator, and their means."""
     tox = report["model"]["toxicity"]
     prob = {n: tox[n]["toxicity_probability"]["value"] for n in names}
     return {"toxicity": float(np.mean(list(prob.values()))), "per_evaluator": {n: round(v, 3) for n, v in prob.items()},
@@ -566,9 +574,7 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
     study_path = Path(study_path or out.with_suffix(".study.db"))
     eval_settings = None
     if ts.candidates:
-        prompts = resolve_path(recipe.path.parent, ts.eval_prompts) if ts.eval_prompts else ""
-        eval_settings = EvalSettings.from_preset("quick", prompts=prompts, n_prompts=ts.eval_n_prompts, samples=ts.eval_samples,
-                                                 seed=ts.eval_seed, evaluators=ts.evaluators, ppl_tokens=0, fluency=False)
+        eval_settings = quick_settings(recipe, ts)
         from ..evaluate.evaluators import get_evaluators
 
         get_evaluators(list(ts.evaluators), device=resolve_device(device))  # fail now, not after the search
@@ -633,7 +639,7 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
                     target = staging / f"trial-{n}"
                     bake(patch, recipe.model.id, target, untie=recipe.model.untie)
                     report = evaluate(target, settings=eval_settings, device=device).to_json()
-                    study.set_user_attr(key, _eval_point(report, list(ts.evaluators)))
+                    study.set_user_attr(key, eval_point(report, list(ts.evaluators)))
                     shutil.rmtree(target, ignore_errors=True)
                 evaluated[n] = study.user_attrs[key]
         finally:
