@@ -310,7 +310,7 @@ def proxy_data(recipe: Recipe, settings: TuneSettings) -> DataSettings:
     """The data the toxicity proxy holds texts back from: ``[tune.proxy]``, else the recipe's last
     unpaired data, else its last paired data. Unpaired labelled text (e.g. Jigsaw comments) samples
     toxicity as it occurs, the broad notion the evaluators score; paraphrase pairs isolate wording
-    and, in a stack, rank a later step's broader edit too low (README, Tuning: the proxy)."""
+    and, in a stack, rank a later step's broader edit too low (README, "Proxy vs real evaluation")."""
     if settings.proxy is not None:
         return settings.proxy
     datas = [s.data or recipe.data for s in recipe.steps]
