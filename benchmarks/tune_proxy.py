@@ -58,7 +58,8 @@ def main() -> None:
     rows: dict[str, dict] = json.loads(args.json.read_text()) if args.json.exists() else {}
 
     def margins(m: object) -> dict[str, float]:
-        return {name: likelihood_margin(m, tok, *pair, max_tokens=recipe.data.max_tokens) for name, pair in texts.items()}
+        return {name: likelihood_margin(m, tok, *pair, max_tokens=recipe.data.max_tokens,
+                                        batch_size=recipe.collect.batch_size) for name, pair in texts.items()}
 
     for n in numbers:
         if str(n) in rows:
