@@ -31,6 +31,7 @@ import torch
 from ..core.errors import PatcherError
 from ..core.models import device_map_kwargs, load_model
 from ..edits.patch import Patch
+from ..io.atomic import write_text
 from ..io.checkpoint import Checkpoint
 from ..io.folders import pid_alive
 from .collector import Collector, Wanted, forward_loop
@@ -180,9 +181,7 @@ class ScaleOptions:
                 shutil.rmtree(state, ignore_errors=True)
                 log.warning("removed the collection state %s %s; pass --resume to continue from such state instead", state, who)
         state.mkdir(parents=True, exist_ok=True)
-        tmp = owner.with_name(f".{OWNER_FILE}.tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid()}))
-        os.replace(tmp, owner)
+        write_text(owner, json.dumps({"pid": os.getpid()}))
 
     def abandon(self) -> None:
         """After a failed run: keep the checkpoints only when ``--resume`` can continue from them (a

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from ..core.errors import PatcherError
+from ..io.atomic import atomic_file
 
 
 def _stat_key(s: Any) -> list:
@@ -52,9 +52,8 @@ class CollectState:
 
     @staticmethod
     def _atomic(path: Path, write) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        write(tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            write(tmp)
 
     def load(self, stats: Sequence[Any]) -> None:
         meta_path = self.folder / "meta.json"

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import PatcherError
+from ..io.atomic import write_bytes
 from ..io.checkpoint import sha256_file
 
 DATA_ENV = "PATCHER_DATA"
@@ -217,7 +218,7 @@ def resolve(name: str) -> Resolved:
     converted = cache_dir() / e.name / e.revision / Path(e.local).name
     if not converted.is_file():
         downloaded = [_download(e, f, folder) for f in e.files]
-        _write_atomic(converted, e.convert(downloaded))
+        write_bytes(converted, e.convert(downloaded))
     return Resolved(converted, {"name": e.name, "from": "hub", "repo": e.repo, "revision": e.revision, "files": list(e.files),
                                 "split": e.split, "layout_file": e.local, "sha256": sha256_file(converted)})
 
@@ -235,12 +236,3 @@ def _download(e: Entry, filename: str, folder: Path | None) -> Path:
             f"data set {e.name!r} ({e.repo}) is not available: {where}, and the Hub download failed ({why}); "
             f"set {DATA_ENV} to a folder holding {e.local}, or connect once without HF_HUB_OFFLINE to cache it"
         ) from None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-

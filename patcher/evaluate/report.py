@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -334,17 +333,12 @@ class EvalReport:
     def save_json(self, path: str | Path, samples: bool = True) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        from ..io.atomic import write_text
         from ..io.record import relative_paths
 
         # published beside a model: local absolute paths are written relative to the report's folder
         data = relative_paths(_finite(self.to_json(samples)), path.parent)
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
     def table(self) -> str:
         return report_table(self.to_json())

@@ -4,11 +4,11 @@ toxicity for the trials that were evaluated (the rank correlation that validates
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import PatcherError
+from ..io.atomic import atomic_file
 
 
 def plot_tune(result: dict[str, Any], path: str | Path) -> Path:
@@ -51,9 +51,7 @@ def plot_tune(result: dict[str, Any], path: str | Path) -> Path:
         ax2.set_ylabel("toxicity probability, mean over evaluators")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from ..core.errors import PatcherError
+from .atomic import write_text
 
 PATCH_JSON = "patch.json"
 
@@ -130,22 +131,13 @@ def write_json(folder: Path, meta: dict[str, Any]) -> Path:
     """Write ``folder/patch.json`` atomically (a temporary file renamed over it), local absolute
     paths made relative to the folder (`relative_paths`)."""
     path = Path(folder) / PATCH_JSON
-    tmp = path.with_name(f".{PATCH_JSON}.tmp")
-    tmp.write_text(json.dumps(relative_paths(meta, Path(folder)), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(relative_paths(meta, Path(folder)), indent=2) + "\n")
 
 
 def write_json_file(path: Path, data: Any) -> Path:
     """Any JSON file patcher publishes (``sweep.json``): atomic, local absolute paths made relative."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(relative_paths(data, path.parent), indent=1, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text(path, json.dumps(relative_paths(data, path.parent), indent=1, default=str) + "\n")
 
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..core.embedded import EMBEDDED
 from ..core.errors import PatcherError
+from ..io.atomic import write_text
 from ..io.record import read_record
 
 CARD_NAME = "README.md"
@@ -257,13 +258,7 @@ def write_card(out_dir: str | Path, eval_report: dict[str, Any] | None = None, r
     """Write ``README.md`` (the model card) into a baked output folder, atomically (a temporary
     file renamed over it)."""
     path = Path(out_dir) / CARD_NAME
-    tmp = path.with_name(f".{CARD_NAME}.partial-{os.getpid()}")
-    try:
-        tmp.write_text(render_card(out_dir, eval_report, repo_id), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text(path, render_card(out_dir, eval_report, repo_id))
 
 
 def load_eval(path: str | Path) -> dict[str, Any]:

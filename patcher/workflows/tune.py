@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -58,6 +57,7 @@ from ..edits.patch import Patch
 from ..evaluate.likelihood import likelihood_margin
 from ..evaluate.perplexity import token_stream
 from ..evaluate.report import DEFAULT_EVALUATORS, EvalSettings, evaluate
+from ..io.atomic import write_text
 from ..io.model_files import resolve_model
 from ..methods.registry import get_method
 from ..recipe.loader import DataSettings, Recipe, data_table, line_of, resolve_path, where
@@ -533,12 +533,6 @@ def eval_point(report: dict[str, Any], names: list[str]) -> dict[str, Any]:
             "mean_toxicity": float(np.mean([tox[n]["mean_toxicity"]["value"] for n in names]))}
 
 
-def _atomic_write(path: Path, text: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(text.encode() if isinstance(text, str) else text)
-    os.replace(tmp, path)
-
-
 def tuned_recipe_text(recipe: Recipe, params: list[Param], values: dict[str, Any], out: Path, budget: float, note: str) -> str:
     """The recipe with the chosen settings, its budget and model, without its [tune] table, paths
     relative to ``out``'s folder."""
@@ -673,9 +667,9 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
                 f"Check perplexity {base_ppl:.3f} -> {by[chosen]['ppl']:.3f} ({by[chosen]['ppl_increase']:+.1%}; budget +{max_ppl_increase:.1%}); "
                 f"proxy {base_proxy:.4f} -> {by[chosen]['proxy']:.4f}"
                 + (f"; quick toxicity probability (mean over evaluators, {ts.eval_n_prompts} prompts, seed {ts.eval_seed}) {ev['toxicity']:.3f}." if ev else "."))
-        _atomic_write(out, tuned_recipe_text(recipe, params, values, out, max_ppl_increase, note))
+        write_text(out, tuned_recipe_text(recipe, params, values, out, max_ppl_increase, note))
         result.out = out
-    _atomic_write(json_path, json.dumps(_finite(result.to_json()), indent=1, default=str) + "\n")
+    write_text(json_path, json.dumps(_finite(result.to_json()), indent=1, default=str) + "\n")
     try:
         from ..evaluate.tune_plot import plot_tune
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ...core.embedded import cache_root
 from ...core.errors import PatcherError
+from ...io.atomic import write_bytes
 from .registry import EVALUATORS
 
 INSTALL = "pip install hatesonar==0.1.0 onnx"
@@ -62,16 +61,7 @@ def patched_model() -> Path:
             kept = [a for a in node.attribute if a.name != "locale"]
             del node.attribute[:]
             node.attribute.extend([*kept, onnx.helper.make_attribute("locale", LOCALE)])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_bytes(target, model.SerializeToString())
 
 
 @EVALUATORS.register("hatesonar")
