@@ -9,10 +9,10 @@ import io
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from helpers import hub_env, save_tiny_with_tokenizer, serve
 
 from patcher.core.errors import PatcherError

@@ -5,10 +5,10 @@ and the install script installs exactly those versions."""
 from __future__ import annotations
 
 import importlib.util
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from patcher.core.errors import PatcherError
 from patcher.core.extras import NO_DEPS, NO_DEPS_COMMAND

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 
 hypothesis = pytest.importorskip("hypothesis", reason="recipe fuzzing needs hypothesis (the dev extra installs it)")
 from hypothesis import HealthCheck, given, settings  # noqa: E402

@@ -6,8 +6,8 @@ that a down projection reads) and receives each batch's activations there. Stati
 reduces them with one gather and a killed run resumes from saved states.
 
 Pooling counts only real tokens: padding (left or right) is masked out, and by default the first
-real token too. Position 0 is an attention sink whose hidden state has a norm ~30x the others' in
-SmolLM2's middle layers; pooled over sentences of unequal length it swamps the toxic-vs-neutral
+real token too. Position 0 is an attention sink whose hidden state has a norm many times the others'
+in a trained model's middle layers; pooled over sentences of unequal length it swamps the toxic-vs-neutral
 difference.
 """
 

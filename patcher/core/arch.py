@@ -165,7 +165,7 @@ def arch_for(config: Any) -> Architecture:
     if arch is None:
         raise PatcherError(
             f"unsupported architecture {model_type!r}: supported are {', '.join(supported_model_types())}; "
-            "adding one is one Architecture entry in patcher/arch.py"
+            "adding one is one Architecture entry in patcher/core/arch.py"
         )
     return arch
 

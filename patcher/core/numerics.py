@@ -1,9 +1,9 @@
 """Numerically sound statistics on the activations of trained models.
 
-A trained model's residual stream is nothing like a random tiny model's. Gemma 3 270M's reaches
-|x| ~ 3e3 after layer 0 and ~ 2.5e4 at the BOS token, a few dimensions dominate, some barely move
-from text to text, and some output norms have a gain of exactly zero in a dimension (the block never
-writes there). SmolLM2's has a few massive dimensions and an attention sink ~30x the other tokens.
+A trained model's residual stream is nothing like a random tiny model's: its values reach the
+thousands, a few dimensions dominate, some barely move from text to text, some output norms have a
+gain of exactly zero in a dimension (the block never writes there), and an attention sink's norm is
+many times the other tokens'.
 Estimates that are fine on unit-scale data break there: a direction divided by a zero gain, an
 inverse of a near-singular matrix, a variance that is pure float32 rounding. Every estimate in
 patcher follows the rules below, and `require_finite` names what broke when one still does.

@@ -27,7 +27,7 @@ folded map is the unrestricted one, applied at every token.
 
 How causal estimation costs one pass. A whole-model pass per layer would cost ``L`` passes. Instead
 the calibration set goes through the model **one decoder layer at a time** (the machinery of
-`patcher.sequential`: the model's own forward prepares each layer's arguments, then every batch's
+`patcher.collect.layerwise`: the model's own forward prepares each layer's arguments, then every batch's
 hidden state goes through layer ``i`` before any goes through ``i + 1``). Layer ``i``'s maps are
 fitted when every batch has been through it, attached as hooks, and only then does layer ``i + 1``
 run, so every statistic sees all earlier maps. Within a layer the chosen roles are fitted in forward
@@ -41,7 +41,7 @@ role in a layer adds one run of that layer. Layers after the last chosen one nev
 and ``--sequential`` runs use the same loop (the latter loads each layer from disk).
 
 Memory: the hidden states of the calibration set (``n_texts x max_tokens x hidden x bytes``; above
-``--hidden-max-gib`` in a temporary file, as `patcher.sequential` does) plus, for a ``mlp_out`` last
+``--hidden-max-gib`` in a temporary file, as `patcher.collect.layerwise` does) plus, for a ``mlp_out`` last
 stage, the same again for the down projection's outputs; the pooled values of one stage at a time,
 ``n_texts x units x 4`` bytes. Without ``causal`` the pooled values of every chosen module are
 collected in one ordinary pass (`collect.PooledValues`: ``n_texts x sum(units) x 4`` bytes, e.g.

@@ -274,7 +274,7 @@ def run(
     stats_cache: dict | None = None,
     allow_nonfinite: bool = False,
 ) -> RunResult | None:
-    """``scale`` (`patcher.distributed.ScaleOptions`): device map, layer-by-layer, data-parallel,
+    """``scale`` (`patcher.collect.parallel.ScaleOptions`): device map, layer-by-layer, data-parallel,
     checkpoints; under several processes only rank 0 bakes and writes, the others return None.
     ``run_eval=False`` skips the recipe's ``[eval]`` table (the card is written without it).
     ``stats_cache`` is `compute_patch`'s: runs of recipes that share a step's statistics collect them once.

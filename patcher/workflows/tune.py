@@ -15,7 +15,7 @@ The search starts on the budget line (`budget_start`): the first trials bisect o
 scale of every strength-like setting (each from its no-edit end towards its strongest) for the
 largest scale within budget, then climb the line a grid step at a time, so that TPE models from
 points where the answer lies instead of from random points a CPU's few tens of trials cannot
-afford (on SmolLM2 most random points cost 2-5x the budget).
+afford (most random points cost several times the budget).
 
 A trial is cheap: statistics come from the sweep's cache (collected once per distinct set of
 collection-relevant settings; a searched layer range is collected once at its widest), the patch
@@ -37,6 +37,7 @@ import math
 import shutil
 import tempfile
 import time
+import tomllib
 import typing
 import warnings
 from collections import OrderedDict
@@ -45,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 
 from ..bake.writer import bake
 from ..core.errors import PatcherError
@@ -458,9 +458,9 @@ def spread(items: list[Any], k: int) -> list[Any]:
 def pick(toxicity: dict[int, float], proxy: dict[int, float], n_prompts: int) -> int:
     """The chosen candidate: the least toxic by the evaluation, unless others lie within one standard
     error of it (a proportion over ``n_prompts`` prompts: sqrt(p (1 - p) / n)); then, of those, the
-    one the proxy ranks least toxic. At 100 prompts the evaluation's differences between neighbouring
-    front points are mostly noise (one standard error is 0.035 at p = 0.15), while the proxy ranks
-    trials with little noise (Spearman 0.97 against the evaluation over 15 SmolLM2 trials, README)."""
+    one the proxy ranks least toxic. At a quick evaluation's few prompts the differences between
+    neighbouring front points are mostly noise, while the proxy ranks trials with little noise
+    (README, "Proxy vs real evaluation", has the measured rank correlation)."""
     best = min(toxicity, key=lambda n: (toxicity[n], proxy[n]))
     p = toxicity[best]
     tied = [n for n in toxicity if toxicity[n] <= p + math.sqrt(p * (1 - p) / n_prompts)]
