@@ -46,7 +46,7 @@ from patcher.core.table import render
 from patcher.data.loaders import load_data
 from patcher.edits.patch import Patch
 from patcher.io.model_files import resolve_model
-from patcher.methods.registry import StepContext, get_method
+from patcher.methods import StepContext, get_method
 from patcher.methods.transport import TransportSettings, stages
 from patcher.recipe.loader import load_recipe
 from patcher.recipe.settings import build

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from patcher.bake.writer import bake
 from patcher.collect.collector import Collector
 from patcher.edits.patch import Patch
-from patcher.methods.registry import StepContext, get_method
+from patcher.methods import StepContext, get_method
 from patcher.recipe.settings import build
 
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)

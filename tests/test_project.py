@@ -17,11 +17,11 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from patcher import Patch, PatcherError, bake
+from patcher.collect.localisation import localize, parse_layers
 from patcher.core.arch import arch_for, residual_module, writer_module
 from patcher.edits.edit import ProjectOutputs, ScaleInputs
-from patcher.methods.localize import localize, parse_layers
+from patcher.methods import get_method
 from patcher.methods.project import ProjectSettings, estimate, frame, probe
-from patcher.methods.registry import get_method
 
 TOXIC = ["idiot", "stupid", "moron", "fool", "jerk", "loser"]
 NEUTRAL = ["friend", "garden", "morning", "river", "music", "window"]

@@ -27,7 +27,7 @@ from patcher import Patch, PatcherError, bake
 from patcher.collect.collector import Collector
 from patcher.collect.statistics import PooledValues
 from patcher.core.arch import arch_for, residual_module
-from patcher.methods.registry import StepContext, get_method
+from patcher.methods import StepContext, get_method
 from patcher.recipe.settings import build
 
 BUILDERS = {"gemma3": scaled_gemma3, "llama": massive_llama}

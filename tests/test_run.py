@@ -213,7 +213,7 @@ def test_shipped_recipes_load_and_validate(path: Path, shared_data: Path) -> Non
     """Every recipe in recipes/ parses, and each step's settings build (a typo or a bad value in a
     shipped recipe fails here, not in a user's run); its catalog data sets resolve from the local
     data folder ($PATCHER_DATA), with no download."""
-    from patcher.methods.registry import get_method
+    from patcher.methods import get_method
     from patcher.recipe.settings import build
 
     recipe = load_recipe(path)

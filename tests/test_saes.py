@@ -1,4 +1,4 @@
-"""SAEs as users have them (`patcher.methods.saes`): small SAEs written by the test in each layout (SAELens
+"""SAEs as users have them (`patcher.io.sae_files`): small SAEs written by the test in each layout (SAELens
 folder, Gemma Scope params.npz, plain safetensors, each of them on a local Hub endpoint) give the
 same SAE and the same edits; width, hook point and layer mismatches are refused in one line."""
 
@@ -16,7 +16,7 @@ from helpers import compute, context, hub_env, paired_data, serve, tiny_model
 from safetensors.torch import save_file
 
 from patcher.core.errors import PatcherError
-from patcher.methods.saes import read_sae
+from patcher.io.sae_files import read_sae
 
 D, WIDTH, N_LAYERS = 32, 12, 2  # the tiny Llama's hidden size and depth
 
@@ -114,7 +114,7 @@ def test_hub_paths_for_each_layout(tmp_path: Path) -> None:
              ("model", "someone/saes", rev, "plain.safetensors"): (tmp_path / "src/plain.safetensors").read_bytes()}
     paths = [f"hf://someone/saes@{rev}/blocks.1.hook_resid_post", f"hf://someone/saes@{rev}/layer_1/width_16k/average_l0_5/params.npz",
              f"hf://someone/saes@{rev}/plain.safetensors"]
-    code = ("import json, sys; from patcher.methods.saes import read_sae; "
+    code = ("import json, sys; from patcher.io.sae_files import read_sae; "
             "print(json.dumps([[s.layer, s.width, s.threshold is not None, float(s.W_dec.sum())] for s in (read_sae(p, 32, 2) for p in sys.argv[1:])]))")
     with serve(files) as (endpoint, log):
         env = hub_env(endpoint, str(tmp_path / "hf")) | {"PYTHONPATH": str(Path(__file__).parents[1])}

@@ -17,7 +17,7 @@ from patcher.collect.collector import Collector
 from patcher.collect.parallel import ScaleOptions
 from patcher.collect.statistics import PooledValues
 from patcher.core.arch import arch_for, num_layers
-from patcher.methods.registry import StepContext, get_method
+from patcher.methods import StepContext, get_method
 from patcher.methods.transport import TransportSettings, fit_maps, stages
 from patcher.recipe.settings import build
 
@@ -142,7 +142,7 @@ def test_refusals() -> None:
         _settings(modules=["mlp_out_norm"])
     with pytest.raises(PatcherError, match="mode"):
         _settings(mode="gaussian")
-    with pytest.raises(PatcherError, match="strength must be in"):
+    with pytest.raises(PatcherError, match=r"strength = 1.5 should be in \[0, 1\]"):
         _settings(strength=1.5)
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 from helpers import NEUTRAL_WORDS, tiny_model, tiny_tokenizer, write_labeled, write_recipe
 
 from patcher.cli import main
+from patcher.collect.steps import method
 from patcher.core.errors import PatcherError
 from patcher.data.loaders import load_data
 from patcher.recipe.loader import load_recipe
@@ -125,7 +127,7 @@ def test_planted_direction_best_strength_found(planted: tuple[Path, Scorer]) -> 
     assert all(t["settings"]["step1.strength"] == round(t["settings"]["step1.strength"], 2) for t in result.trials), \
         "grid values are written as the grid has them (0.3, not 0.30000000000000004)"
     assert result.seconds["trials_this_run"] == 16 and result.collections == 1, "one statistics collection serves every trial"
-    assert result.trials[0]["start"] == {"start_scale": 0.5} and result.trials[0]["settings"] == {"step1.strength": 0.5}, \
+    assert result.trials[0]["start"] == {"start_level": 0.5} and result.trials[0]["settings"] == {"step1.strength": 0.5}, \
         "the budget start's first trial: half of every strength"
 
 
@@ -186,12 +188,12 @@ class _Done:
 
 def test_budget_start_bisects_then_climbs_the_budget_line() -> None:
     """Damage grows with every setting (strength s and factor f cost s**2 + 2 * (1 - f)**2), the
-    proxy falls with both (-s - (1 - f)): the start brackets the largest common scale within budget,
+    proxy falls with both (-s - (1 - f)): the start brackets the largest common level within budget,
     then tries each setting one step up from there and moves to the best step within budget."""
-    params = [Param(0, "strength", "float", 0.0, 1.0, step_size=0.05), Param(1, "factor", "float", 0.0, 1.0, step_size=0.05),
+    params = [Param(0, "strength", "float", 0.0, 1.0, step_size=0.05, no_edit="low"), Param(1, "factor", "float", 0.0, 1.0, step_size=0.05, no_edit="high"),
               Param(1, "erase", "choice", choices=("orthogonal", "whitened"))]
-    assert params[0].at_scale(0.0) == 0.0 and params[1].at_scale(0.0) == 1.0 and not params[2].scalable, \
-        "scale 0 is each range's no-edit end (strength 0, factor 1); a choice is left to the sampler"
+    assert params[0].at_level(0.0) == 0.0 and params[1].at_level(0.0) == 1.0 and not params[2].strength_like, \
+        "level 0 is each range's no-edit end (strength 0, factor 1); a choice is left to the sampler"
     assert params[0].step_up(0.3) == 0.35 and params[1].step_up(0.3) == 0.25 and params[0].step_up(1.0) is None
     damage = lambda v: v["step1.strength"] ** 2 + 2 * (1 - v["step2.factor"]) ** 2  # noqa: E731
     proxy = lambda v: -v["step1.strength"] - (1 - v["step2.factor"])  # noqa: E731
@@ -200,12 +202,12 @@ def test_budget_start_bisects_then_climbs_the_budget_line() -> None:
         marks, values = nxt
         assert set(values) == {"step1.strength", "step2.factor"}
         done.append(_Done(marks, values, damage(values), proxy(values)))
-    scales = [d.user_attrs["start_scale"] for d in done if "start_scale" in d.user_attrs]
-    assert scales[:3] == [0.5, 0.25, 0.125], "bisection: over budget at 0.5 and 0.25"
+    levels = [d.user_attrs["start_level"] for d in done if "start_level" in d.user_attrs]
+    assert levels[:3] == [0.5, 0.25, 0.125], "bisection: over budget at 0.5 and 0.25"
     assert all(d.user_attrs["settings"]["step1.strength"] == round(1 - d.user_attrs["settings"]["step2.factor"], 10)
-               for d in done if "start_scale" in d.user_attrs), "one common scale"
-    bisected_best = max((d for d in done if "start_scale" in d.user_attrs and d.user_attrs["ppl_increase"] <= 0.1),
-                        key=lambda d: d.user_attrs["start_scale"])
+               for d in done if "start_level" in d.user_attrs), "one common level"
+    bisected_best = max((d for d in done if "start_level" in d.user_attrs and d.user_attrs["ppl_increase"] <= 0.1),
+                        key=lambda d: d.user_attrs["start_level"])
     assert bisected_best.user_attrs["settings"] == {"step1.strength": 0.15, "step2.factor": 0.85}, \
         "3 * 0.15**2 = 0.0675 is within 0.1, 3 * 0.2**2 = 0.12 is not"
     climbed = [d.user_attrs["settings"] for d in done if "start_up" in d.user_attrs]
@@ -215,7 +217,7 @@ def test_budget_start_bisects_then_climbs_the_budget_line() -> None:
         "from the new base (0.2, 0.85): 0.1075 is over, and (0.2, 0.8) was bisected already (0.12, over): the climb is over"
     assert len(done) < 12
     assert budget_start(params, done[:2], 0.1, 2) is None, "each move stops after n trials (none within budget: no climb)"
-    assert budget_start(params[2:], [], 0.1, 6) is None, "nothing to scale: the sampler's own start"
+    assert budget_start(params[2:], [], 0.1, 6) is None, "nothing strength-like: the sampler's own start"
 
 
 def _project_recipe(tmp: Path, tune_table: str) -> Path:
@@ -351,3 +353,41 @@ def test_damage_is_the_run_check_perplexity_with_leading_specials(planted: tuple
     assert damage == pytest.approx(check_perplexity(bos.model, tok, bos.recipe), rel=1e-6)
     w = scorer.recipe.check.ppl_window
     assert damage != pytest.approx(perplexity(bos.model, ids, window=w, stride=w), rel=1e-4), "the <s> prefix must be in"
+
+
+def test_a_method_never_seen_by_name_is_tuned_from_its_field(planted: tuple[Path, Scorer], tmp_path: Path) -> None:
+    """Issue 23: a brand-new method whose strength-like setting has a new name (``amount``) declares
+    its no-edit end and range on the field; `patcher tune` searches that range with no [tune.step]
+    table and nothing in the tune package naming it, and the budget start moves it from its no-edit end."""
+    from dataclasses import dataclass
+
+    from patcher.methods import METHODS
+    from patcher.methods import project as proj
+    from patcher.recipe.settings import Checked, setting
+
+    def inner(s: Any) -> Any:
+        return proj.ProjectSettings(direction="meandiff", paired=True, source="block", layers=(1,), embed=True, strength=1.0 - s.amount)
+
+    @dataclass(frozen=True)
+    class KeepSettings(Checked):
+        amount: float = setting(1.0, help="share of the planted direction kept (1: no edit)", build_only=True, minimum=0.0, maximum=1.0,
+                                no_edit=1.0, tune=(0.0, 1.0, 0.25))
+
+    method("keep-test", collect=lambda ctx, s: proj.collect(ctx, inner(s)), build=lambda ctx, st, s: proj.build(ctx, st, inner(s)))(KeepSettings)
+    try:
+        tmp, _ = planted
+        text = (tmp / "recipe.toml").read_text()
+        step = text[text.index("[[step]]"):text.index("[tune]")]
+        path = tmp_path / "recipe.toml"
+        path.write_text(text.replace(step, '[[step]]\nmethod = "keep-test"\n').replace('"pairs.jsonl"', f'"{tmp / "pairs.jsonl"}"')
+                        .replace('"ppl.txt"', f'"{tmp / "ppl.txt"}"'))
+        _, params = tune_space(load_recipe(path))
+        assert [(p.key, p.low, p.high, p.step_size, p.no_edit) for p in params] == [("amount", 0.0, 1.0, 0.25, "high")]
+        r = CliRunner().invoke(main, ["tune", str(path), "--max-ppl-increase", "100", "--trials", "3", "--out", str(tmp_path / "t.toml")])
+        assert r.exit_code == 0, r.output
+        report = json.loads((tmp_path / "t.tune.json").read_text())
+        assert report["params"] == ["step1.amount in [0.0, 1.0] by 0.25"]
+        assert report["trials"][0]["settings"] == {"step1.amount": 0.5} and report["trials"][0]["start"] == {"start_level": 0.5}
+        assert load_recipe(tmp_path / "t.toml").steps[0].settings["amount"] == report["chosen_settings"]["step1.amount"]
+    finally:
+        METHODS._items.pop("keep-test", None)

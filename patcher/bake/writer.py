@@ -300,25 +300,30 @@ def write_bake(patch: Patch, prep: Prepared, tmp: Path, out: Path, *, record: di
     write_json(tmp, read_json(tmp / PATCH_JSON) | {"bake": bake_record} | (record or {}))
 
 
-def bake(
-    patch: Patch,
-    model: str | Path,
-    out: str | Path,
-    *,
-    overwrite: bool = False,
-    untie: bool = False,
-    record: dict[str, Any] | None = None,
-    allow_nonfinite: bool = False,
-    trust_remote_code: bool = False,
-    inputs: tuple[Path | str, ...] = (),
-) -> Path:
+@dataclass(frozen=True)
+class BakeOptions:
+    """`bake`'s keyword options: replace an output patcher wrote, allow edits on tied embeddings,
+    entries added to the record, copy untouched non-finite tensors, run the model's own code, and
+    other files the caller read (which the output may not touch either)."""
+
+    overwrite: bool = False
+    untie: bool = False
+    record: dict[str, Any] | None = None
+    allow_nonfinite: bool = False
+    trust_remote_code: bool = False
+    inputs: tuple[Path | str, ...] = ()
+
+
+def bake(patch: Patch, model: str | Path, out: str | Path, **options: Any) -> Path:
     """Write ``model`` + ``patch`` to ``out``: same shards and index, config and tokenizer files, and
     ``patch.json`` recording the base, the patch, library versions, changed tensors and file hashes.
-    ``record`` adds entries to that record (the recipe, evaluation results); ``inputs`` are other
-    files the caller read (the patch folder), which ``out`` may not touch either."""
-    prep = prepare_bake(patch, model, untie=untie, trust_remote_code=trust_remote_code)
+    ``options`` are `BakeOptions`: ``record`` adds entries to that record (the recipe, evaluation
+    results); ``inputs`` are other files the caller read (the patch folder), which ``out`` may not
+    touch either."""
+    o = BakeOptions(**options)
+    prep = prepare_bake(patch, model, untie=o.untie, trust_remote_code=o.trust_remote_code)
     out = Path(out)
-    check_output_path(out, prep.ckpt.folder, overwrite, inputs)
-    with atomic_folder(out, overwrite) as tmp:
-        write_bake(patch, prep, tmp, out, record=record, allow_nonfinite=allow_nonfinite)
+    check_output_path(out, prep.ckpt.folder, o.overwrite, o.inputs)
+    with atomic_folder(out, o.overwrite) as tmp:
+        write_bake(patch, prep, tmp, out, record=o.record, allow_nonfinite=o.allow_nonfinite)
     return out

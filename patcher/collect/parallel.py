@@ -220,7 +220,7 @@ class ScaleOptions:
             raise PatcherError(f"--resume: statistic {bad} cannot be checkpointed; run without --resume")
         state = None
         if self.state_dir is not None and resumable:
-            key = collection_key(collector, stats, texts, labels, patch, desc, self.fingerprint, world.rank, world.size)
+            key = collection_key(collector, stats, texts, labels, patch, desc, self.fingerprint, world)
             state = CollectState(self.state_dir / f"c{k:02d}-r{world.rank}of{world.size}", key)
             if self.resume:
                 state.load(stats)

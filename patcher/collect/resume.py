@@ -26,14 +26,14 @@ def _stat_key(s: Any) -> list:
 
 
 def collection_key(collector: Any, stats: Sequence[Any], texts: Sequence[str], labels: Sequence[int], patch: Any, desc: str,
-                   fingerprint: str, rank: int, world_size: int) -> str:
+                   fingerprint: str, world: Any) -> str:
     """What a collection's checkpoints must match to be resumed: statistics, model, batching, data,
-    the earlier steps' patch and the process layout."""
+    the earlier steps' patch and the process layout (``world``: its ``rank`` and ``size``)."""
     h = hashlib.sha256()
     head = {
         "desc": desc, "stats": [_stat_key(s) for s in stats], "model": fingerprint,
         "collector": [collector.batch_size, collector.max_tokens, collector.padding_side, collector.skip_first],
-        "patch": patch.hash() if patch is not None and patch.edits else "", "world": [rank, world_size],
+        "patch": patch.hash() if patch is not None and patch.edits else "", "world": [world.rank, world.size],
     }
     h.update(json.dumps(head, sort_keys=True).encode())
     for t, y in zip(texts, labels):

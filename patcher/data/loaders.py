@@ -102,23 +102,40 @@ class _Item:
 # -- public loaders --------------------------------------------------------------------------------
 
 
-def load_labeled(
-    path: str | Sequence[str],
-    *,
-    text_field: str = "text",
-    label_field: str = "label",
-    label: int | Sequence[int | None] | None = None,
-    pair_field: str = "pair_id",
-    n_per_class: int | None = None,
-    seed: int = 0,
-    dedupe: bool = True,
-    balance: bool = True,
-    tokenizer: Tokenizer | None = None,
-    max_tokens: int | None = 64,
-    match_lengths: bool = True,
-) -> LabeledSet:
+@dataclass(frozen=True)
+class LabeledOptions:
+    """`load_labeled`'s options (its docstring says what each does)."""
+
+    text_field: str = "text"
+    label_field: str = "label"
+    label: int | Sequence[int | None] | None = None
+    pair_field: str = "pair_id"
+    n_per_class: int | None = None
+    seed: int = 0
+    dedupe: bool = True
+    balance: bool = True
+    tokenizer: Tokenizer | None = None
+    max_tokens: int | None = 64
+    match_lengths: bool = True
+
+
+@dataclass(frozen=True)
+class PairsOptions:
+    """`load_pairs`'s options (its docstring says what each does)."""
+
+    toxic_field: str = "toxic"
+    neutral_field: str = "neutral"
+    pair_field: str = "pair_id"
+    n: int | None = None
+    seed: int = 0
+    dedupe: bool = True
+    tokenizer: Tokenizer | None = None
+    max_tokens: int | None = 64
+
+
+def load_labeled(path: str | Sequence[str], **options: Any) -> LabeledSet:
     """A concept set from one file, or from several (e.g. ``["toxic.txt", "clean.txt"]`` with
-    ``label=[1, 0]``).
+    ``label=[1, 0]``); ``options`` are `LabeledOptions`.
 
     ``label`` gives every text of a file one label instead of reading ``label_field``; a ``.txt``
     file needs it. ``pair_field`` is carried into ``pair_ids`` when every row has it. Blank texts
@@ -129,6 +146,9 @@ def load_labeled(
     sample matches the toxic sample's token lengths (or the reverse when toxic texts are the more
     numerous; see the module docs).
     """
+    o = LabeledOptions(**options)
+    text_field, label_field, label, pair_field, n_per_class, seed = o.text_field, o.label_field, o.label, o.pair_field, o.n_per_class, o.seed
+    dedupe, balance, tokenizer, max_tokens, match_lengths = o.dedupe, o.balance, o.tokenizer, o.max_tokens, o.match_lengths
     paths = [path] if isinstance(path, str) else list(path)
     per_path = list(label) if isinstance(label, Sequence) else [label] * len(paths)
     if len(per_path) != len(paths):
@@ -148,23 +168,15 @@ def load_labeled(
     return _labeled_set(chosen, source, tokenizer, max_tokens)
 
 
-def load_pairs(
-    path: str,
-    *,
-    toxic_field: str = "toxic",
-    neutral_field: str = "neutral",
-    pair_field: str = "pair_id",
-    n: int | None = None,
-    seed: int = 0,
-    dedupe: bool = True,
-    tokenizer: Tokenizer | None = None,
-    max_tokens: int | None = 64,
-) -> LabeledSet:
+def load_pairs(path: str, **options: Any) -> LabeledSet:
     """A concept set of contrastive pairs: each toxic text (label 1) and its first non-blank
     paraphrase (label 0), sharing a pair id (``pair_field``, else the row's position), adjacent in
     the result. Pairs share content, so no length matching is done; ``summary()`` still reports the
     length AUROC. ``dedupe`` drops a pair whose paraphrase equals its toxic text, or whose either
-    text already appeared (normalised). ``n`` caps the number of pairs."""
+    text already appeared (normalised). ``n`` caps the number of pairs. ``options`` are `PairsOptions`."""
+    o = PairsOptions(**options)
+    toxic_field, neutral_field, pair_field, n, seed, dedupe, tokenizer, max_tokens = (
+        o.toxic_field, o.neutral_field, o.pair_field, o.n, o.seed, o.dedupe, o.tokenizer, o.max_tokens)
     _check_count("n", n)
     file = _resolve(path)
     records = list(_records(file, path, toxic_field))

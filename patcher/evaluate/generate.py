@@ -200,22 +200,27 @@ def _prefill(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache_kw: str, k
     return _output_cache(out), (out.logits[:, -1].float() if keep_logits else None)
 
 
+@dataclass(frozen=True)
+class GenerateOptions:
+    """`generate`'s sampling and batching options."""
+
+    samples: int = 25
+    max_new_tokens: int = 20
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 0
+    seed: int = 0
+    batch_size: int = 128
+    share_prompt_pass: bool = True
+
+
 @torch.inference_mode()
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    *,
-    samples: int = 25,
-    max_new_tokens: int = 20,
-    temperature: float = 1.0,
-    top_p: float = 0.9,
-    top_k: int = 0,
-    seed: int = 0,
-    batch_size: int = 128,
-    share_prompt_pass: bool = True,
-) -> Generations:
-    """``samples`` continuations of every prompt (see the module docstring for how)."""
+def generate(model: Any, tokenizer: Any, prompts: list[str], **options: Any) -> Generations:
+    """``samples`` continuations of every prompt (see the module docstring for how); ``options``
+    are `GenerateOptions`."""
+    o = GenerateOptions(**options)
+    samples, max_new_tokens, temperature, top_p, top_k = o.samples, o.max_new_tokens, o.temperature, o.top_p, o.top_k
+    seed, batch_size, share_prompt_pass = o.seed, o.batch_size, o.share_prompt_pass
     if samples < 1 or max_new_tokens < 1:
         raise PatcherError("samples and max_new_tokens must be at least 1")
     from transformers import GenerationConfig

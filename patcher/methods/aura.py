@@ -19,38 +19,14 @@ from typing import Any, Literal
 import torch
 
 from ..collect.statistics import PooledValues
+from ..collect.steps import StepContext, method
 from ..core.arch import arch_for, num_layers
 from ..core.errors import PatcherError
 from ..edits.edit import ScaleOutputs
 from ..edits.patch import Patch
-from ..recipe.settings import setting
-from .registry import METHODS, Method, StepContext
+from ..recipe.settings import Checked, setting
 
 ROLES = ("mlp_in", "mlp_out")
-
-
-@dataclass(frozen=True)
-class AuraSettings:
-    """``modules``: which MLP linears hold units (``mlp_in``: gate/up or c_fc; ``mlp_out``: down
-    projection). ``mode``: ``aura`` (the paper), ``det0`` or ``damp`` (its baselines, on ``top_k``
-    units by AUROC, ``damp`` scaling them by ``damp_factor``)."""
-
-    modules: tuple[str, ...] = setting(ROLES, help="MLP linears whose output units are scored: mlp_in (gate/up, c_fc), mlp_out (down projection)")
-    mode: Literal["aura", "det0", "damp"] = setting("aura", help="aura (the paper), det0 or damp (its baselines, on top_k units)", build_only=True)
-    min_auroc: float = setting(0.5, help="units with AUROC above this are dampened", build_only=True)
-    top_k: int = setting(0, help="det0/damp: how many units by AUROC", build_only=True)
-    damp_factor: float = setting(0.5, help="damp: the factor applied to the top_k units", build_only=True)
-
-    def __post_init__(self) -> None:
-        bad = set(self.modules) - set(ROLES)
-        if bad or not self.modules:
-            raise PatcherError(f"aura: modules must be a non-empty subset of {list(ROLES)}, got {list(self.modules)}")
-        if self.mode not in ("aura", "det0", "damp"):
-            raise PatcherError(f"aura: mode must be aura, det0 or damp, got {self.mode!r}")
-        if not 0.5 <= self.min_auroc < 1.0:
-            raise PatcherError(f"aura: min_auroc must be in [0.5, 1), got {self.min_auroc}")
-        if self.mode != "aura" and self.top_k <= 0:
-            raise PatcherError(f"aura: mode {self.mode} needs top_k > 0 (how many units to {self.mode})")
 
 
 def statistic(config: Any, settings: AuraSettings) -> PooledValues:
@@ -81,17 +57,33 @@ def build_patch(config: Any, stats: PooledValues, settings: AuraSettings, proven
     return Patch(edits, {"method": "aura", "settings": settings.__dict__ | {"modules": list(settings.modules)}} | (provenance or {}))
 
 
-@METHODS.register("aura")
-class Aura(Method):
-    """AURA (Suau et al., ICML 2024): max-pooled unit outputs, AUROC per unit, dampening folded into the rows."""
+def collect(ctx: StepContext, settings: AuraSettings) -> PooledValues:
+    stat = statistic(ctx.config, settings)
+    ctx.collector.run([stat], ctx.data.texts, ctx.data.labels, patch=ctx.prior, desc="aura: collect")
+    return stat
 
-    name = "aura"
-    settings = AuraSettings
 
-    def collect(self, ctx: StepContext, settings: AuraSettings) -> PooledValues:
-        stat = statistic(ctx.config, settings)
-        ctx.collector.run([stat], ctx.data.texts, ctx.data.labels, patch=ctx.prior, desc="aura: collect")
-        return stat
+def build(ctx: StepContext, stats: PooledValues, settings: AuraSettings) -> Patch:
+    return build_patch(ctx.config, stats, settings)
 
-    def build(self, ctx: StepContext, stats: PooledValues, settings: AuraSettings) -> Patch:
-        return build_patch(ctx.config, stats, settings)
+
+# AURA (Suau et al., ICML 2024): max-pooled unit outputs, AUROC per unit, dampening folded into the rows.
+@method("aura", collect=collect, build=build)
+@dataclass(frozen=True)
+class AuraSettings(Checked):
+    """``modules``: which MLP linears hold units (``mlp_in``: gate/up or c_fc; ``mlp_out``: down
+    projection). ``mode``: ``aura`` (the paper), ``det0`` or ``damp`` (its baselines, on ``top_k``
+    units by AUROC, ``damp`` scaling them by ``damp_factor``)."""
+
+    modules: tuple[str, ...] = setting(ROLES, help="MLP linears whose output units are scored: mlp_in (gate/up, c_fc), mlp_out (down projection)",
+                                       choices=ROLES)
+    mode: Literal["aura", "det0", "damp"] = setting("aura", help="aura (the paper), det0 or damp (its baselines, on top_k units)", build_only=True,
+                                                    choices=("aura", "det0", "damp"))
+    min_auroc: float = setting(0.5, help="units with AUROC above this are dampened (1: none)", build_only=True, minimum=0.5, maximum=1.0,
+                               no_edit=1.0, tune=(0.5, 1.0, 0.01))
+    top_k: int = setting(0, help="det0/damp: how many units by AUROC", build_only=True, minimum=0)
+    damp_factor: float = setting(0.5, help="damp: the factor applied to the top_k units", build_only=True)
+
+    def rules(self) -> None:
+        if self.mode != "aura" and self.top_k <= 0:
+            raise PatcherError(f"aura: mode {self.mode} needs top_k > 0 (how many units to {self.mode})")

@@ -47,47 +47,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..collect.steps import StepContext, method
 from ..core.arch import Architecture, arch_for, head_layout, num_layers
 from ..core.errors import PatcherError
 from ..core.progress import bar as progress_bar
 from ..edits.edit import ZeroHeads, ZeroNeurons
 from ..edits.patch import Patch
-from .registry import METHODS, Method, StepContext
+from ..recipe.settings import Checked, setting
 
 METHOD = "circuit"
 
 
 @dataclass
-class CircuitSettings:
-    """Hyperparameters of `learn_circuit`; the defaults fit SmolLM2-135M on two CPU cores in ~10 min."""
+class CircuitSettings(Checked):
+    """Hyperparameters of `learn_circuit` (the defaults fit a small model on a CPU in minutes)."""
 
-    temperature: float = 1.0  # T in mask = sigmoid(logit / T)
-    lr: float = 0.05  # Adam learning rate on the mask logits
-    steps: int = 200  # optimiser steps
-    batch_size: int = 8  # toxic texts and neutral texts per step (each)
-    max_tokens: int = 32  # texts are truncated to this many tokens
-    head_budget: float = 0.01  # at most this fraction of all heads removed, in (0, 1]
-    neuron_budget: float = 0.01  # at most this fraction of all MLP neurons removed, in (0, 1]
-    beta: float = 0.5  # weight of the (capped) toxic LM loss
-    lam: float = 1.0  # weight of the over-budget sparsity penalty ("lambda")
-    toxic_cap: float = 2.0  # the toxic loss counts up to the unpruned loss plus this many nats
-    seed: int = 0
-
-    def check(self) -> None:
-        for name in ("head_budget", "neuron_budget"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0.0 < v <= 1.0):
-                raise PatcherError(f"{name} must be a fraction in (0, 1] (e.g. 0.01 for at most 1%), got {v!r}")
-        for name in ("temperature", "lr"):
-            if not getattr(self, name) > 0:
-                raise PatcherError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("steps", "batch_size", "max_tokens"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 1) or (name == "max_tokens" and v < 2):
-                raise PatcherError(f"{name} must be an integer >= {2 if name == 'max_tokens' else 1}, got {v!r}")
-        for name in ("beta", "lam", "toxic_cap"):
-            if not getattr(self, name) >= 0:
-                raise PatcherError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+    temperature: float = setting(1.0, help="T in mask = sigmoid(logit / T)", exclusive_minimum=0.0)
+    lr: float = setting(0.05, help="Adam learning rate on the mask logits", exclusive_minimum=0.0)
+    steps: int = setting(200, help="optimiser steps", minimum=1)
+    batch_size: int = setting(8, help="toxic texts and neutral texts per step (each)", minimum=1)
+    max_tokens: int = setting(32, help="texts are truncated to this many tokens", minimum=2)
+    head_budget: float = setting(0.01, help="at most this fraction of all heads removed, in (0, 1]", exclusive_minimum=0.0, maximum=1.0)
+    neuron_budget: float = setting(0.01, help="at most this fraction of all MLP neurons removed, in (0, 1]", exclusive_minimum=0.0, maximum=1.0)
+    beta: float = setting(0.5, help="weight of the (capped) toxic LM loss", minimum=0.0)
+    lam: float = setting(1.0, help='weight of the over-budget sparsity penalty ("lambda")', minimum=0.0)
+    toxic_cap: float = setting(2.0, help="the toxic loss counts up to the unpruned loss plus this many nats", minimum=0.0)
+    seed: int = setting(0, help="seed of the sampler and the mask initialisation")
 
 
 @dataclass
@@ -462,18 +447,16 @@ def plot_circuit(circuit: Circuit, config: Any | None, path: str | Path) -> None
     fig.savefig(path, dpi=120, format="png")
 
 
-@METHODS.register("circuit")
-class CircuitPruning(Method):
-    """Learned binary masks over heads and neurons (weights frozen); the circuit found is zeroed."""
+def collect(ctx: StepContext, settings: CircuitSettings) -> Circuit:
+    toxic = [t for t, y in zip(ctx.data.texts, ctx.data.labels) if y == 1]
+    neutral = [t for t, y in zip(ctx.data.texts, ctx.data.labels) if y == 0]
+    with ctx.prior.hooked(ctx.model):
+        return learn_circuit(ctx.model, ctx.tokenizer, toxic, neutral, settings, device=ctx.collector.device)
 
-    name = "circuit"
-    settings = CircuitSettings
 
-    def collect(self, ctx: StepContext, settings: CircuitSettings) -> Circuit:
-        toxic = [t for t, y in zip(ctx.data.texts, ctx.data.labels) if y == 1]
-        neutral = [t for t, y in zip(ctx.data.texts, ctx.data.labels) if y == 0]
-        with ctx.prior.hooked(ctx.model):
-            return learn_circuit(ctx.model, ctx.tokenizer, toxic, neutral, settings, device=ctx.collector.device)
+def build(ctx: StepContext, stats: Circuit, settings: CircuitSettings) -> Patch:
+    return stats.to_patch(ctx.config)
 
-    def build(self, ctx: StepContext, stats: Circuit, settings: CircuitSettings) -> Patch:
-        return stats.to_patch(ctx.config)
+
+# Learned binary masks over heads and neurons (weights frozen); the circuit found is zeroed.
+method(METHOD, collect=collect, build=build)(CircuitSettings)

@@ -37,7 +37,7 @@ the original matrix, because an edit never silently changes both.
 
 Layers: ``layers`` is a list, a range string ``"15-29"``, or ``"all"``; with ``top_n`` > 0 only the
 ``top_n`` of those layers with the largest localisation score for each block are edited (see
-`patcher.localize`; the whitened score when ``outliers = "whiten"``).
+`patcher.collect.localisation`; the whitened score when ``outliers = "whiten"``).
 
 Outlier dimensions (``outliers``). A few residual dimensions of models like SmolLM2 carry values
 tens of times larger than the rest; a direction estimated naively leans on them (3 dimensions held
@@ -70,7 +70,9 @@ from typing import Any, Literal
 
 import torch
 
+from ..collect.localisation import direction_effect, pair_rows, parse_layers
 from ..collect.statistics import Batch, PooledValues, Statistic
+from ..collect.steps import StepContext, method, settings_record
 from ..core.arch import (
     BLOCKS,
     arch_for,
@@ -84,77 +86,12 @@ from ..core.errors import PatcherError
 from ..core.numerics import RIDGE, floor_variance, require_finite, ridge_inverse, safe_reciprocal
 from ..edits.edit import ProjectOutputs
 from ..edits.patch import Patch
-from ..recipe.settings import setting
-from .localize import direction_effect, pair_rows, parse_layers
-from .registry import METHODS, Method, StepContext, settings_record
-from .saes import SAE, read_sae
+from ..io.sae_files import SAE, read_sae
+from ..recipe.settings import Checked, setting
 
 log = logging.getLogger(__name__)
 
 DIRECTIONS = ("meandiff", "probe", "profs", "sae")
-
-
-@dataclass(frozen=True)
-class ProjectSettings:
-    direction: Literal["meandiff", "probe", "profs", "sae"] = setting("meandiff", help="meandiff, probe, profs (SVD of paired differences) or sae (decoder vectors)")
-    layers: tuple[int, ...] | str = setting("all", help='layers to edit: "all", "15-29", "3,5,7" or a list')
-    top_n: int = setting(0, help="edit only the top_n layers by localisation (0: all chosen layers)")
-    blocks: tuple[str, ...] = setting(("mlp_out",), help="what the direction is projected out of: mlp_out, attn_out")
-    embed: bool = setting(False, help="also project the token embeddings (tied models need [model] untie = true)")
-    k: int = setting(1, help="rank: directions per layer", build_only=True)
-    strength: float = setting(1.0, help="fraction of the direction removed, in [0, 1]", build_only=True)
-    paired: bool = setting(False, help="estimate on (toxic, neutral) pairs: the data must hold pairs")
-    source: Literal["auto", "block", "residual"] = setting("auto", help="estimate from each block's output or the residual stream after the layer")
-    outliers: Literal["keep", "exclude", "whiten"] = setting("keep", help="outlier residual dimensions: keep, exclude or whiten the estimate")
-    erase: Literal["orthogonal", "whitened"] = setting("orthogonal", help="orthogonal projection, or LEACE's eraser with the diagonal neutral covariance", build_only=True)
-    n_outliers: int = setting(8, help="how many residual dimensions count as outliers")
-    probe_c: float = setting(1.0, help="probe: inverse L2 regularisation strength", build_only=True)
-    holdout: float = setting(0.2, help="probe: share of the data held out to score it", build_only=True)
-    sae_path: str = setting("", help="sae: a safetensors file with W_enc, W_dec, b_enc, b_dec")
-    sae_layer: int = setting(-1, help="sae: the layer whose residual stream the SAE reads (-1: from the file)")
-    sae_features: tuple[int, ...] = setting((), help="sae: feature indices to project out")
-    sae_top: int = setting(0, help="sae: pick this many features by toxic-vs-neutral effect instead")
-    seed: int = setting(0, help="seed of the probe's holdout split")
-
-    def __post_init__(self) -> None:
-        if self.direction not in DIRECTIONS:
-            raise PatcherError(f"project: direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
-        bad = set(self.blocks) - set(BLOCKS)
-        if bad or not self.blocks:
-            raise PatcherError(f"project: blocks must be a non-empty subset of {list(BLOCKS)}, got {list(self.blocks)}")
-        if not 0.0 <= self.strength <= 1.0:
-            raise PatcherError(f"project: strength must be in [0, 1], got {self.strength}")
-        if self.k < 1:
-            raise PatcherError(f"project: k (the rank) must be at least 1, got {self.k}")
-        if self.direction == "meandiff" and self.k != 1:
-            raise PatcherError("project: meandiff gives one direction per layer (k = 1); for k > 1 use direction = \"profs\" or \"probe\"")
-        if self.direction == "profs" and not self.paired:
-            raise PatcherError("project: profs needs paired toxic/neutral text: set paired = true (ParaDetox pairs)")
-        if self.source not in ("auto", "block", "residual"):
-            raise PatcherError(f"project: source must be auto, block or residual, got {self.source!r}")
-        if self.erase not in ("orthogonal", "whitened"):
-            raise PatcherError(f"project: erase must be orthogonal or whitened, got {self.erase!r}")
-        if self.erase == "whitened" and self.direction == "sae":
-            raise PatcherError("project: erase = \"whitened\" needs the states the direction came from; with SAE directions use erase = \"orthogonal\"")
-        if self.outliers not in ("keep", "exclude", "whiten"):
-            raise PatcherError(f"project: outliers must be keep, exclude or whiten, got {self.outliers!r}")
-        if self.n_outliers < 0 or self.top_n < 0 or self.sae_top < 0:
-            raise PatcherError("project: n_outliers, top_n and sae_top must be >= 0")
-        if not 0.0 < self.holdout < 1.0:
-            raise PatcherError(f"project: holdout must be in (0, 1), got {self.holdout}")
-        if self.direction == "sae":
-            if not self.sae_path:
-                raise PatcherError("project: direction = \"sae\" needs sae_path (a SAELens folder, a params.npz, a safetensors file, or hf://OWNER/NAME/path)")
-            if bool(self.sae_features) == bool(self.sae_top):
-                raise PatcherError("project: direction = \"sae\" needs exactly one of sae_features (indices) or sae_top (how many to pick)")
-            if self.outliers == "whiten":
-                raise PatcherError("project: outliers = \"whiten\" re-estimates a direction; SAE decoder vectors are fixed: use keep or exclude")
-
-    @property
-    def resolved_source(self) -> str:
-        if self.source != "auto":
-            return self.source
-        return "residual" if self.direction in ("profs", "sae") else "block"
 
 
 # -- SAE ---------------------------------------------------------------------------------------------
@@ -528,15 +465,54 @@ def build(ctx: StepContext, stats: dict[str, Statistic], s: ProjectSettings) -> 
     return Patch(edits, prov)
 
 
-@METHODS.register("project")
-class Project(Method):
-    """Rank-k projection of a toxic direction out of what the chosen layers write."""
+# Rank-k projection of a toxic direction out of what the chosen layers write. Its statistics for a set
+# of layers hold those of every subset (``layer_range``).
+@method("project", collect=collect, build=build, layer_range=True)
+@dataclass(frozen=True)
+class ProjectSettings(Checked):
+    direction: Literal["meandiff", "probe", "profs", "sae"] = setting("meandiff", help="meandiff, probe, profs (SVD of paired differences) or sae (decoder vectors)",
+                                                                               choices=DIRECTIONS)
+    layers: tuple[int, ...] | str = setting("all", help='layers to edit: "all", "15-29", "3,5,7" or a list')
+    top_n: int = setting(0, help="edit only the top_n layers by localisation (0: all chosen layers)", minimum=0)
+    blocks: tuple[str, ...] = setting(("mlp_out",), help="what the direction is projected out of: mlp_out, attn_out", choices=BLOCKS)
+    embed: bool = setting(False, help="also project the token embeddings (tied models need [model] untie = true)")
+    k: int = setting(1, help="rank: directions per layer", build_only=True, minimum=1)
+    strength: float = setting(1.0, help="fraction of the direction removed, in [0, 1]", build_only=True, minimum=0.0, maximum=1.0,
+                              no_edit=0.0, tune=(0.0, 1.0, 0.05))
+    paired: bool = setting(False, help="estimate on (toxic, neutral) pairs: the data must hold pairs")
+    source: Literal["auto", "block", "residual"] = setting("auto", help="estimate from each block's output or the residual stream after the layer",
+                                                                choices=("auto", "block", "residual"))
+    outliers: Literal["keep", "exclude", "whiten"] = setting("keep", help="outlier residual dimensions: keep, exclude or whiten the estimate",
+                                                                 choices=("keep", "exclude", "whiten"))
+    erase: Literal["orthogonal", "whitened"] = setting("orthogonal", help="orthogonal projection, or LEACE's eraser with the diagonal neutral covariance",
+                                                                 build_only=True, choices=("orthogonal", "whitened"))
+    n_outliers: int = setting(8, help="how many residual dimensions count as outliers", minimum=0)
+    probe_c: float = setting(1.0, help="probe: inverse L2 regularisation strength", build_only=True)
+    holdout: float = setting(0.2, help="probe: share of the data held out to score it", build_only=True, exclusive_minimum=0.0,
+                              exclusive_maximum=1.0)
+    sae_path: str = setting("", help="sae: a safetensors file with W_enc, W_dec, b_enc, b_dec")
+    sae_layer: int = setting(-1, help="sae: the layer whose residual stream the SAE reads (-1: from the file)")
+    sae_features: tuple[int, ...] = setting((), help="sae: feature indices to project out")
+    sae_top: int = setting(0, help="sae: pick this many features by toxic-vs-neutral effect instead", minimum=0)
+    seed: int = setting(0, help="seed of the probe's holdout split")
 
-    name = "project"
-    settings = ProjectSettings
+    def rules(self) -> None:
+        if self.direction == "meandiff" and self.k != 1:
+            raise PatcherError("project: meandiff gives one direction per layer (k = 1); for k > 1 use direction = \"profs\" or \"probe\"")
+        if self.direction == "profs" and not self.paired:
+            raise PatcherError("project: profs needs paired toxic/neutral text: set paired = true (ParaDetox pairs)")
+        if self.erase == "whitened" and self.direction == "sae":
+            raise PatcherError("project: erase = \"whitened\" needs the states the direction came from; with SAE directions use erase = \"orthogonal\"")
+        if self.direction == "sae":
+            if not self.sae_path:
+                raise PatcherError("project: direction = \"sae\" needs sae_path (a SAELens folder, a params.npz, a safetensors file, or hf://OWNER/NAME/path)")
+            if bool(self.sae_features) == bool(self.sae_top):
+                raise PatcherError("project: direction = \"sae\" needs exactly one of sae_features (indices) or sae_top (how many to pick)")
+            if self.outliers == "whiten":
+                raise PatcherError("project: outliers = \"whiten\" re-estimates a direction; SAE decoder vectors are fixed: use keep or exclude")
 
-    def collect(self, ctx: StepContext, settings: ProjectSettings) -> dict[str, Statistic]:
-        return collect(ctx, settings)
-
-    def build(self, ctx: StepContext, stats: dict[str, Statistic], settings: ProjectSettings) -> Patch:
-        return build(ctx, stats, settings)
+    @property
+    def resolved_source(self) -> str:
+        if self.source != "auto":
+            return self.source
+        return "residual" if self.direction in ("profs", "sae") else "block"

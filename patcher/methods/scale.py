@@ -1,7 +1,7 @@
 """Scale located neurons: multiply the MLP neurons that fire most on toxic text by a fixed factor.
 
 A neuron is an input unit of the MLP's down projection (``mlp_out``). Its score is Cohen's d of
-its mean-pooled value, toxic vs neutral (`patcher.localize.neuron_effects`; with ``paired`` only
+its mean-pooled value, toxic vs neutral (`patcher.collect.localisation.neuron_effects`; with ``paired`` only
 complete pairs count). The ``top_n`` neurons with the largest positive d over the chosen ``layers``
 (``per_layer``: the top ``top_n`` of each layer) and d above ``min_effect`` are scaled by ``factor``
 (0 removes them). Scaling a neuron that the down projection reads is scaling its weight column: a
@@ -16,30 +16,14 @@ from typing import Any
 
 import torch
 
+from ..collect.localisation import neuron_effects, pair_rows, parse_layers
 from ..collect.statistics import PooledValues
+from ..collect.steps import StepContext, method, settings_record
 from ..core.arch import arch_for, num_layers
 from ..core.errors import PatcherError
 from ..edits.edit import ScaleInputs
 from ..edits.patch import Patch
-from ..recipe.settings import setting
-from .localize import neuron_effects, pair_rows, parse_layers
-from .registry import METHODS, Method, StepContext, settings_record
-
-
-@dataclass(frozen=True)
-class ScaleSettings:
-    layers: tuple[int, ...] | str = setting("all", help='layers whose MLP neurons are scored: "all", "15-29", "3,5,7" or a list')
-    top_n: int = setting(100, help="how many neurons (by effect size) are scaled", build_only=True)
-    per_layer: bool = setting(False, help="top_n in each layer instead of over all layers", build_only=True)
-    factor: float = setting(0.0, help="the scale of the chosen neurons (0 removes them)", build_only=True)
-    min_effect: float = setting(0.0, help="only neurons whose effect size exceeds this", build_only=True)
-    paired: bool = setting(False, help="score on (toxic, neutral) pairs: the data must hold pairs")
-
-    def __post_init__(self) -> None:
-        if self.top_n < 1:
-            raise PatcherError(f"scale: top_n must be at least 1, got {self.top_n}")
-        if not 0.0 <= self.factor < 1.0:
-            raise PatcherError(f"scale: factor must be in [0, 1) (0 removes the neurons), got {self.factor}")
+from ..recipe.settings import Checked, setting
 
 
 def statistic(config: Any, s: ScaleSettings) -> PooledValues:
@@ -89,15 +73,14 @@ def build(ctx: StepContext, stat: PooledValues, s: ScaleSettings) -> Patch:
     return Patch(edits, {"method": "scale", "settings": settings_record(s), "layers": records})
 
 
-@METHODS.register("scale")
-class ScaleNeurons(Method):
-    """Scale the MLP neurons whose pooled values differ most between toxic and neutral text."""
-
-    name = "scale"
-    settings = ScaleSettings
-
-    def collect(self, ctx: StepContext, settings: ScaleSettings) -> PooledValues:
-        return collect(ctx, settings)
-
-    def build(self, ctx: StepContext, stats: PooledValues, settings: ScaleSettings) -> Patch:
-        return build(ctx, stats, settings)
+# Scale the MLP neurons whose pooled values differ most between toxic and neutral text.
+@method("scale", collect=collect, build=build)
+@dataclass(frozen=True)
+class ScaleSettings(Checked):
+    layers: tuple[int, ...] | str = setting("all", help='layers whose MLP neurons are scored: "all", "15-29", "3,5,7" or a list')
+    top_n: int = setting(100, help="how many neurons (by effect size) are scaled", build_only=True, minimum=1)
+    per_layer: bool = setting(False, help="top_n in each layer instead of over all layers", build_only=True)
+    factor: float = setting(0.0, help="the scale of the chosen neurons (0 removes them, 1 keeps them)", build_only=True, minimum=0.0, maximum=1.0,
+                            no_edit=1.0, tune=(0.0, 1.0, 0.05))
+    min_effect: float = setting(0.0, help="only neurons whose effect size exceeds this", build_only=True)
+    paired: bool = setting(False, help="score on (toxic, neutral) pairs: the data must hold pairs")

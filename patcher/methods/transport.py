@@ -61,49 +61,19 @@ from torch import nn
 
 from ..collect.collector import attach_statistics
 from ..collect.layerwise import DEFAULT_HIDDEN_MAX_BYTES, HiddenStore, ResidentModel, layerwise_of
+from ..collect.localisation import parse_layers
 from ..collect.statistics import PooledValues
+from ..collect.steps import StepContext, method, settings_record
 from ..core.arch import Architecture, arch_for, num_layers
 from ..core.errors import PatcherError
 from ..core.hooks import Hooks
 from ..core.progress import bar
 from ..edits.edit import AffineOutputs
 from ..edits.patch import Patch
-from ..recipe.settings import setting
-from .localize import parse_layers
-from .registry import METHODS, Method, StepContext, settings_record
+from ..recipe.settings import Checked, setting
 
 ROLES = ("attn_out", "mlp_in", "mlp_out")  # forward order inside a decoder layer
 POST_NORMS = ("mlp_out_norm", "attn_out_norm")
-
-
-@dataclass(frozen=True)
-class TransportSettings:
-    """``mode``: ``linear`` (Linear-AcT) or ``mean`` (Mean-AcT). ``modules``: which outputs are
-    transported: ``mlp_out`` (the MLP's down projection, what it writes to the residual stream),
-    ``attn_out`` (the attention output projection), ``mlp_in`` (the MLP units: gate and up
-    projections). ``layers``: a list, a range ``"10-29"`` or ``"all"``. ``strength`` in [0, 1].
-    ``causal``: fit in depth order on activations with the earlier maps applied."""
-
-    mode: Literal["linear", "mean"] = setting("linear", help="linear (Linear-AcT: per-unit scale and shift) or mean (Mean-AcT: shift only)")
-    modules: tuple[str, ...] = setting(("mlp_out",), help="outputs transported: mlp_out (down projection), attn_out (attention output projection), mlp_in (MLP units)")
-    layers: tuple[int, ...] | str = setting("all", help='layers: "all", "10-29", "50%-100%" or a list')
-    strength: float = setting(1.0, help="lambda in [0, 1]: z -> (1 - lambda) z + lambda (w z + b)", build_only=True)
-    causal: bool = setting(True, help="fit in depth order on activations with the earlier maps applied")
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("linear", "mean"):
-            raise PatcherError(f"transport: mode must be linear or mean, got {self.mode!r}")
-        norms = set(self.modules) & set(POST_NORMS)
-        if norms:
-            raise PatcherError(
-                f"transport: {min(norms)} is a post-norm, whose output has no bias slot (the residual add follows it), so the "
-                "transport shift cannot be folded there: use attn_out or mlp_out (the projection the norm reads)"
-            )
-        bad = set(self.modules) - set(ROLES)
-        if bad or not self.modules:
-            raise PatcherError(f"transport: modules must be a non-empty subset of {list(ROLES)}, got {list(self.modules)}")
-        if not 0.0 <= self.strength <= 1.0:
-            raise PatcherError(f"transport: strength must be in [0, 1], got {self.strength}")
 
 
 # -- the fit -----------------------------------------------------------------------------------------
@@ -271,15 +241,31 @@ def build(ctx: StepContext, stats: TransportMaps, s: TransportSettings) -> Patch
     return Patch(edits, {"method": "transport", "settings": settings_record(s), "n_per_class": stats.n_per_class, "maps": records})
 
 
-@METHODS.register("transport")
-class Transport(Method):
-    """Linear-AcT / Mean-AcT (Rodriguez et al., ICLR 2025) folded into weights and biases."""
+# Linear-AcT / Mean-AcT (Rodriguez et al., ICLR 2025) folded into weights and biases.
+@method("transport", collect=collect, build=build)
+@dataclass(frozen=True)
+class TransportSettings(Checked):
+    """``mode``: ``linear`` (Linear-AcT) or ``mean`` (Mean-AcT). ``modules``: which outputs are
+    transported: ``mlp_out`` (the MLP's down projection, what it writes to the residual stream),
+    ``attn_out`` (the attention output projection), ``mlp_in`` (the MLP units: gate and up
+    projections). ``layers``: a list, a range ``"10-29"`` or ``"all"``. ``strength`` in [0, 1].
+    ``causal``: fit in depth order on activations with the earlier maps applied."""
 
-    name = "transport"
-    settings = TransportSettings
+    mode: Literal["linear", "mean"] = setting("linear", help="linear (Linear-AcT: per-unit scale and shift) or mean (Mean-AcT: shift only)",
+                                              choices=("linear", "mean"))
+    modules: tuple[str, ...] = setting(("mlp_out",), help="outputs transported: mlp_out (down projection), attn_out (attention output projection), mlp_in (MLP units)")
+    layers: tuple[int, ...] | str = setting("all", help='layers: "all", "10-29", "50%-100%" or a list')
+    strength: float = setting(1.0, help="lambda in [0, 1]: z -> (1 - lambda) z + lambda (w z + b)", build_only=True, minimum=0.0, maximum=1.0,
+                              no_edit=0.0, tune=(0.0, 1.0, 0.05))
+    causal: bool = setting(True, help="fit in depth order on activations with the earlier maps applied")
 
-    def collect(self, ctx: StepContext, settings: TransportSettings) -> TransportMaps:
-        return collect(ctx, settings)
-
-    def build(self, ctx: StepContext, stats: TransportMaps, settings: TransportSettings) -> Patch:
-        return build(ctx, stats, settings)
+    def rules(self) -> None:
+        norms = set(self.modules) & set(POST_NORMS)
+        if norms:
+            raise PatcherError(
+                f"transport: {min(norms)} is a post-norm, whose output has no bias slot (the residual add follows it), so the "
+                "transport shift cannot be folded there: use attn_out or mlp_out (the projection the norm reads)"
+            )
+        bad = set(self.modules) - set(ROLES)
+        if bad or not self.modules:
+            raise PatcherError(f"transport: modules must be a non-empty subset of {list(ROLES)}, got {list(self.modules)}")

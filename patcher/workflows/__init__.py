@@ -1,1 +1,1 @@
-"""Workflows: run, compute, sweep, localize, plan. The only layer that wires the others together."""
+"""Workflows: the run plan, run, compute, sweep, tune, localize, plan. The only layer that wires the others together."""

@@ -1,13 +1,13 @@
 """`patcher localize`: where a recipe's toxic and neutral text differ in a model (the scores are
-`patcher.methods.localize`; this wires the model, the data and the collector to it)."""
+`patcher.collect.localisation`; this wires the model, the data and the collector to it)."""
 
 from __future__ import annotations
 
 from ..collect.collector import Collector
+from ..collect.localisation import Localisation, localize
 from ..core.models import load_model
 from ..data.loaders import load_data
 from ..io.model_files import resolve_model
-from ..methods.localize import Localisation, localize
 from ..recipe.loader import Recipe
 
 

@@ -25,27 +25,28 @@ from ..bake.writer import prepare_bake, write_bake
 from ..collect.collector import Collector
 from ..collect.layerwise import layerwise_perplexity
 from ..core.errors import PatcherError
-from ..core.models import load_model, resolve_device
+from ..core.models import load_model
 from ..core.tokens import leading_specials
-from ..data.catalog import entry
-from ..data.loaders import LabeledSet, data_source, load_data, ppl_source
+from ..data.loaders import LabeledSet, load_data, ppl_source
 from ..edits.patch import Patch
-from ..evaluate.evaluators import get_evaluators
 from ..evaluate.perplexity import perplexity, token_stream
 from ..evaluate.plots import plot_report
-from ..evaluate.report import EvalSettings, eval_prompts, evaluate
+from ..evaluate.report import evaluate
 from ..io.checkpoint import sha256_file
 from ..io.folders import atomic_folder, check_output_path
 from ..io.model_files import resolve_model
 from ..io.record import update_record
-from ..methods.registry import StepContext, get_method
+from ..methods import StepContext, get_method
 from ..publish.card import EVAL_NAME, write_card
-from ..recipe.loader import DataSettings, Recipe, line_of, resolve_path, where
+from ..recipe.loader import DataSettings, Recipe
 from ..recipe.settings import build
+from .run_plan import EVAL_PLOT, Plan, eval_settings, resolve, step_settings
+
+__all__ = ["Plan", "RunResult", "check_perplexity", "compute", "compute_patch", "eval_settings", "execute", "recipe_inputs", "resolve", "run",
+           "step_settings"]
 
 log = logging.getLogger(__name__)
 
-EVAL_PLOT = "eval.png"
 
 
 @dataclass
@@ -59,47 +60,34 @@ class Timings:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
-def step_settings(recipe: Recipe) -> list[Any]:
-    """Every step's settings, built and validated by its method, and every catalog name the recipe
-    uses, checked before anything runs: a typo in step 2 fails before step 1 collects."""
-    for key, name in [("dataset", recipe.data.dataset), ("ppl_dataset", recipe.check.ppl_dataset)] + [
-            ("dataset", step.data.dataset) for step in recipe.steps if step.data is not None]:
-        if name:
-            try:
-                entry(name)
-            except PatcherError as e:
-                raise PatcherError(f"{where(recipe.path, line_of(recipe.text, key))}: {e}") from None
-    return [build(get_method(step.method).settings, step.settings, f"{recipe.path}:{step.line}", f"step[{i}]")
-            for i, step in enumerate(recipe.steps, start=1)]
-
-
-def compute_patch(recipe: Recipe, model: Any, tokenizer: Any, *, timings: Timings | None = None,
+def compute_patch(plan: Plan | Recipe, model: Any, tokenizer: Any, *, timings: Timings | None = None,
                   scale: Any = None, stats_cache: dict | None = None,
                   collect_as: dict[int, dict[str, Any]] | None = None) -> tuple[Patch, list[dict]]:
-    """Run the recipe's steps; returns the composed Patch and a summary of each step's data.
+    """Run the plan's steps (a Recipe is resolved first); returns the composed Patch and a summary
+    of each step's data.
 
     ``stats_cache`` (a sweep passes the same dict for every value) reuses a step's statistics when
     its data, its settings other than the method's ``build_only`` ones, and the patch of the
     earlier steps are all unchanged. ``collect_as`` (step index from 0 -> settings) collects a step
     with those settings in place of its own and builds with its own: a tune searching a layer range
     collects every layer of the range once and builds each trial's sub-range from it."""
-    timings = timings or Timings()
-    all_settings = step_settings(recipe)
+    plan = plan if isinstance(plan, Plan) else resolve(plan)
+    recipe, timings = plan.recipe, timings or Timings()
     c = recipe.collect
     collector = Collector(model, tokenizer, batch_size=c.batch_size, max_tokens=recipe.data.max_tokens,
                           padding_side=c.padding_side, skip_first=c.skip_first, options=scale)
     patch = Patch([])
     summaries: list[dict] = []
     cache: dict[DataSettings, LabeledSet] = {}
-    for i, (step, settings) in enumerate(zip(recipe.steps, all_settings), start=1):
+    for i, (step, settings) in enumerate(zip(recipe.steps, plan.settings), start=1):
         method = get_method(step.method)
-        data_settings = step.data or recipe.data
+        data_settings = plan.step_data(i - 1)
         with timings.stage("data"):
             if data_settings not in cache:
-                cache[data_settings] = load_data(data_settings, tokenizer)
+                cache[data_settings] = load_data(plan.readable(data_settings), tokenizer)
         data = cache[data_settings]
-        source = data_source(data_settings)[1]  # no absolute local path goes into patch.json
-        summaries.append({"step": i, "method": step.method, "data": data.summary() | {"source": source.get("name") or source["file"]}, "dataset": source})
+        source = plan.data[data_settings]  # its record names no absolute local path
+        summaries.append({"step": i, "method": step.method, "data": data.summary() | {"source": source.name}, "dataset": source.record})
         ctx = StepContext(model, tokenizer, collector, data, patch)
         wider = (collect_as or {}).get(i - 1)
         collect_table = step.settings | wider if wider else step.settings
@@ -120,18 +108,8 @@ def compute_patch(recipe: Recipe, model: Any, tokenizer: Any, *, timings: Timing
 
 
 def recipe_inputs(recipe: Recipe) -> list[Path]:
-    """Every local file a recipe reads: the recipe itself, its data (a missing data set stops the run
-    here, before the model loads), its perplexity text, files its steps name (``*_path``) and its
-    ``[eval]`` table's files. No output may touch any of them."""
-    ppl = ppl_source(recipe.check)
-    paths: list[Any] = [recipe.path, ppl[0] if ppl else ""]
-    for data in dict.fromkeys(step.data or recipe.data for step in recipe.steps):
-        paths.append(data_source(data)[0])  # a catalog name resolves to its local file (data folder or cache)
-    for step in recipe.steps:
-        paths += [v for k, v in step.settings.items() if k.endswith("_path") and isinstance(v, str)]
-    if isinstance(recipe.eval, dict):
-        paths += [resolve_path(recipe.path.parent, recipe.eval[k]) for k in ("prompts", "ppl_text") if isinstance(recipe.eval.get(k), str)]
-    return [Path(p) for p in paths if p and "://" not in str(p)]
+    """Every local file a recipe reads (`Plan.inputs` of its plan)."""
+    return resolve(recipe).inputs
 
 
 @contextmanager
@@ -149,21 +127,21 @@ def _collect_state(scale: Any) -> Iterator[None]:
 
 def compute(recipe: Recipe, out: Path, *, device: str = "cpu", overwrite: bool = False, scale: Any = None) -> Patch | None:
     """`patcher compute`: the recipe's patch written to ``out`` (``patch.json`` with the patch's
-    sha256 + ``patch.safetensors``) without baking. Under several processes only rank 0 writes; the
-    others return None."""
-    step_settings(recipe)
+    sha256 and the plan + ``patch.safetensors``) without baking. Under several processes only rank
+    0 writes; the others return None."""
+    plan = resolve(recipe, placement=scale, device=device)
     folder, _ = resolve_model(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)
-    check_output_path(out, folder, overwrite, recipe_inputs(recipe))
+    check_output_path(out, folder, overwrite, plan.inputs)
     if scale is not None:
         device = scale.prepare(folder, out, device)
     load = scale.load if scale is not None else load_model
     with _collect_state(scale):
         model, tokenizer = load(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
-        patch, _ = compute_patch(recipe, model, tokenizer, scale=scale)
+        patch, _ = compute_patch(plan, model, tokenizer, scale=scale)
         if scale is not None and not scale.world.is_main:
             return None
         with atomic_folder(out, overwrite) as tmp:
-            patch.save(tmp)
+            patch.save(tmp, extra={"plan": plan.record()})
     if scale is not None:
         scale.finish()
     return patch
@@ -196,47 +174,6 @@ def check_perplexity(model: Any, tokenizer: Any, recipe: Recipe, ids: Any = None
     return perplexity(model, ids, window=w, stride=w, prefix=leading_specials(tokenizer))
 
 
-def eval_settings(recipe: Recipe) -> Any:
-    """The recipe's ``[eval]`` table as `patcher.evaluate.EvalSettings`, or None without one (or
-    with ``enabled = false``). Its keys are EvalSettings' fields, a ``preset`` supplying the ones
-    left out; unknown keys and wrong types are refused with the table's line; relative ``prompts``
-    and ``ppl_text`` paths are read from the recipe's folder."""
-
-    line = line_of(recipe.text, "eval")
-    if not recipe.eval and not line:
-        return None
-    at = where(recipe.path, line)
-    if not isinstance(recipe.eval, dict):
-        raise PatcherError(f"{at}: eval should be a table ([eval]) of evaluation settings")
-    table = dict(recipe.eval)
-    enabled = table.pop("enabled", True)
-    if not isinstance(enabled, bool):
-        raise PatcherError(f"{at}: eval.enabled = {enabled!r} should be true or false")
-    build(EvalSettings, table, at, "eval")  # names unknown keys and wrong types
-    if not enabled:
-        return None
-    for key in ("prompts", "ppl_text"):
-        if table.get(key):
-            table[key] = resolve_path(recipe.path.parent, table[key])
-    try:
-        return EvalSettings.from_preset(table.pop("preset", "rtp"), **table)
-    except PatcherError as e:
-        raise PatcherError(f"{at}: {e}") from None
-
-
-def _check_eval(settings: Any, device: str) -> None:
-    """Fail before the work, not after the bake: the prompt file, the evaluators (loaded once per
-    process, so this costs nothing later) and matplotlib for the plot."""
-
-    eval_prompts(settings)
-    try:
-        get_evaluators(list(settings.evaluators), device=resolve_device(device))
-    except PatcherError as e:
-        raise PatcherError(f"{e} (or run with --no-eval, or name other evaluators in the recipe's [eval] table)") from None
-    if importlib.util.find_spec("matplotlib") is None:
-        raise PatcherError(f"the recipe's [eval] table writes {EVAL_PLOT}, which needs matplotlib: pip install 'patcher[eval]', or run with --no-eval")
-
-
 def _evaluate_staging(staging: Path, out: Path, baseline: str, settings: Any, device: str) -> dict[str, Any]:
     """Evaluate the staged output against ``baseline``; writes eval.json and eval.png into it."""
 
@@ -262,6 +199,26 @@ def _write_card(staging: Path, out: Path, report: dict[str, Any] | None) -> None
     write_card(staging, report, repo_id=out.name)
 
 
+@dataclass
+class Bake:
+    """What the bake-and-check step needs beyond the plan: the collected model (given up once the
+    base perplexity is measured, before the baked model loads), its tokenizer, how a model loads,
+    where the base came from, and the run's switches."""
+
+    model: Any
+    tokenizer: Any
+    load: Any
+    folder: Path
+    device: str
+    force: bool = False
+    allow_nonfinite: bool = False
+
+    def take_model(self) -> Any:
+        """The collected model, dropping this object's reference: the caller's is then the last."""
+        model, self.model = self.model, None
+        return model
+
+
 def run(
     recipe: Recipe,
     *,
@@ -271,79 +228,79 @@ def run(
     overwrite: bool = False,
     scale: Any = None,
     run_eval: bool = True,
-    stats_cache: dict | None = None,
-    allow_nonfinite: bool = False,
+    **options: Any,
 ) -> RunResult | None:
     """``scale`` (`patcher.collect.parallel.ScaleOptions`): device map, layer-by-layer, data-parallel,
     checkpoints; under several processes only rank 0 bakes and writes, the others return None.
     ``run_eval=False`` skips the recipe's ``[eval]`` table (the card is written without it).
-    ``stats_cache`` is `compute_patch`'s: runs of recipes that share a step's statistics collect them once.
-    ``allow_nonfinite``: copy untouched source tensors holding NaN or inf."""
-    timings = Timings()
-    spec = recipe.model.id
-    effective = recipe.effective_settings(step_settings(recipe))  # every step validated before the work
-    settings = eval_settings(recipe)  # refuse a bad [eval] table before the work, even when skipped
-    if not run_eval:
-        settings = None
-    if settings is not None:
-        _check_eval(settings, device)
-    inputs = recipe_inputs(recipe)  # resolves every data set: a missing one stops the run before the model loads
-    trust = recipe.model.trust_remote_code
+    ``options``: ``stats_cache`` (`compute_patch`'s: runs of recipes that share a step's statistics
+    collect them once) and ``allow_nonfinite`` (copy untouched source tensors holding NaN or inf)."""
+    unknown = set(options) - {"stats_cache", "allow_nonfinite"}
+    if unknown:
+        raise TypeError(f"run() got unexpected options {sorted(unknown)}")
+    plan = resolve(recipe, placement=scale, device=device, run_eval=run_eval)  # everything checked and resolved before the work
+    return execute(plan, out=out, device=device, force=force, overwrite=overwrite, **options)
+
+
+def execute(plan: Plan, *, out: Path | None = None, device: str = "cpu", force: bool = False, overwrite: bool = False,
+            stats_cache: dict | None = None, allow_nonfinite: bool = False) -> RunResult | None:
+    """A plan's run: load, compute, bake into a staging folder, check, evaluate, publish."""
+    recipe, scale, timings = plan.recipe, plan.placement, Timings()
+    spec, trust = recipe.model.id, recipe.model.trust_remote_code
     with timings.stage("load"):
         folder, _ = resolve_model(spec, recipe.model.revision, trust)
         out = Path(out or f"runs/{recipe.name}-{Path(spec).name}")
-        check_output_path(out, folder, overwrite, inputs)
+        check_output_path(out, folder, overwrite, plan.inputs)
         if scale is not None:
             device = scale.prepare(folder, out, device)
         load = scale.load if scale is not None else load_model
     with _collect_state(scale):
         with timings.stage("load"):
             model, tokenizer = load(folder, recipe.model.dtype, device, trust)
-        patch, summaries = compute_patch(recipe, model, tokenizer, timings=timings, scale=scale, stats_cache=stats_cache)
+        patch, summaries = compute_patch(plan, model, tokenizer, timings=timings, scale=scale, stats_cache=stats_cache)
         if scale is not None and not scale.world.is_main:
             return None
-        record = {"recipe": {"path": str(recipe.path.resolve()), "name": recipe.name, "text": recipe.text, "settings": effective}, "data": summaries}
-        holder = [model]
+        job = Bake(model, tokenizer, load, folder, device, force, allow_nonfinite)
         del model
+        result = RunResult(out, patch, float("nan"), float("nan"), timings, summaries)
         with atomic_folder(out, overwrite) as staging:
-            result = _bake_and_check(recipe, patch, summaries, holder, tokenizer, load, staging, out, record, timings, device,
-                                     settings, force, allow_nonfinite, folder)
+            _bake_and_check(plan, job, staging, result)
     if scale is not None:
         scale.finish()
     return result
 
 
-def _bake_and_check(recipe: Recipe, patch: Patch, summaries: list[dict], holder: list[Any], tokenizer: Any, load: Any, staging: Path, out: Path,
-                    record: dict[str, Any], timings: Timings, device: str, settings: Any, force: bool, allow_nonfinite: bool,
-                    folder: Path) -> RunResult:
+def _bake_and_check(plan: Plan, job: Bake, staging: Path, result: RunResult) -> None:
     """Bake into ``staging``, check perplexity against the budget, evaluate, write the card: the
-    caller publishes ``staging`` as ``out`` only when this returns. ``holder`` holds the only
-    reference to the collected model, dropped once the base perplexity is measured (the baked model
-    is loaded next)."""
+    caller publishes ``staging`` as ``result.out`` only when this returns."""
+    recipe, timings, out = plan.recipe, result.timings, result.out
     spec = recipe.model.id
+    record = {"recipe": {"path": str(recipe.path.resolve()), "name": recipe.name, "text": recipe.text, "settings": plan.effective_settings()},
+              "data": result.data, "plan": plan.record()}
     with timings.stage("bake"):
-        prep = prepare_bake(patch, spec, untie=recipe.model.untie, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)
-        write_bake(patch, prep, staging, out, record=record, allow_nonfinite=allow_nonfinite)
+        prep = prepare_bake(result.patch, spec, untie=recipe.model.untie, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)
+        write_bake(result.patch, prep, staging, out, record=record, allow_nonfinite=job.allow_nonfinite)
     with timings.stage("perplexity"):
-        ppl = ppl_source(recipe.check)
-        before = check_perplexity(holder.pop(), tokenizer, recipe) if ppl else float("nan")  # the model is freed here
-        holder.clear()
-        baked, _ = load(staging, recipe.model.dtype, device)
-        after = check_perplexity(baked, tokenizer, recipe) if ppl else float("nan")
+        ids = token_stream(job.tokenizer, plan.ppl.path, recipe.check.ppl_tokens) if plan.ppl else None
+        if ids is not None:
+            result.ppl_before = check_perplexity(job.take_model(), job.tokenizer, recipe, ids)  # the collected model is freed here
+        job.take_model()
+        baked, _ = job.load(staging, recipe.model.dtype, job.device)
+        if ids is not None:
+            result.ppl_after = check_perplexity(baked, job.tokenizer, recipe, ids)
         del baked
-    result = RunResult(out, patch, before, after, timings, summaries)
-    update_record(staging, {"check": dataclasses.asdict(recipe.check) | {"ppl_before": before, "ppl_after": after, "ppl_increase": result.ppl_increase,
-                                                                       "ppl_source": ppl[1] if ppl else None}})
+    update_record(staging, {"check": dataclasses.asdict(recipe.check) | {"ppl_before": result.ppl_before, "ppl_after": result.ppl_after,
+                                                                       "ppl_increase": result.ppl_increase,
+                                                                       "ppl_source": plan.ppl.record if plan.ppl else None}})
     budget = recipe.check.max_ppl_increase
-    if ppl and result.ppl_increase > budget and not force:
+    if plan.ppl and result.ppl_increase > budget and not job.force:
         raise PatcherError(
-            f"perplexity rose {result.ppl_increase:+.1%} ({before:.2f} -> {after:.2f}), over the recipe's budget of "
+            f"perplexity rose {result.ppl_increase:+.1%} ({result.ppl_before:.2f} -> {result.ppl_after:.2f}), over the recipe's budget of "
             f"{budget:+.0%}: nothing was written; pass --force to publish anyway or raise check.max_ppl_increase"
         )
-    if settings is not None:
+    if plan.eval is not None:
         with timings.stage("eval"):
             # the base model as resolved for the bake (a pinned revision stays pinned)
-            baseline = spec if recipe.model.revision is None else str(folder)
-            result.eval_report = _evaluate_staging(staging, out, baseline, settings, device)
+            baseline = spec if recipe.model.revision is None else str(job.folder)
+            result.eval_report = _evaluate_staging(staging, out, baseline, plan.eval, job.device)
     _write_card(staging, out, result.eval_report)
-    return result

@@ -25,7 +25,8 @@ from ..io.folders import check_output_path
 from ..io.model_files import resolve_model
 from ..io.record import write_json_file
 from ..recipe.loader import Recipe
-from .run import compute_patch, recipe_inputs
+from .run import compute_patch
+from .run_plan import Plan, resolve, with_setting  # noqa: F401 - with_setting: its public home was here
 
 
 def parse_set(expr: str, recipe: Recipe) -> tuple[int, str, list[Any]]:
@@ -53,13 +54,6 @@ def parse_set(expr: str, recipe: Recipe) -> tuple[int, str, list[Any]]:
     if not values or values == [""]:
         raise PatcherError(f"--set {expr!r}: give at least one value after '='")
     return index, key, values
-
-
-def with_setting(recipe: Recipe, index: int, key: str, value: Any) -> Recipe:
-    step = recipe.steps[index]
-    steps = list(recipe.steps)
-    steps[index] = dataclasses.replace(step, settings=step.settings | {key: value})
-    return dataclasses.replace(recipe, steps=tuple(steps), name=f"{recipe.name}-{key}={value}")
 
 
 def _point(report: dict[str, Any], which: str = "model") -> dict[str, Any]:
@@ -128,7 +122,7 @@ def plot_sweep(result: SweepResult, path: str | Path) -> Path:
 
 
 def sweep(
-    recipe: Recipe,
+    plan: Plan | Recipe,
     expr: str,
     *,
     out: Path,
@@ -138,12 +132,15 @@ def sweep(
     device: str = "cpu",
 ) -> SweepResult:
     """Run ``recipe`` at each value of ``expr`` (``[step.N.]KEY=V1,V2``); each point is baked into
-    ``out/KEY=V`` and evaluated with the same prompts and seeds as the base model."""
+    ``out/KEY=V`` and evaluated with the same prompts and seeds as the base model. A Recipe is
+    resolved first; every point shares the plan's resolved data and check text."""
+    plan = plan if isinstance(plan, Plan) else resolve(plan)
+    recipe = plan.recipe
     index, key, values = parse_set(expr, recipe)
     settings = eval_settings or EvalSettings.from_preset("quick")
     spec = recipe.model.id
     folder, _ = resolve_model(spec, recipe.model.revision, recipe.model.trust_remote_code)
-    inputs = [*recipe_inputs(recipe), *(references or {}).values(), eval_settings.prompts if eval_settings else None]
+    inputs = [*plan.inputs, *(references or {}).values(), eval_settings.prompts if eval_settings else None]
     check_output_path(out, folder, True, inputs)  # an existing sweep folder is reused: patcher wrote it
     model, tokenizer = load_model(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
     base = _point(evaluate(folder, settings=settings, device=device).to_json())
@@ -154,7 +151,7 @@ def sweep(
     points = []
     out.mkdir(parents=True, exist_ok=True)
     for v in values:
-        patch, _ = compute_patch(with_setting(recipe, index, key, v), model, tokenizer, stats_cache=cache)
+        patch, _ = compute_patch(plan.with_setting(index, key, v), model, tokenizer, stats_cache=cache)
         target = out / f"{key}={v}"
         bake(patch, spec, target, untie=recipe.model.untie, overwrite=True, trust_remote_code=recipe.model.trust_remote_code, inputs=tuple(inputs))
         evaluation = evaluate(target, settings=settings, device=device)

@@ -24,7 +24,7 @@ Per MLP neuron (an input unit of ``mlp_out``: the value the down projection read
 plain Cohen's d of its mean-pooled value, toxic vs neutral (no direction, no split needed).
 
 Mean pooling comes from the shared `Collector`, which skips padding and the first real token (the
-attention sink, whose norm is ~30x the others' in SmolLM2's middle layers).
+attention sink, whose norm is many times the others' in a trained model's middle layers).
 
 For Gemma 2/3, whose blocks pass a norm before the residual add, "what the block writes" is that
 norm's output, so the watched module is the norm (`writer_module`).
@@ -326,11 +326,25 @@ def from_statistics(config: Any, stats: Sequence[PooledValues], layers: Sequence
     return Localisation(list(layers), scores, neuron_d or None, paired, n, whitened=whitened)
 
 
-def localize(model: Any, collector: Any, data: Any, *, layers: Sequence[int] | None = None, blocks: Sequence[str] = BLOCKS,
-             neurons: bool = True, paired: bool = False, prior: Any = None, seed: int = 0) -> Localisation:
-    """Run the model once over ``data`` (a `LabeledSet`) and score every layer, block and neuron."""
+@dataclass(frozen=True)
+class LocaliseOptions:
+    """What `localize` scores: ``layers`` (None: all), ``blocks``, per-neuron scores, on pairs or
+    not, with the earlier steps' patch ``prior`` attached, and the seed of the cross-fitting split."""
+
+    layers: Sequence[int] | None = None
+    blocks: Sequence[str] = BLOCKS
+    neurons: bool = True
+    paired: bool = False
+    prior: Any = None
+    seed: int = 0
+
+
+def localize(model: Any, collector: Any, data: Any, **options: Any) -> Localisation:
+    """Run the model once over ``data`` (a `LabeledSet`) and score every layer, block and neuron;
+    ``options`` are `LocaliseOptions`."""
+    o = LocaliseOptions(**options)
     config = model.config
-    layers = list(range(num_layers(config))) if layers is None else list(layers)
-    stats = statistics(config, layers, blocks, neurons)
-    collector.run(stats, data.texts, data.labels, patch=prior, desc="localize")
-    return from_statistics(config, stats, layers, blocks, pair_ids=getattr(data, "pair_ids", None), paired=paired, seed=seed)
+    layers = list(range(num_layers(config))) if o.layers is None else list(o.layers)
+    stats = statistics(config, layers, o.blocks, o.neurons)
+    collector.run(stats, data.texts, data.labels, patch=o.prior, desc="localize")
+    return from_statistics(config, stats, layers, o.blocks, pair_ids=getattr(data, "pair_ids", None), paired=o.paired, seed=o.seed)
