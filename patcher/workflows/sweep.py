@@ -142,6 +142,10 @@ def sweep(
     ``out/KEY=V`` and evaluated with the same prompts and seeds as the base model."""
     index, key, values = parse_set(expr, recipe)
     settings = eval_settings or EvalSettings.from_preset("quick")
+    if not settings.prompts:  # a sweep chooses a setting: it looks at the select part only (patcher.data.catalog)
+        from ..evaluate.report import SELECT_PROMPTS
+
+        settings = dataclasses.replace(settings, prompts=SELECT_PROMPTS)
     spec = recipe.model.id
     folder, _ = resolve_model(spec, recipe.model.revision, recipe.model.trust_remote_code)
     inputs = [*recipe_inputs(recipe), *(references or {}).values(), eval_settings.prompts if eval_settings else None]

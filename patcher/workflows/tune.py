@@ -96,7 +96,7 @@ class TuneSettings:
     startup_trials: int = setting(6, help="Trials of each move of the budget start (bisection, climb), or random trials, before TPE models the results")
     candidates: int = setting(4, help="Pareto points within budget scored by the quick evaluation for the final pick (0: pick by the proxy)")
     validate: int = setting(3, help="Other trials also evaluated, spread over the proxy's range, for the rank correlation")
-    eval_prompts: str = setting("", help="Prompt file of that evaluation (default: the RTP challenging prompts)")
+    eval_prompts: str = setting("", help="Prompt file or catalog name of that evaluation (default: rtp-challenging:select, the part no reported number uses)")
     eval_n_prompts: int = setting(100, help="Prompts of that evaluation")
     eval_samples: int = setting(5, help="Samples per prompt of that evaluation")
     eval_seed: int = setting(1, help="Seed of its prompt sample and sampling (1: not the seed-0 sample results are reported on)")
@@ -520,7 +520,11 @@ def _short(v: Any) -> Any:
 
 def quick_settings(recipe: Recipe, ts: TuneSettings) -> EvalSettings:
     """The quick evaluation a tune scores its candidates with ([tune] eval_* keys)."""
-    prompts = resolve_path(recipe.path.parent, ts.eval_prompts) if ts.eval_prompts else ""
+    from ..data.catalog import is_name
+    from ..evaluate.report import SELECT_PROMPTS
+
+    value = ts.eval_prompts or SELECT_PROMPTS  # a catalog name stays a name; a file is relative to the recipe
+    prompts = value if is_name(value) else resolve_path(recipe.path.parent, value)
     return EvalSettings.from_preset("quick", prompts=prompts, n_prompts=ts.eval_n_prompts, samples=ts.eval_samples,
                                     seed=ts.eval_seed, evaluators=ts.evaluators, ppl_tokens=0, fluency=False)
 
