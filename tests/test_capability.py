@@ -104,3 +104,25 @@ def test_eval_reports_blimp_and_kl(tmp_path: Path) -> None:
     assert "KL from base" in moved.table() and "BLiMP accuracy" in moved.table()
     with pytest.raises(PatcherError, match="needs? --baseline|give --baseline"):
         evaluate(model, settings=settings, evaluators=[Evaluator()])
+
+
+def test_run_gates_on_blimp_and_kl(tmp_path: Path, shared_data: Path) -> None:
+    """[check] max_kl / max_blimp_drop: `patcher run` measures them like perplexity and refuses to
+    publish a patch over either budget (nothing written); within budget the record holds them."""
+    from helpers import write_recipe
+
+    from patcher.io.record import read_record
+    from patcher.recipe.loader import load_recipe
+    from patcher.workflows.run import run
+
+    model = save_tiny_with_tokenizer("llama", tmp_path / "m")
+    path = write_recipe(tmp_path, model)
+    text = path.read_text()
+    path.write_text(text.replace("max_ppl_increase = 100.0", "max_ppl_increase = 100.0\nmax_kl = 1e-9\nkl_prompts = 3\nmax_blimp_drop = 100\nblimp_pairs = 1"))
+    with pytest.raises(PatcherError, match="KL from base .* over the recipe's \\[check\\] budget"):
+        run(load_recipe(path), out=tmp_path / "refused", run_eval=False)
+    assert not (tmp_path / "refused").exists()
+    path.write_text(text.replace("max_ppl_increase = 100.0", "max_ppl_increase = 100.0\nmax_kl = 100\nkl_prompts = 3\nmax_blimp_drop = 100\nblimp_pairs = 1"))
+    run(load_recipe(path), out=tmp_path / "ok", run_eval=False)
+    check = read_record(tmp_path / "ok")["check"]
+    assert check["kl"] > 1e-9 and -100 <= check["blimp_drop"] <= 100 and check["max_kl"] == 100

@@ -124,19 +124,12 @@ def blimp_drop(base: dict[str, Any], patched: dict[str, Any], *, n_resamples: in
     return {"value": float(diff.mean()), "ci": list(bootstrap_ci(diff, n_resamples, seed)), "unit": "accuracy points"}
 
 
-@torch.inference_mode()
-def kl_from_base(model: Any, base: Any, tokenizer: Any, prompts: Sequence[str], *, batch_size: int = 16, n_resamples: int = 1000,
-                 seed: int = 0) -> dict[str, Any]:
-    """Mean KL(base || model) of the next-token distributions after every prefix of every prompt
-    (the prompt as generation encodes it, specials first), in nats; the interval is a bootstrap over
-    prompts of the per-prompt means. Both models must share ``tokenizer``."""
+def _batches(tokenizer: Any, prompts: Sequence[str], batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, mask) batches of the prompts as generation encodes them (specials first), right-padded."""
     rows = [list(tokenizer(p)["input_ids"]) for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
-    base_device = next(base.parameters()).device
-    per_prompt = np.zeros(len(rows))
-    tokens = 0
-    for b in bar(range(0, len(rows), batch_size), desc="KL", leave=False):
+    out = []
+    for b in range(0, len(rows), batch_size):
         chunk = rows[b : b + batch_size]
         width = max(len(r) for r in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
@@ -144,11 +137,40 @@ def kl_from_base(model: Any, base: Any, tokenizer: Any, prompts: Sequence[str], 
         for i, r in enumerate(chunk):
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
-        lp = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float().log_softmax(-1).cpu()
-        lq = base(input_ids=ids.to(base_device), attention_mask=mask.to(base_device), use_cache=False).logits.float().log_softmax(-1).cpu()
-        kl = (lq.exp() * (lq - lp)).sum(-1).clamp(min=0)  # tokens x positions
+        out.append((ids, mask))
+    return out
+
+
+def _logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float().log_softmax(-1).cpu()
+
+
+@torch.inference_mode()
+def base_logprobs(base: Any, tokenizer: Any, prompts: Sequence[str], *, batch_size: int = 16) -> list[torch.Tensor]:
+    """The base model's next-token log-probabilities on the prompts, kept (bfloat16) so that a
+    patched model can be compared later without the base in memory (`kl_from_base`'s ``cached``)."""
+    return [_logprobs(base, ids, mask).to(torch.bfloat16) for ids, mask in _batches(tokenizer, prompts, batch_size)]
+
+
+@torch.inference_mode()
+def kl_from_base(model: Any, base: Any, tokenizer: Any, prompts: Sequence[str], *, batch_size: int = 16, n_resamples: int = 1000,
+                 seed: int = 0, cached: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """Mean KL(base || model) of the next-token distributions after every prefix of every prompt
+    (the prompt as generation encodes it, specials first), in nats; the interval is a bootstrap over
+    prompts of the per-prompt means. Both models must share ``tokenizer``. ``cached``: the base's
+    log-probabilities from `base_logprobs` (same prompts and batch size) instead of ``base``."""
+    batches = _batches(tokenizer, prompts, batch_size)
+    per_prompt = np.zeros(len(prompts))
+    tokens = 0
+    at = 0
+    for i, (ids, mask) in enumerate(bar(batches, desc="KL", leave=False)):
+        lp = _logprobs(model, ids, mask)
+        lq = cached[i].float() if cached is not None else _logprobs(base, ids, mask)
+        kl = (lq.exp() * (lq - lp)).sum(-1).clamp(min=0)  # prompts x positions
         m = mask.float()
-        per_prompt[b : b + len(chunk)] = ((kl * m).sum(1) / m.sum(1)).double().numpy()
+        per_prompt[at : at + len(ids)] = ((kl * m).sum(1) / m.sum(1)).double().numpy()
+        at += len(ids)
         tokens += int(m.sum())
-    return {"value": float(per_prompt.mean()), "ci": list(bootstrap_ci(per_prompt, n_resamples, seed)), "prompts": len(rows), "tokens": tokens,
+    return {"value": float(per_prompt.mean()), "ci": list(bootstrap_ci(per_prompt, n_resamples, seed)), "prompts": len(prompts), "tokens": tokens,
             "unit": "nats", "direction": "KL(base || patched)"}

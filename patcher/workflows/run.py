@@ -324,22 +324,35 @@ def _bake_and_check(recipe: Recipe, patch: Patch, summaries: list[dict], holder:
     with timings.stage("bake"):
         prep = prepare_bake(patch, spec, untie=recipe.model.untie, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)
         write_bake(patch, prep, staging, out, record=record, allow_nonfinite=allow_nonfinite)
+    from .capability_gate import CapabilityGate
+
+    gate = CapabilityGate(recipe.check, tokenizer)  # [check] max_blimp_drop / max_kl: measured like perplexity
+    capability: dict[str, float] = {}
     with timings.stage("perplexity"):
         ppl = ppl_source(recipe.check)
-        before = check_perplexity(holder.pop(), tokenizer, recipe) if ppl else float("nan")  # the model is freed here
+        base_model = holder.pop()
+        before = check_perplexity(base_model, tokenizer, recipe) if ppl else float("nan")
+        if gate.active:
+            gate.measure_base(base_model)
+        del base_model  # the model is freed here
         holder.clear()
         baked, _ = load(staging, recipe.model.dtype, device)
         after = check_perplexity(baked, tokenizer, recipe) if ppl else float("nan")
+        if gate.active:
+            capability = gate.measure(baked)
         del baked
     result = RunResult(out, patch, before, after, timings, summaries)
     update_record(staging, {"check": dataclasses.asdict(recipe.check) | {"ppl_before": before, "ppl_after": after, "ppl_increase": result.ppl_increase,
-                                                                       "ppl_source": ppl[1] if ppl else None}})
+                                                                       "ppl_source": ppl[1] if ppl else None} | capability})
     budget = recipe.check.max_ppl_increase
     if ppl and result.ppl_increase > budget and not force:
         raise PatcherError(
             f"perplexity rose {result.ppl_increase:+.1%} ({before:.2f} -> {after:.2f}), over the recipe's budget of "
             f"{budget:+.0%}: nothing was written; pass --force to publish anyway or raise check.max_ppl_increase"
         )
+    if capability and gate.excess(capability) > 0 and not force:
+        raise PatcherError(f"{gate.describe(capability)}: over the recipe's [check] budget; nothing was written; pass --force to publish anyway "
+                           "or raise check.max_blimp_drop / check.max_kl")
     if settings is not None:
         with timings.stage("eval"):
             # the base model as resolved for the bake (a pinned revision stays pinned)

@@ -588,6 +588,11 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
     scorer = Scorer(recipe, params, model, tokenizer, token_stream(tokenizer, ppl[0], recipe.check.ppl_tokens),
                     held_back(recipe, ts, tokenizer))
     base_ppl, base_proxy = scorer.measure(model)
+    from .capability_gate import CapabilityGate
+
+    gate = CapabilityGate(recipe.check, tokenizer)
+    if gate.active:
+        gate.measure_base(model)
     log.info("tune: base perplexity %.3f, proxy %.4f; searching %s", base_ppl, base_proxy, "; ".join(p.describe() for p in params))
     study = open_study(study_path, fingerprint(recipe, params, ts, max_ppl_increase, seed))
     optuna = _optuna()
@@ -606,6 +611,11 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
         t0 = time.perf_counter()
         patch, ppl, margin = scorer.score(values)
         inc = ppl / base_ppl - 1.0
+        if gate.active:  # [check] max_blimp_drop / max_kl: damage beside perplexity; a trial over either is outside the budget
+            with patch.hooked(model) as hooked:
+                trial.set_user_attr("capability", gate.measure(hooked))
+            if gate.excess(trial.user_attrs["capability"]) > 0:  # recorded as over the perplexity budget by the same share
+                inc = max(inc, max_ppl_increase * (1 + gate.excess(trial.user_attrs["capability"])))
         for k, v in (("settings", values), ("ppl", ppl), ("proxy", margin), ("ppl_increase", inc), ("seconds", time.perf_counter() - t0)):
             trial.set_user_attr(k, v)
         trial.set_constraint("ppl_increase", inc - max_ppl_increase)  # feasible at <= 0: within budget
