@@ -1,22 +1,25 @@
-"""Recipes side by side on one model and one prompt sample: toxicity probability per evaluator and
-WikiText-2 perplexity, before and after (the README's projection results table).
+"""Recipes side by side on one model and one prompt sample, written as committed data: one row per
+recipe in ``results/<model>.json`` (the README's results tables are rendered from these files by
+``benchmarks/results.py``).
 
-    python benchmarks/recipes.py recipes/aura.toml recipes/project-meandiff.toml ... \
-        [--model gemma3-270m] [--n-prompts 300] [--out runs/recipes] [--json results.json] [--base-eval base.json]
+    python benchmarks/recipes.py recipes/project-stack.toml [more recipes] [--model gemma3-270m] \
+        [--prompts rtp-challenging:report] [--n-prompts 0] [--blimp 20] [--kl-prompts 100] \
+        [--out runs/recipes] [--results results] [--note "what else ran"]
 
-Each recipe's patch is computed as `patcher run` computes it, baked into ``OUT/<recipe name>`` (with
-its evaluation as ``eval.json``, which ``patcher sweep --compare`` reads), and
-evaluated with the quick preset's sampling (5 samples x 20 tokens, top-p 0.9, seed 0) on the same
-``--n-prompts`` RealToxicityPrompts challenging prompts as the base model, which is evaluated once.
-Every baked folder is checked as ``patcher verify`` checks it (files, tensors, logits against the
-hooked base model) before it is evaluated. Printed per recipe: toxicity probability by each evaluator, base / after ratios, perplexity change,
-and whether it meets issue 6's target (every ratio >= 2.2 within +5% perplexity). With 300 prompts
-the 95% intervals on a toxicity probability are about +-0.05. ``--model`` runs every recipe on
-another model than the first recipe's (``gemma3-270m``); ``--base-eval`` reuses the base model's
-report from ``patcher eval --json`` (same settings, checked) instead of evaluating it again. The results
-JSON is written after every recipe; ``--resume`` reuses what an interrupted run with the same
-settings left in OUT (the base model's report ``OUT/base-eval.json`` and each ``OUT/<recipe>/eval.json``).
-A recipe the model refuses (e.g. a module its family has no bias slot for) gets a row saying why.
+Each recipe's patch is computed as `patcher run` computes it, baked into ``OUT/<recipe name>``,
+checked as ``patcher verify`` checks it (files, tensors, logits against the hooked base model), and
+evaluated with the quick preset's sampling (5 samples x 20 tokens, top-p 0.9, seed 0) on the
+``report`` part of the RealToxicityPrompts challenging set (the part no choice of settings looks
+at; `patcher.data.catalog`), like the base model, which is evaluated once. Every row holds every
+metric with its 95% interval: toxicity (expected maximum toxicity, toxicity probability, per
+evaluator and "any"), WikiText-2 perplexity (deterministic: no interval), BLiMP accuracy and its drop
+against the base (paired bootstrap), KL(base || patched) on BOLD neutral prompts, degenerate share;
+and its provenance: git commit, the exact command, library versions, the sha256 of every data file
+and prompt set, seeds, wall time per stage, the machine (cores, threads, load before and after)
+and ``--note``. Rows of other recipes already in the file are kept (a row is replaced only by a
+new measurement of the same recipe). A recipe the model refuses gets a row saying why.
+``--resume`` reuses ``OUT/base-eval.json`` and each ``OUT/<recipe>/eval.json`` an interrupted run
+with the same settings left.
 """
 
 from __future__ import annotations
@@ -24,115 +27,204 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import platform
+import shlex
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from patcher import bake
 from patcher.bake.verify import verify
 from patcher.core.errors import PatcherError
 from patcher.core.models import load_model
 from patcher.core.table import render
-from patcher.evaluate.report import EvalSettings, evaluate
+from patcher.data.catalog import resolve, split_part
+from patcher.evaluate.report import REPORT_PROMPTS, EvalSettings, evaluate, kl_divergence
+from patcher.io.checkpoint import sha256_file
 from patcher.io.model_files import resolve_model
+from patcher.io.record import library_versions
 from patcher.recipe.loader import load_recipe
-from patcher.workflows.run import compute_patch
+from patcher.workflows.run import compute_patch, recipe_inputs
 
-TARGET_RATIO, TARGET_PPL = 2.2, 0.05
+FORMAT = "patcher.results/1"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def point(report: dict[str, Any]) -> dict[str, Any]:
+def metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """Every metric of one model's evaluation, each ``{"value", "ci"}`` (perplexity: ``ci`` null)."""
     m = report["model"]
-    return {"toxicity_probability": {ev: v["toxicity_probability"]["value"] for ev, v in m["toxicity"].items()},
-            "ppl": m["wikitext_perplexity"], "degenerate": m["degenerate"]["share"]}
+    tox = {ev: {k: v[k] for k in ("toxicity_probability", "expected_max_toxicity")} for ev, v in m["toxicity"].items()}
+    blimp = m.get("blimp") or {}
+    out = {"toxicity": tox, "wikitext_perplexity": {"value": m["wikitext_perplexity"], "ci": None},
+           "degenerate_share": {"value": m["degenerate"]["share"], "ci": None}}
+    if blimp:
+        out["blimp_accuracy"] = {k: blimp["accuracy"][k] for k in ("value", "ci")}
+        out["blimp_per_phenomenon"] = {t: {k: v[k] for k in ("value", "ci")} for t, v in blimp["per_phenomenon"].items()}
+    return out
+
+
+def machine() -> dict[str, Any]:
+    return {"cores": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "torch_threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()],
+            "platform": platform.platform(), "processor": platform.machine()}
+
+
+def git_commit() -> str | None:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return sha + ("+uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def data_hashes(recipe: Any, settings: EvalSettings) -> dict[str, str]:
+    """sha256 of every file the row read: the recipe, its data sets, and the evaluation's texts."""
+    out: dict[str, str] = {}
+    for p in recipe_inputs(recipe):
+        name = p.name if p.is_absolute() else str(p)
+        out[name] = sha256_file(p)
+    for name in (split_part(settings.prompts)[0], "wikitext-2", "blimp", "bold"):
+        r = resolve(name)
+        out[r.record.get("file") or r.record.get("layout_file")] = r.record["sha256"]
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("recipes", nargs="+", type=Path)
-    ap.add_argument("--n-prompts", type=int, default=300)
+    ap.add_argument("--prompts", default=REPORT_PROMPTS, help="prompt set (default: the report part of the RTP challenging set)")
+    ap.add_argument("--n-prompts", type=int, default=0, help="seeded sample of the prompts (0 = all of them)")
+    ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--blimp", type=int, default=20, help="BLiMP pairs per paradigm (the first N of each of the 67; 1000 = all)")
+    ap.add_argument("--kl-prompts", type=int, default=100, help="BOLD prompts for the KL from the base model")
     ap.add_argument("--out", type=Path, default=Path("runs/recipes"), help="baked models, one folder per recipe")
-    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--results", type=Path, default=ROOT / "results", help="folder of the results files (results/<model>.json)")
     ap.add_argument("--model", help="run every recipe on this model (default: the first recipe's)")
-    ap.add_argument("--base-eval", type=Path, help="the base model's report (patcher eval --json) with the same settings")
+    ap.add_argument("--note", default="", help="what else ran on the machine meanwhile (recorded with the row)")
     ap.add_argument("--resume", action="store_true",
                     help="reuse OUT/base-eval.json and each OUT/<recipe>/eval.json an interrupted run with the same settings left")
     args = ap.parse_args()
+    command = "python benchmarks/recipes.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
-    settings = dataclasses.replace(EvalSettings.from_preset("quick"), n_prompts=args.n_prompts)
+    settings = dataclasses.replace(EvalSettings.from_preset("quick"), prompts=args.prompts, n_prompts=args.n_prompts, samples=args.samples,
+                                   blimp=args.blimp, kl_prompts=args.kl_prompts)
     wanted = json.loads(json.dumps(dataclasses.asdict(settings)))
     recipes = [load_recipe(p) for p in args.recipes]
     spec = args.model or recipes[0].model.id
     folder, _ = resolve_model(spec)
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"settings": dataclasses.asdict(settings), "model": spec, "recipes": {}}
+    path = args.results / f"{Path(spec).name}.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"format": FORMAT, "model": spec, "rows": {}}
+    eval_only = dataclasses.replace(settings, kl_prompts=0)  # the KL is measured on its own (both models loaded together)
 
-    def save() -> None:  # after every recipe: an interrupted run keeps what it measured
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=1) + "\n")
+    def save() -> None:  # after every recipe, atomically: an interrupted run keeps what it measured
+        args.results.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
 
-    def reusable(path: Path) -> dict[str, Any] | None:
-        """A report written by an earlier run (--resume) with the same evaluation settings."""
-        if not (args.resume and path.is_file()):
+    def reusable(p: Path) -> dict[str, Any] | None:
+        if not (args.resume and p.is_file()):
             return None
-        report = json.loads(path.read_text())
-        return report if report["settings"] == wanted else None
+        report = json.loads(p.read_text())
+        return report if report["settings"] == json.loads(json.dumps(dataclasses.asdict(eval_only))) else None
 
+    def provenance(stages: dict[str, float], recipe: Any | None, load_before: list[float]) -> dict[str, Any]:
+        return {"git_commit": git_commit(), "command": command, "versions": library_versions(),
+                "data_sha256": data_hashes(recipe, settings) if recipe else None, "seeds": {"eval": settings.seed, "bootstrap": settings.seed},
+                "wall_seconds": {k: round(v, 1) for k, v in stages.items()}, "machine": machine() | {"load_average_before": load_before},
+                "note": args.note, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    results["settings"] = wanted
+    load0 = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
-    if args.base_eval:
-        report = json.loads(args.base_eval.read_text())
-        if report["settings"] != wanted:
-            raise SystemExit(f"{args.base_eval} was evaluated with other settings than --n-prompts {args.n_prompts} and the quick preset")
-    else:
-        report = reusable(args.out / "base-eval.json")
-        if report is None:
-            report = evaluate(folder, settings=settings).to_json()
-            (args.out / "base-eval.json").write_text(json.dumps(report, indent=1) + "\n")
-    results["base"] = base = point(report)
+    base_report = reusable(args.out / "base-eval.json")
+    if base_report is None:
+        base_report = evaluate(folder, settings=eval_only).to_json()
+        (args.out / "base-eval.json").write_text(json.dumps(base_report, indent=1) + "\n")
+    prompts = base_report["prompts"]
+    results["prompts"] = {"name": args.prompts, "count": prompts["count"], "sha256": prompts["sha256"]}
+    stages = {"base eval": time.perf_counter() - t0} | {f"base {k}": v for k, v in base_report["model"]["seconds"].items()}
+    results["rows"]["base"] = {"recipe": None, "metrics": metrics(base_report), "provenance": provenance(stages, None, load0)}
+    save()
     print(f"base evaluated ({time.perf_counter() - t0:.0f}s)", flush=True)
     model, tokenizer = load_model(folder)
-    for path, recipe in zip(args.recipes, recipes):
-        t0 = time.perf_counter()
+    for rpath, recipe in zip(args.recipes, recipes):
+        load0 = [round(x, 2) for x in os.getloadavg()]
+        stages: dict[str, float] = {}
         target = args.out / recipe.name
         report = reusable(target / "eval.json")
+        rel = str(rpath.resolve().relative_to(ROOT)) if rpath.resolve().is_relative_to(ROOT) else rpath.name
         if report is None:
+            t = time.perf_counter()
             try:
                 patch, _ = compute_patch(recipe, model, tokenizer)
             except PatcherError as e:  # e.g. a module this family has no slot for: a row saying so
-                results["recipes"][recipe.name] = {"recipe": str(path), "refused": str(e)}
+                results["rows"][recipe.name] = {"recipe": rel, "refused": str(e), "provenance": provenance({}, recipe, load0)}
                 print(f"{recipe.name} refused: {e}", flush=True)
                 save()
                 continue
+            stages["compute"] = time.perf_counter() - t
             if target.exists():
                 shutil.rmtree(target)
+            t = time.perf_counter()
             bake(patch, folder, target, untie=recipe.model.untie)
-            check = verify(target)  # files, tensors and logits of the baked folder against the hooked base
+            stages["bake"] = time.perf_counter() - t
+            t = time.perf_counter()
+            check = verify(target)
+            stages["verify"] = time.perf_counter() - t
             if not check.ok:
                 raise SystemExit(f"{recipe.name}: patcher verify failed on {target}: {check}")
-            report = evaluate(target, settings=settings).to_json()
+            t = time.perf_counter()
+            report = evaluate(target, settings=eval_only).to_json()
+            stages["eval"] = time.perf_counter() - t
             report["verify_max_logit_diff"] = check.max_abs_diff
-            (target / "eval.json").write_text(json.dumps(report, indent=1) + "\n")  # for `patcher sweep --compare`
-        results["recipes"][recipe.name] = point(report) | {"recipe": str(path), "folder": str(target),
-                                                           "verify_max_logit_diff": report.get("verify_max_logit_diff")}
-        print(f"{recipe.name} evaluated ({time.perf_counter() - t0:.0f}s)", flush=True)
-        save()
+            (target / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+        stages |= {f"eval {k}": v for k, v in report["model"]["seconds"].items()}
+        row_metrics = metrics(report)
+        from patcher.evaluate.capability import blimp_drop
 
-    evaluators = list(base["toxicity_probability"])
-    rows = [["base", *[f"{base['toxicity_probability'][e]:.3f}" for e in evaluators], f"{base['ppl']:.2f}", "-", "-"]]
-    for name, r in results["recipes"].items():
+        if settings.blimp:
+            row_metrics["blimp_drop"] = blimp_drop(base_report["model"]["blimp"], report["model"]["blimp"], n_resamples=settings.bootstrap,
+                                                   seed=settings.seed)
+        if settings.kl_prompts:
+            kl = kl_divergence(target, folder, settings)
+            stages["kl"] = kl.pop("seconds")
+            row_metrics["kl_from_base"] = kl
+        results["rows"][recipe.name] = {"recipe": rel, "settings_split": recipe_split_note(rpath), "metrics": row_metrics,
+                                        "verify_max_logit_diff": report.get("verify_max_logit_diff"),
+                                        "provenance": provenance(stages, recipe, load0)}
+        print(f"{recipe.name} evaluated ({sum(v for k, v in stages.items() if not k.startswith('eval ')):.0f}s)", flush=True)
+        save()
+    print(render(*table(results), title=f"{spec} on {args.prompts} ({prompts['count']} prompts x {settings.samples} samples)"))
+
+
+def recipe_split_note(path: Path) -> str | None:
+    """The recipe's own comment line saying which prompt split chose its settings ('# Split: ...')."""
+    for line in path.read_text().splitlines():
+        if line.lower().startswith("# split:"):
+            return line[len("# split:"):].strip()
+    return None
+
+
+def table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Headers and rows of a results file (the terminal table; benchmarks/results.py renders the README's)."""
+    rows = []
+    for name, r in results["rows"].items():
         if "refused" in r:
-            rows.append([name, *["-"] * len(evaluators), "-", "-", f"refused: {r['refused']}"])
+            rows.append([name, f"refused: {r['refused']}"] + [""] * 3)
             continue
-        ratios = {e: base["toxicity_probability"][e] / max(r["toxicity_probability"][e], 1e-9) for e in evaluators}
-        change = r["ppl"] / base["ppl"] - 1
-        met = all(ratios[e] >= TARGET_RATIO for e in evaluators if e != "any") and change <= TARGET_PPL
-        r |= {"ratios": ratios, "ppl_change": change, "meets_target": met}
-        rows.append([name, *[f"{r['toxicity_probability'][e]:.3f} ({ratios[e]:.2f}x)" for e in evaluators], f"{r['ppl']:.2f}",
-                     f"{change:+.1%}", "yes" if met else "no"])
-    print(render(["recipe", *evaluators, "WikiText-2 ppl", "ppl change", f">= {TARGET_RATIO}x within +5%"], rows,
-                 title=f"toxicity probability (base / after) on {args.n_prompts} RTP challenging prompts x {settings.samples} samples"))
-    save()
+        m = r["metrics"]
+        rows.append([name, m["toxicity"]["any"]["toxicity_probability"]["value"], m["wikitext_perplexity"]["value"],
+                     (m.get("blimp_drop") or {}).get("value", ""), (m.get("kl_from_base") or {}).get("value", "")])
+    return ["row", "toxicity probability (any)", "WikiText-2 ppl", "BLiMP drop (points)", "KL (nats)"], rows
 
 
 if __name__ == "__main__":

@@ -380,6 +380,8 @@ def localize(recipe_path: Path, model: str | None, json_path: Path | None, plot_
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG bar chart here.")
 @click.option("--preset", type=click.Choice(["rtp", "quick"]), default="rtp", show_default=True, help=help_of(EvalSettings, "preset") + ".")
 @setting_option(EvalSettings, "ppl_tokens", type=click.IntRange(min=0))
+@setting_option(EvalSettings, "blimp", type=click.IntRange(min=0))
+@setting_option(EvalSettings, "kl_prompts", type=click.IntRange(min=0))
 @_threads_opt
 @setting_option(EvalSettings, "dtype", type=click.Choice(["float32", "bfloat16", "float16"]))
 @_device_opt
@@ -388,12 +390,13 @@ def localize(recipe_path: Path, model: str | None, json_path: Path | None, plot_
 @friendly
 def eval_command(model: str, baseline: str | None, prompts_path: str | None, n_prompts: int | None, samples: int | None, max_new_tokens: int | None,
                  evaluators: str | None, seed: int | None, json_path: Path | None, plot_path: Path | None, preset: str, ppl_tokens: int | None,
-                 dtype: str | None, device: str, batch_size: int) -> None:
-    """Toxicity (several evaluators), degenerate output and perplexity of MODEL, before/after against --baseline."""
+                 dtype: str | None, device: str, batch_size: int, blimp: int | None = None, kl_prompts: int | None = None) -> None:
+    """Toxicity (several evaluators), degenerate output, perplexity and capability (BLiMP, KL from the
+    baseline on neutral prompts) of MODEL, before/after against --baseline."""
     from .evaluate.report import EvalSettings, evaluate
 
     settings = EvalSettings.from_preset(preset, prompts=prompts_path, n_prompts=n_prompts, samples=samples, max_new_tokens=max_new_tokens,
-                                        evaluators=evaluators, seed=seed, ppl_tokens=ppl_tokens, dtype=dtype)
+                                        evaluators=evaluators, seed=seed, ppl_tokens=ppl_tokens, dtype=dtype, blimp=blimp, kl_prompts=kl_prompts)
     inputs = [model, baseline, settings.prompts, settings.ppl_text]
     _file_outputs((json_path, inputs), (plot_path, inputs))
     report = evaluate(model, baseline=baseline, settings=settings, device=device, batch_size=batch_size)

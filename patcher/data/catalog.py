@@ -15,7 +15,15 @@ Local layouts (one JSON object a line, UTF-8):
 - labelled text: ``{"text": str, "label": 0 | 1}`` (+ ``pair_id`` where rows come in pairs);
 - pairs: ``{"pair_id": int, "toxic": str, "neutral": [str, ...]}``;
 - prompts: ``{"prompt": str, "toxicity": float | null, ...}``;
+- minimal pairs (BLiMP): ``{"UID": str, "pairID": str, "field": str, "linguistics_term": str,
+  "sentence_good": str, "sentence_bad": str}``;
 - plain text (perplexity): the file as it is, read whole.
+
+Every prompt set has two disjoint parts, chosen by a hash of each prompt's normalised text (so a
+prompt's part does not depend on the file's order, its other rows, or a seed): ``select``, the only
+prompts any choice of settings may look at (``patcher tune``, ``patcher sweep``), and ``report``, the
+prompts reported numbers use. ``NAME:select`` / ``NAME:report`` (or ``FILE:select``) name a part
+wherever a prompt set is named (`split_part`, `part_of`).
 
 Every resolution returns a record (the catalog name, where the file came from, the Hub repo and
 revision or the local layout file, and the sha256 of the bytes read) that runs write to
@@ -25,6 +33,7 @@ revision or the local layout file, and the sha256 of the bytes read) that runs w
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -145,6 +154,41 @@ def _wikitext(files: list[Path]) -> bytes:
     return "".join(text or " \n" for text in rows).encode("utf-8")
 
 
+# BLiMP's 67 paradigms, in the order of the original zip (and of the data folder's file): on the Hub
+# one config (folder) each.
+BLIMP_PARADIGMS = (
+    "adjunct_island anaphor_gender_agreement anaphor_number_agreement animate_subject_passive animate_subject_trans causative "
+    "complex_NP_island coordinate_structure_constraint_complex_left_branch coordinate_structure_constraint_object_extraction "
+    "determiner_noun_agreement_1 determiner_noun_agreement_2 determiner_noun_agreement_irregular_1 determiner_noun_agreement_irregular_2 "
+    "determiner_noun_agreement_with_adj_2 determiner_noun_agreement_with_adj_irregular_1 determiner_noun_agreement_with_adj_irregular_2 "
+    "determiner_noun_agreement_with_adjective_1 distractor_agreement_relational_noun distractor_agreement_relative_clause drop_argument "
+    "ellipsis_n_bar_1 ellipsis_n_bar_2 existential_there_object_raising existential_there_quantifiers_1 existential_there_quantifiers_2 "
+    "existential_there_subject_raising expletive_it_object_raising inchoative intransitive irregular_past_participle_adjectives "
+    "irregular_past_participle_verbs irregular_plural_subject_verb_agreement_1 irregular_plural_subject_verb_agreement_2 "
+    "left_branch_island_echo_question left_branch_island_simple_question matrix_question_npi_licensor_present npi_present_1 npi_present_2 "
+    "only_npi_licensor_present only_npi_scope passive_1 passive_2 principle_A_c_command principle_A_case_1 principle_A_case_2 "
+    "principle_A_domain_1 principle_A_domain_2 principle_A_domain_3 principle_A_reconstruction regular_plural_subject_verb_agreement_1 "
+    "regular_plural_subject_verb_agreement_2 sentential_negation_npi_licensor_present sentential_negation_npi_scope sentential_subject_island "
+    "superlative_quantifiers_1 superlative_quantifiers_2 tough_vs_raising_1 tough_vs_raising_2 transitive wh_island wh_questions_object_gap "
+    "wh_questions_subject_gap wh_questions_subject_gap_long_distance wh_vs_that_no_gap wh_vs_that_no_gap_long_distance wh_vs_that_with_gap "
+    "wh_vs_that_with_gap_long_distance"
+).split()
+
+
+def _blimp(files: list[Path]) -> bytes:
+    columns = ["UID", "pair_id", "field", "linguistics_term", "sentence_good", "sentence_bad"]
+    rows = (r for f in files for r in _parquet_rows(f, columns))
+    return _jsonl({"UID": r["UID"], "pairID": str(r["pair_id"]), "field": r["field"], "linguistics_term": r["linguistics_term"],
+                   "sentence_good": r["sentence_good"], "sentence_bad": r["sentence_bad"]} for r in rows)
+
+
+def _bold(files: list[Path]) -> bytes:
+    """One row per BOLD prompt; the Hub keeps a page's prompts as a list (``idx``: its place there)."""
+    rows = _parquet_rows(files[0], ["domain", "name", "category", "prompts"])
+    return _jsonl({"prompt": p, "domain": r["domain"], "category": r["category"], "name": r["name"], "idx": i}
+                  for r in rows for i, p in enumerate(r["prompts"] or []) if p and p.strip())
+
+
 CATALOG: dict[str, Entry] = {
     e.name: e
     for e in (
@@ -170,8 +214,37 @@ CATALOG: dict[str, Entry] = {
               "wikitext2/wiki.test.raw", "Salesforce/wikitext", "b08601e04326c79dfdd32d625aee71d232d685c3",
               ("wikitext-2-raw-v1/test-00000-of-00001.parquet",), "test", "text rows joined back into the raw file",
               _wikitext),
+        Entry("blimp", "minimal-pairs", "BLiMP (Warstadt et al., TACL 2020): 67 paradigms x 1,000 grammatical / ungrammatical minimal pairs",
+              "blimp/blimp.jsonl", "nyu-mll/blimp", "c469a80f9d2f1ac16a45fca2890918172ad5694a",
+              tuple(f"{uid}/train-00000-of-00001.parquet" for uid in BLIMP_PARADIGMS), "train",
+              "UID, pair_id -> pairID, field, linguistics_term, sentence_good, sentence_bad; configs in the original zip's order",
+              _blimp),
+        Entry("bold", "prompts", "BOLD (Dhamala et al., FAccT 2021): neutral Wikipedia sentence beginnings (KL damage measure)",
+              "neutral_prompts/bold_prompts.jsonl", "AlexaAI/bold", "89932aa3eac0000790dfc9dc72816650e439cf77",
+              ("default/train/0000.parquet",), "train", "prompts (a list per page) -> one row each: prompt, domain, category, name, idx",
+              _bold),
     )
 }
+
+
+# -- the select / report parts of a prompt set ------------------------------------------------------
+PARTS = ("select", "report")
+
+
+def part_of(text: str) -> str:
+    """The part a prompt belongs to: the first bit of the sha256 of its whitespace- and
+    case-normalised text (the normalisation prompt loading dedupes by, so copies share a part)."""
+    key = " ".join(text.split()).casefold().encode("utf-8")
+    return PARTS[hashlib.sha256(key).digest()[0] & 1]
+
+
+def split_part(value: str) -> tuple[str, str | None]:
+    """``"rtp-challenging:report"`` -> ``("rtp-challenging", "report")``; a value without a part
+    suffix -> ``(value, None)``. Works for catalog names and file paths alike."""
+    for part in PARTS:
+        if value.endswith(f":{part}"):
+            return value[: -len(part) - 1], part
+    return value, None
 
 
 # -- resolution ------------------------------------------------------------------------------------
@@ -196,8 +269,9 @@ def entry(name: str, what: str = "data set") -> Entry:
 
 
 def is_name(value: str) -> bool:
-    """Whether ``value`` names a catalog data set (and is not an existing file of that name)."""
-    return value in CATALOG and not Path(value).exists()
+    """Whether ``value`` names a catalog data set, or a part of one (``rtp-challenging:select``),
+    and is not an existing file of that name."""
+    return split_part(value)[0] in CATALOG and not Path(value).exists()
 
 
 def cache_dir() -> Path:

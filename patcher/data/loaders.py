@@ -36,7 +36,7 @@ from ..core.auroc import auroc
 from ..core.errors import PatcherError
 from ..io.checkpoint import sha256_file
 from ..recipe.loader import CheckSettings, DataSettings
-from .catalog import resolve
+from .catalog import PARTS, part_of, resolve
 
 _HF_URL = re.compile(r"hf://datasets/(?P<repo>[^/@\s]+/[^/@\s]+)(?:@(?P<revision>[^/\s]+))?/(?P<file>[^\s]+)")
 _SUFFIXES = (".jsonl", ".csv", ".tsv", ".txt")
@@ -205,13 +205,17 @@ def load_prompts(
     seed: int = 0,
     dedupe: bool = True,
     file_order: bool = False,
+    part: str | None = None,
 ) -> PromptSet:
     """Prompts from a file, kept verbatim (BOLD's trailing spaces included). A ``field`` that holds
     an object is read as RealToxicityPrompts' own layout, ``{"text": ..., "toxicity": ...}``. Scores
     come from ``score_field`` when the first row has it, and every row must then have it (null
     allowed). With ``n``, a seeded sample of at most ``n``; prompts come back in the seeded order,
-    or in file order with ``file_order``."""
+    or in file order with ``file_order``. ``part`` keeps only the prompts of one part, ``select`` or
+    ``report`` (`patcher.data.catalog.part_of`), before the sample is drawn."""
     _check_count("n", n)
+    if part is not None and part not in PARTS:
+        raise PatcherError(f"unknown prompt part {part!r}: use one of {', '.join(PARTS)}")
     path = str(path)
     file = _resolve(path)
     records = list(_records(file, path, field))
@@ -233,13 +237,16 @@ def load_prompts(
         for row in rows:
             first_copies.setdefault(_normalise(row[0]), row)
         rows = list(first_copies.values())
+    if part is not None:
+        rows = [row for row in rows if part_of(row[0]) == part]
     rows = sorted(rows, key=lambda row: _order_key(seed, row[0]))[:n]
     if file_order:
         rows.sort(key=lambda row: row[2])
     if not rows:
         raise PatcherError(f"{path}: every '{field}' is blank; give a file with non-empty prompts")
     scores = [s for _, s, _ in rows] if with_scores and any(s is not None for _, s, _ in rows) else None
-    return PromptSet([p for p, _, _ in rows], scores, path, [line for _, _, line in rows], sha256_file(file))
+    source = f"{path}:{part}" if part else path
+    return PromptSet([p for p, _, _ in rows], scores, source, [line for _, _, line in rows], sha256_file(file))
 
 
 def _flat_prompt(rec: dict, field: str) -> dict:

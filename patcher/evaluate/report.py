@@ -32,7 +32,7 @@ from ..core.errors import PatcherError
 from ..core.models import DTYPES, load_model, resolve_device
 from ..core.table import render
 from ..core.tokens import leading_specials
-from ..data.catalog import is_name, resolve
+from ..data.catalog import is_name, resolve, split_part
 from ..data.loaders import PromptSet, load_prompts
 from ..io.model_files import resolve_model
 from ..recipe.settings import setting
@@ -61,10 +61,18 @@ DEFINITIONS = {
     "fluency": "exp(mean NLL per continuation token) of the first fluency_samples samples per prompt, continuation tokens only, "
                "given the prompt, under the baseline model (the model itself without one); the end-of-text token is not scored",
     "scored_text": "the continuation only, not the prompt",
+    "blimp": "share of BLiMP minimal pairs whose grammatical sentence gets the higher total log-probability (first `blimp` pairs of each "
+             "paradigm); interval: bootstrap over pairs; blimp_drop: base minus patched accuracy in points, paired bootstrap",
+    "kl_from_baseline": "mean over neutral prompts of the mean over their tokens of KL(base || patched) of the next-token distributions, "
+                        "nats; interval: bootstrap over prompts",
 }
 DEFAULT_EVALUATORS = ("profanity-check", "hatesonar", "jigsaw-bilstm")
 DEFAULT_PROMPTS = "rtp-challenging"  # catalog names (patcher.data.catalog)
+SELECT_PROMPTS = "rtp-challenging:select"  # what choices of settings look at (tune, sweep)
+REPORT_PROMPTS = "rtp-challenging:report"  # what reported numbers use (benchmarks/recipes.py)
 DEFAULT_PPL_TEXT = "wikitext-2"
+DEFAULT_BLIMP = "blimp"
+DEFAULT_KL_PROMPTS = "bold"
 ANY = "any"
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -82,7 +90,8 @@ class EvalSettings:
     plain defaults are the ``rtp`` preset."""
 
     preset: str = setting("rtp", help="rtp: the RealToxicityPrompts protocol; quick: for iterating")
-    prompts: str = setting("", help="Prompt file (jsonl/csv/tsv with prompt [+ toxicity], or txt, one per line) or a catalog name. Default: rtp-challenging")
+    prompts: str = setting("", help="Prompt file (jsonl/csv/tsv with prompt [+ toxicity], or txt, one per line) or a catalog name; "
+                          "NAME:select / NAME:report (or FILE:...) keep one part. Default: rtp-challenging")
     n_prompts: int = setting(200, help="Seeded sample of this many prompts, in file order (0 = all). Preset: rtp 200, quick 50")
     samples: int = setting(25, help="Continuations per prompt. Preset: rtp 25, quick 5")
     max_new_tokens: int = setting(20, help="Tokens per continuation. Preset: 20")
@@ -100,6 +109,10 @@ class EvalSettings:
     fluency: bool = setting(True, help="Score the continuations under the baseline model (fluency perplexity)")
     fluency_samples: int = setting(5, help="The first N samples of each prompt are scored for fluency (0 = all)")
     dtype: str = setting("float32", help="Load both models in this dtype (float32, bfloat16, float16)")
+    blimp: int = setting(0, help="BLiMP: the first N minimal pairs of each of the 67 paradigms, a fixed subset (1000 = all; 0 skips)")
+    blimp_data: str = setting("", help="BLiMP file (the data folder's blimp.jsonl layout) or a catalog name (default: blimp)")
+    kl_prompts: int = setting(0, help="Neutral prompts (seeded sample) for the KL divergence from the baseline (0 skips; needs a baseline)")
+    kl_data: str = setting("", help="Neutral prompt file or catalog name for that KL (default: bold)")
 
     @classmethod
     def from_preset(cls, name: str = "rtp", **overrides: Any) -> EvalSettings:
@@ -132,6 +145,8 @@ class EvalSettings:
             bad.append(f"dtype must be one of {', '.join(DTYPES)}")
         if not self.evaluators:
             bad.append("name at least one evaluator")
+        if self.blimp < 0 or self.kl_prompts < 0:
+            bad.append("blimp and kl_prompts must be >= 0 (0 skips)")
         if bad:
             raise PatcherError(f"bad eval settings: {'; '.join(bad)}")
 
@@ -142,16 +157,17 @@ def data_file(value: str, default: str) -> Path:
     (`patcher.data.catalog`: the data folder, else the Hub); ``default`` (a catalog name) when empty."""
     name = value or default
     if not value or is_name(value):
-        return resolve(name).path
+        return resolve(split_part(name)[0]).path
     return Path(value)
 
 
 def eval_prompts(settings: EvalSettings) -> PromptSet:
     """The prompts an evaluation uses: ``settings.prompts`` (a file or a catalog name; default: the
-    RealToxicityPrompts challenging set), a seeded sample of ``n_prompts`` (0 = all), duplicates
-    dropped, in file order."""
-    path = data_file(settings.prompts, DEFAULT_PROMPTS)
-    return load_prompts(path, n=settings.n_prompts or None, seed=settings.seed, file_order=True)
+    RealToxicityPrompts challenging set; ``NAME:select`` / ``FILE:report`` keep one part), a seeded
+    sample of ``n_prompts`` (0 = all), duplicates dropped, in file order."""
+    source, part = split_part(settings.prompts or DEFAULT_PROMPTS)
+    path = data_file(source, DEFAULT_PROMPTS)
+    return load_prompts(path, n=settings.n_prompts or None, seed=settings.seed, file_order=True, part=part)
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -191,6 +207,9 @@ class ModelResult:
     wikitext_perplexity: float | None
     fluency: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    blimp: dict[str, Any] | None = None  # patcher.evaluate.capability.blimp_summary
+    blimp_drop: dict[str, Any] | None = None  # against the baseline
+    kl_from_baseline: dict[str, Any] | None = None
 
     def to_json(self, samples: bool = False, prompts: PromptSet | None = None) -> dict[str, Any]:
         g = self.generations
@@ -204,6 +223,9 @@ class ModelResult:
             "distinct": self.distinct,
             "wikitext_perplexity": self.wikitext_perplexity,
             "fluency": self.fluency,
+            "blimp": self.blimp,
+            "blimp_drop": self.blimp_drop,
+            "kl_from_baseline": self.kl_from_baseline,
             "generation": {
                 "seconds": round(g.seconds, 3),
                 "new_tokens": g.new_tokens,
@@ -273,6 +295,15 @@ def _evaluate_one(
         log.info("eval: WikiText-2 perplexity of %s", spec)
         ppl = perplexity(model, ppl_ids_for(tok), window=settings.ppl_window, stride=settings.ppl_stride, prefix=leading_specials(tok))
         seconds["wikitext perplexity"] = time.perf_counter() - t0
+    blimp = None
+    if settings.blimp:
+        from .capability import blimp_correct, blimp_summary, load_blimp
+
+        t0 = time.perf_counter()
+        log.info("eval: BLiMP (%d pairs per paradigm) of %s", settings.blimp, spec)
+        pairs = load_blimp(data_file(settings.blimp_data, DEFAULT_BLIMP), settings.blimp)
+        blimp = blimp_summary(blimp_correct(model, tok, pairs), pairs, n_resamples=settings.bootstrap, seed=settings.seed)
+        seconds["blimp"] = time.perf_counter() - t0
     others: list[tuple[list[list[float]], list[list[list[int]]]]] = []
     f = settings.fluency_samples or settings.samples
     for other, other_tok in score_others:
@@ -287,7 +318,7 @@ def _evaluate_one(
         seconds["fluency scoring"] = time.perf_counter() - t0
     result = ModelResult(
         spec=str(spec), folder=str(folder), provenance=provenance, generations=gens, scores=scores, toxicity=tox, toxicity_by_prompt=split,
-        degenerate=degenerate_summary(gens.flat_texts()), distinct=distinct(gens.texts), wikitext_perplexity=ppl, seconds=seconds,
+        degenerate=degenerate_summary(gens.flat_texts()), distinct=distinct(gens.texts), wikitext_perplexity=ppl, seconds=seconds, blimp=blimp,
     )
     del model
     return result, tok, others
@@ -299,6 +330,22 @@ def _fluency(nll: list[list[float]], gens: Generations, scored_by: str, samples:
     total = sum(x for row in nll for x in row[:samples])
     tokens = sum(len(t) for row in (token_ids or gens.token_ids) for t in row[:samples])
     return {"perplexity": math.exp(total / tokens) if tokens else float("nan"), "tokens": tokens, "samples_per_prompt": samples, "scored_by": scored_by}
+
+
+def kl_divergence(model_path: str | Path, baseline: str | Path, settings: EvalSettings, device: str = "cpu", batch_size: int = 16) -> dict[str, Any]:
+    """KL(base || patched) on ``settings.kl_prompts`` neutral prompts (both models loaded together)."""
+    from .capability import kl_from_base
+
+    t0 = time.perf_counter()
+    prompts = load_prompts(data_file(settings.kl_data, DEFAULT_KL_PROMPTS), score_field=None, n=settings.kl_prompts, seed=settings.seed,
+                           file_order=True)
+    model, tok, _, _ = load_lm(model_path, settings.dtype, device)
+    base, base_tok, _, _ = load_lm(baseline, settings.dtype, device)
+    if not _same_vocab(tok, base_tok):
+        raise PatcherError("the KL divergence compares next-token distributions: the model and the baseline need the same tokenizer")
+    log.info("eval: KL from the baseline on %d neutral prompts", len(prompts.prompts))
+    out = kl_from_base(model, base, tok, prompts.prompts, batch_size=min(batch_size, 16), n_resamples=settings.bootstrap, seed=settings.seed)
+    return out | {"source": prompts.source, "sha256": prompts.sha256, "seconds": time.perf_counter() - t0}
 
 
 # -- the report ------------------------------------------------------------------------------------
@@ -410,6 +457,12 @@ def comparison_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]
         add(f"fluency perplexity (under {who})", "-", lambda r: (r.get("fluency") or {}).get("perplexity"))
     for n in (1, 2, 3):
         add(f"distinct-{n}", "-", lambda r, n=n: r["distinct"].get(f"distinct-{n}"))
+    if model.get("blimp"):
+        add("BLiMP accuracy", "-", lambda r: ((r.get("blimp") or {}).get("accuracy")))
+    if model.get("blimp_drop"):
+        add("BLiMP drop (points)", "-", lambda r: r.get("blimp_drop") if r is model else None)
+    if model.get("kl_from_baseline"):
+        add("KL from base (nats/token)", "-", lambda r: r.get("kl_from_baseline") if r is model else None)
 
     cell = lambda v: "" if v is None else round(v, 4)  # noqa: E731
     if base:
@@ -449,6 +502,8 @@ def evaluate(
     settings.check()
     if batch_size < 1:
         raise PatcherError("--batch-size must be at least 1")
+    if settings.kl_prompts and baseline is None:
+        raise PatcherError("the KL divergence (kl_prompts) is measured from a baseline: give --baseline, or set kl_prompts to 0")
     return _evaluate(model_path, baseline, settings, device, batch_size, evaluators)
 
 
@@ -481,6 +536,13 @@ def _evaluate(model_path: str | Path, baseline: str | Path | None, settings: Eva
             result.seconds["fluency scoring (on the baseline)"] = base.seconds.pop("fluency scoring", 0.0)
     elif settings.fluency:
         result.fluency = _fluency(result.generations.nll, result.generations, "self", settings.fluency_samples or settings.samples)
+    if base is not None and result.blimp and base.blimp:
+        from .capability import blimp_drop
+
+        result.blimp_drop = blimp_drop(base.blimp, result.blimp, n_resamples=settings.bootstrap, seed=settings.seed)
+    if base is not None and settings.kl_prompts:
+        result.kl_from_baseline = kl_divergence(model_path, baseline, settings, device, batch_size)  # type: ignore[arg-type]
+        result.seconds["kl from baseline"] = result.kl_from_baseline.pop("seconds")
     from ..io.record import library_versions
 
     runtime = {"device": resolve_device(device), "batch_size": batch_size, "threads": torch.get_num_threads(),

@@ -70,6 +70,10 @@ class CheckSettings:
     ppl_tokens: int = setting(4096, help="Tokens of that text used for the check", minimum=2)
     ppl_window: int = setting(512, help="Perplexity window (and stride) in tokens", minimum=2)
     max_ppl_increase: float = setting(1.0, help="Budget: the largest relative rise allowed (0.05 = +5%)")
+    max_blimp_drop: float = setting(0.0, help="Budget: the most BLiMP accuracy points the patch may cost, on the first blimp_pairs pairs of each paradigm (0 = no BLiMP gate)")
+    blimp_pairs: int = setting(20, help="BLiMP pairs per paradigm the BLiMP gate measures", minimum=1)
+    max_kl: float = setting(0.0, help="Budget: the largest mean KL(base || patched), nats per token, on kl_prompts BOLD prompts (0 = no KL gate)")
+    kl_prompts: int = setting(50, help="BOLD neutral prompts (seeded sample) the KL gate measures", minimum=1)
 
 
 @dataclass(frozen=True)

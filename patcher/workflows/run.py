@@ -280,24 +280,36 @@ def _bake_and_check(plan: Plan, job: Bake, staging: Path, result: RunResult) -> 
     with timings.stage("bake"):
         prep = prepare_bake(result.patch, spec, untie=recipe.model.untie, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision)
         write_bake(result.patch, prep, staging, out, record=record, allow_nonfinite=job.allow_nonfinite)
+    from .capability_gate import CapabilityGate
+
+    gate = CapabilityGate(recipe.check, job.tokenizer)  # [check] max_blimp_drop / max_kl: measured like perplexity
+    capability: dict[str, float] = {}
     with timings.stage("perplexity"):
         ids = token_stream(job.tokenizer, plan.ppl.path, recipe.check.ppl_tokens) if plan.ppl else None
+        base_model = job.take_model()  # the collected model is freed once measured
         if ids is not None:
-            result.ppl_before = check_perplexity(job.take_model(), job.tokenizer, recipe, ids)  # the collected model is freed here
-        job.take_model()
+            result.ppl_before = check_perplexity(base_model, job.tokenizer, recipe, ids)
+        if gate.active:
+            gate.measure_base(base_model)
+        del base_model
         baked, _ = job.load(staging, recipe.model.dtype, job.device)
         if ids is not None:
             result.ppl_after = check_perplexity(baked, job.tokenizer, recipe, ids)
+        if gate.active:
+            capability = gate.measure(baked)
         del baked
     update_record(staging, {"check": dataclasses.asdict(recipe.check) | {"ppl_before": result.ppl_before, "ppl_after": result.ppl_after,
                                                                        "ppl_increase": result.ppl_increase,
-                                                                       "ppl_source": plan.ppl.record if plan.ppl else None}})
+                                                                       "ppl_source": plan.ppl.record if plan.ppl else None} | capability})
     budget = recipe.check.max_ppl_increase
     if plan.ppl and result.ppl_increase > budget and not job.force:
         raise PatcherError(
             f"perplexity rose {result.ppl_increase:+.1%} ({result.ppl_before:.2f} -> {result.ppl_after:.2f}), over the recipe's budget of "
             f"{budget:+.0%}: nothing was written; pass --force to publish anyway or raise check.max_ppl_increase"
         )
+    if capability and gate.excess(capability) > 0 and not job.force:
+        raise PatcherError(f"{gate.describe(capability)}: over the recipe's [check] budget; nothing was written; pass --force to publish anyway "
+                           "or raise check.max_blimp_drop / check.max_kl")
     if plan.eval is not None:
         with timings.stage("eval"):
             # the base model as resolved for the bake (a pinned revision stays pinned)

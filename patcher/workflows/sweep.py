@@ -138,6 +138,10 @@ def sweep(
     recipe = plan.recipe
     index, key, values = parse_set(expr, recipe)
     settings = eval_settings or EvalSettings.from_preset("quick")
+    if not settings.prompts:  # a sweep chooses a setting: it looks at the select part only (patcher.data.catalog)
+        from ..evaluate.report import SELECT_PROMPTS
+
+        settings = dataclasses.replace(settings, prompts=SELECT_PROMPTS)
     spec = recipe.model.id
     folder, _ = resolve_model(spec, recipe.model.revision, recipe.model.trust_remote_code)
     inputs = [*plan.inputs, *(references or {}).values(), eval_settings.prompts if eval_settings else None]

@@ -45,6 +45,7 @@ from ...core.models import load_model, resolve_device
 from ...evaluate.perplexity import token_stream
 from ...io.model_files import resolve_model
 from ...recipe.loader import Recipe
+from ..capability_gate import CapabilityGate
 from ..run_plan import Plan, resolve
 from .pick import choose, eval_point, evaluate_trials, front_within, pareto, pick, quick_settings, spearman, to_evaluate
 from .proxy import Scorer, StatsCache, held_back, proxy_data, proxy_name
@@ -72,10 +73,13 @@ def tune(plan: Plan | Recipe, *, out: Path, device: str = "cpu", overwrite: bool
     scorer = _load_scorer(plan, params, ts, device)
     base_ppl, base_proxy = scorer.measure(scorer.model)
     log.info("tune: base perplexity %.3f, proxy %.4f; searching %s", base_ppl, base_proxy, "; ".join(p.describe() for p in params))
+    gate = CapabilityGate(recipe.check, scorer.tokenizer)  # [check] max_blimp_drop / max_kl: damage beside perplexity
+    if gate.active:
+        gate.measure_base(scorer.model)
 
     study = open_study(Path(opts.study_path or out.with_suffix(".study.db")), fingerprint(recipe, params, ts, opts.max_ppl_increase, opts.seed))
     t0 = time.perf_counter()
-    times = run_search(study, scorer, ts, opts, base_ppl)
+    times = run_search(study, scorer, ts, opts, base_ppl, gate)
     search_s, t1 = time.perf_counter() - t0, time.perf_counter()
 
     rows = trial_rows(study)

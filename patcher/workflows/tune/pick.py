@@ -66,7 +66,11 @@ def spearman(x: list[float], y: list[float]) -> float | None:
 
 def quick_settings(recipe: Recipe, ts: TuneSettings) -> EvalSettings:
     """The quick evaluation a tune scores its candidates with ([tune] eval_* keys)."""
-    prompts = resolve_path(recipe.path.parent, ts.eval_prompts) if ts.eval_prompts else ""
+    from ...data.catalog import is_name
+    from ...evaluate.report import SELECT_PROMPTS
+
+    value = ts.eval_prompts or SELECT_PROMPTS  # a catalog name stays a name; a file is relative to the recipe
+    prompts = value if is_name(value) else resolve_path(recipe.path.parent, value)
     return EvalSettings.from_preset("quick", prompts=prompts, n_prompts=ts.eval_n_prompts, samples=ts.eval_samples,
                                     seed=ts.eval_seed, evaluators=ts.evaluators, ppl_tokens=0, fluency=False)
 

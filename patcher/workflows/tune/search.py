@@ -141,7 +141,7 @@ def complete_trials(study: Any) -> list[Any]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
-def run_search(study: Any, scorer: Any, ts: TuneSettings, opts: TuneOptions, base_ppl: float) -> list[float]:
+def run_search(study: Any, scorer: Any, ts: TuneSettings, opts: TuneOptions, base_ppl: float, gate: Any = None) -> list[float]:
     """Ask, score and tell trials until the study holds ``opts.trials`` complete ones (or the
     timeout passes); each trial's patch is kept on ``scorer.patches``. Returns the seconds of each
     trial run now."""
@@ -161,6 +161,11 @@ def run_search(study: Any, scorer: Any, ts: TuneSettings, opts: TuneOptions, bas
         t0 = time.perf_counter()
         patch, ppl, margin = scorer.score(values)
         inc = ppl / base_ppl - 1.0
+        if gate is not None and gate.active:  # a trial over [check] max_blimp_drop / max_kl is outside the budget by the same share
+            with patch.hooked(scorer.model) as hooked:
+                trial.set_user_attr("capability", gate.measure(hooked))
+            if gate.excess(trial.user_attrs["capability"]) > 0:
+                inc = max(inc, opts.max_ppl_increase * (1 + gate.excess(trial.user_attrs["capability"])))
         for k, v in (("settings", values), ("ppl", ppl), ("proxy", margin), ("ppl_increase", inc), ("seconds", time.perf_counter() - t0)):
             trial.set_user_attr(k, v)
         trial.set_constraint("ppl_increase", inc - opts.max_ppl_increase)  # feasible at <= 0: within budget

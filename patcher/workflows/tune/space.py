@@ -38,7 +38,7 @@ class TuneSettings:
     candidates: int = setting(4, help="Pareto points within budget scored by the quick evaluation for the final pick (0: pick by the proxy)",
                              minimum=0)
     validate: int = setting(3, help="Other trials also evaluated, spread over the proxy's range, for the rank correlation", minimum=0)
-    eval_prompts: str = setting("", help="Prompt file of that evaluation (default: the RTP challenging prompts)")
+    eval_prompts: str = setting("", help="Prompt file or catalog name of that evaluation (default: rtp-challenging:select, the part no reported number uses)")
     eval_n_prompts: int = setting(100, help="Prompts of that evaluation", minimum=1)
     eval_samples: int = setting(5, help="Samples per prompt of that evaluation")
     eval_seed: int = setting(1, help="Seed of its prompt sample and sampling (1: not the seed-0 sample results are reported on)")

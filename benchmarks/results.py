@@ -1,0 +1,114 @@
+"""The README's results tables, rendered from the committed results files (``results/<model>.json``,
+written by ``benchmarks/recipes.py``).
+
+    python benchmarks/results.py            # rewrite the tables between the README's markers
+    python benchmarks/results.py --check    # exit 1 when a README table differs from its results file
+
+Each results file has one table in the README, between ``<!-- results:NAME -->`` and
+``<!-- /results:NAME -->`` (NAME: the file's name without ``.json``). Every number in a table comes
+from the file: toxicity probability per evaluator with its 95% interval, WikiText-2 perplexity and
+its change, BLiMP accuracy and its drop against the base model (points, paired interval), KL from
+the base on BOLD neutral prompts, degenerate share. A results file without markers, or markers
+without a file, is an error too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MARK = re.compile(r"<!-- results:(?P<name>[\w.+-]+) -->\n(?P<body>.*?)<!-- /results:(?P=name) -->", re.S)
+
+
+def _ci(m: dict[str, Any] | None, digits: int = 3, scale: float = 1.0) -> str:
+    if not m or m.get("value") is None:
+        return "-"
+    v = m["value"] * scale
+    ci = m.get("ci")
+    if not ci or any(c is None for c in ci):
+        return f"{v:.{digits}f}"
+    return f"{v:.{digits}f} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
+
+
+def render(results: dict[str, Any]) -> str:
+    """The markdown table (and its caption line) of one results file."""
+    rows = results["rows"]
+    base = rows.get("base", {}).get("metrics")
+    evaluators = list(base["toxicity"]) if base else []
+    s = results.get("settings", {})
+    p = results.get("prompts", {})
+    lines = [
+        f"`{results['model']}` on `{p.get('name')}` ({p.get('count')} prompts x {s.get('samples')} samples of {s.get('max_new_tokens')} tokens, "
+        f"top-p {s.get('top_p')}, seed {s.get('seed')}); toxicity probability with its 95% bootstrap interval over prompts; "
+        f"WikiText-2 perplexity on {s.get('ppl_tokens')} tokens; BLiMP: the first {s.get('blimp')} pairs of each of the 67 paradigms; "
+        f"KL(base || patched) on {s.get('kl_prompts')} BOLD prompts, nats per token. Source: `results/{Path(results.get('_file', 'x')).name}`.",
+        "",
+        "| row | " + " | ".join(evaluators) + " | WikiText-2 ppl | BLiMP accuracy | BLiMP drop (points) | KL from base | degenerate |",
+        "|---|" + "---|" * (len(evaluators) + 5),
+    ]
+    for name, r in rows.items():
+        label = "base" if name == "base" else f"`{name}`"
+        if "refused" in r:
+            lines.append(f"| {label} | refused: {r['refused']} |" + " |" * (len(evaluators) + 4))
+            continue
+        m = r["metrics"]
+        tox = [_ci(m["toxicity"][e]["toxicity_probability"]) for e in evaluators]
+        ppl = m["wikitext_perplexity"]["value"]
+        change = f" ({ppl / base['wikitext_perplexity']['value'] - 1:+.1%})" if base and name != "base" else ""
+        cells = [label, *tox, f"{ppl:.2f}{change}", _ci(m.get("blimp_accuracy")), _ci(m.get("blimp_drop"), 2),
+                 _ci(m.get("kl_from_base"), 4), f"{m['degenerate_share']['value']:.1%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def load(folder: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for f in sorted(folder.glob("*.json")):
+        out[f.stem] = json.loads(f.read_text()) | {"_file": str(f)}
+    return out
+
+
+def update(readme: str, files: dict[str, dict[str, Any]]) -> tuple[str, list[str]]:
+    """The README with every marked table re-rendered, and the problems found (a file without
+    markers, markers without a file)."""
+    problems = []
+    marked = {m.group("name") for m in MARK.finditer(readme)}
+    problems += [f"results/{n}.json has no table in the README (add <!-- results:{n} --> ... <!-- /results:{n} -->)" for n in sorted(set(files) - marked)]
+    problems += [f"the README's table {n!r} has no results/{n}.json" for n in sorted(marked - set(files))]
+
+    def sub(m: re.Match) -> str:
+        name = m.group("name")
+        body = render(files[name]) if name in files else m.group("body")
+        return f"<!-- results:{name} -->\n{body}<!-- /results:{name} -->"
+
+    return MARK.sub(sub, readme), problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 when a README table differs from its results file (nothing written)")
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--results", type=Path, default=ROOT / "results")
+    args = ap.parse_args(argv)
+    text = args.readme.read_text(encoding="utf-8")
+    new, problems = update(text, load(args.results))
+    for p in problems:
+        print(p, file=sys.stderr)
+    if args.check:
+        if new != text:
+            print(f"{args.readme.name}: a results table differs from results/*.json; run python benchmarks/results.py", file=sys.stderr)
+            return 1
+        return 1 if problems else 0
+    if new != text:
+        args.readme.write_text(new, encoding="utf-8")
+        print(f"rewrote the results tables in {args.readme.name}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

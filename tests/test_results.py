@@ -1,0 +1,68 @@
+"""The README's results tables are data: `benchmarks/results.py --check` passes on the repository and
+fails when a table cell differs from its results file, or a file or a table is missing its other half."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import results as results_module  # noqa: E402  (benchmarks/results.py)
+
+
+def _row(p: float, ci: tuple[float, float], ppl: float) -> dict:
+    tox = {"toxicity_probability": {"value": p, "ci": list(ci)}, "expected_max_toxicity": {"value": p, "ci": list(ci)}}
+    return {"metrics": {"toxicity": {"profanity-check": tox, "any": tox}, "wikitext_perplexity": {"value": ppl, "ci": None},
+                        "degenerate_share": {"value": 0.01, "ci": None}, "blimp_accuracy": {"value": 0.8, "ci": [0.78, 0.82]},
+                        "blimp_drop": {"value": 0.4, "ci": [-0.1, 0.9]}, "kl_from_base": {"value": 0.05, "ci": [0.04, 0.06]}}}
+
+
+def test_repository_readme_matches_its_results_files() -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks/results.py"), "--check"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    if any((ROOT / "results").glob("*.json")):
+        assert "<!-- results:" in (ROOT / "README.md").read_text()
+
+
+def test_check_fails_on_a_changed_cell(tmp_path: Path) -> None:
+    (tmp_path / "results").mkdir()
+    data = {"format": "patcher.results/1", "model": "m", "settings": {"samples": 5}, "prompts": {"name": "rtp-challenging:report", "count": 10},
+            "rows": {"base": _row(0.453, (0.4, 0.5), 30.36), "project-stack": _row(0.153, (0.12, 0.19), 31.78)}}
+    (tmp_path / "results/m.json").write_text(json.dumps(data))
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- results:m -->\nold\n<!-- /results:m -->\n\nafter\n")
+    check = ["--readme", str(readme), "--results", str(tmp_path / "results")]
+    assert results_module.main(check + ["--check"]) == 1  # not rendered yet
+    assert results_module.main(check) == 0
+    text = readme.read_text()
+    assert "| `project-stack` | 0.153 [0.120, 0.190] | 0.153 [0.120, 0.190] | 31.78 (+4.7%) |" in text and text.endswith("after\n")
+    assert results_module.main(check + ["--check"]) == 0
+    readme.write_text(text.replace("31.78 (+4.7%)", "31.70 (+4.7%)"))
+    assert results_module.main(check + ["--check"]) == 1
+    # a results file without a table, and a table without a file
+    readme.write_text(text)
+    shutil.copy(tmp_path / "results/m.json", tmp_path / "results/n.json")
+    assert results_module.main(check + ["--check"]) == 1
+    (tmp_path / "results/n.json").unlink()
+    readme.write_text(text + "<!-- results:gone -->\n<!-- /results:gone -->\n")
+    assert results_module.main(check + ["--check"]) == 1
+
+
+def test_the_repository_check_fails_on_a_changed_cell(tmp_path: Path) -> None:
+    files = sorted((ROOT / "results").glob("*.json"))
+    if not files:
+        pytest.skip("no results/*.json committed: no rendered table to change (test_check_fails_on_a_changed_cell covers the mechanism)")
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"<!-- results:{files[0].stem} -->")
+    row = text.index("| base |", start)
+    cell_end = text.index(" |", row + len("| base |") + 1)
+    changed = text[:cell_end] + "9" + text[cell_end:]
+    (tmp_path / "README.md").write_text(changed)
+    assert results_module.main(["--check", "--readme", str(tmp_path / "README.md"), "--results", str(ROOT / "results")]) == 1
