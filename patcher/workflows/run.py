@@ -40,6 +40,7 @@ from ..io.model_files import resolve_model
 from ..io.record import update_record
 from ..methods.registry import StepContext, get_method
 from ..publish.card import EVAL_NAME, write_card
+from ..publish.gguf import OUTTYPES, default_name, export_gguf, model_class
 from ..recipe.loader import DataSettings, Recipe, line_of, resolve_path, where
 from ..recipe.settings import build
 
@@ -273,12 +274,15 @@ def run(
     run_eval: bool = True,
     stats_cache: dict | None = None,
     allow_nonfinite: bool = False,
+    gguf: str | None = None,
 ) -> RunResult | None:
     """``scale`` (`patcher.distributed.ScaleOptions`): device map, layer-by-layer, data-parallel,
     checkpoints; under several processes only rank 0 bakes and writes, the others return None.
     ``run_eval=False`` skips the recipe's ``[eval]`` table (the card is written without it).
     ``stats_cache`` is `compute_patch`'s: runs of recipes that share a step's statistics collect them once.
-    ``allow_nonfinite``: copy untouched source tensors holding NaN or inf."""
+    ``allow_nonfinite``: copy untouched source tensors holding NaN or inf.
+    ``gguf``: a GGUF type (``f16``, ``q8_0``, ...): the last step exports the staged folder to
+    ``model-TYPE.gguf`` inside it (`patcher.publish.gguf`), checked possible before the work."""
     timings = Timings()
     spec = recipe.model.id
     effective = recipe.effective_settings(step_settings(recipe))  # every step validated before the work
@@ -293,6 +297,10 @@ def run(
         folder, _ = resolve_model(spec, recipe.model.revision, trust)
         out = Path(out or f"runs/{recipe.name}-{Path(spec).name}")
         check_output_path(out, folder, overwrite, inputs)
+        if gguf is not None:
+            if gguf not in OUTTYPES:
+                raise PatcherError(f"--gguf {gguf!r} is not a GGUF type patcher exports: choose one of {', '.join(OUTTYPES)}")
+            model_class(folder)  # the converter is installed and knows the architecture, before the work
         if scale is not None:
             device = scale.prepare(folder, out, device)
         load = scale.load if scale is not None else load_model
@@ -308,6 +316,9 @@ def run(
         with atomic_folder(out, overwrite) as staging:
             result = _bake_and_check(recipe, patch, summaries, holder, tokenizer, load, staging, out, record, timings, device,
                                      settings, force, allow_nonfinite, folder)
+            if gguf is not None:
+                export_gguf(staging, default_name(gguf), gguf, title=out.name)
+                _write_card(staging, out, result.eval_report)  # the card names the GGUF
     if scale is not None:
         scale.finish()
     return result
