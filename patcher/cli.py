@@ -277,6 +277,8 @@ def _scale(kw: dict[str, Any]) -> Any:
 @click.option("--force", is_flag=True, help="Publish even when perplexity rises beyond the recipe's budget.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder once the new one is ready.")
 @click.option("--no-eval", is_flag=True, help="Skip the recipe's [eval] table (the model card is written without an evaluation).")
+@click.option("--gguf", "gguf", default=None, metavar="TYPE",
+              help="Also write the output as model-TYPE.gguf inside it, TYPE f32, f16, bf16 or q8_0 (llama.cpp; see `patcher export`).")
 @_nonfinite_opt
 @_trust_opt
 @_scale_opts
@@ -284,7 +286,7 @@ def _scale(kw: dict[str, Any]) -> Any:
 @_data_dir_opt
 @friendly
 def run(recipe_path: Path, model: str | None, out: Path | None, device: str, batch_size: int | None, force: bool, overwrite: bool, no_eval: bool,
-        allow_nonfinite: bool, trust_remote_code: bool, **scale: Any) -> None:
+        gguf: str | None, allow_nonfinite: bool, trust_remote_code: bool, **scale: Any) -> None:
     """Compute RECIPE's edits on a model, bake them, check perplexity, evaluate against the base
     model when the recipe has an [eval] table, and write the output folder with its model card.
     Data-parallel: `torchrun --nproc_per_node N -m patcher.cli run ...` (rank 0 writes)."""
@@ -292,7 +294,7 @@ def run(recipe_path: Path, model: str | None, out: Path | None, device: str, bat
 
     recipe = _load_recipe(recipe_path, model, batch_size, trust_remote_code)
     r = run_recipe(recipe, out=out, device=device, force=force, overwrite=overwrite, scale=_scale(scale), run_eval=not no_eval,
-                   allow_nonfinite=allow_nonfinite)
+                   allow_nonfinite=allow_nonfinite, gguf=gguf)
     if r is None:  # a data-parallel rank other than 0: rank 0 reports
         return
     for d in r.data:
@@ -407,6 +409,35 @@ def eval_command(model: str, baseline: str | None, prompts_path: str | None, n_p
         from .evaluate.plots import plot_report
 
         click.echo(f"wrote {plot_report(report.to_json(), plot_path)}")
+
+
+def _gguf_name(folder: Path, gguf: str | None, outtype: str) -> str | None:
+    """``--gguf``: a file name, or a path whose folder is DIR itself (the GGUF lives in the output)."""
+    if gguf is None or "/" not in gguf:
+        return gguf
+    p = Path(gguf)
+    if p.parent.resolve() != folder.resolve():
+        raise PatcherError(f"--gguf {gguf}: the GGUF is written inside the output folder {folder} (it travels with the model, "
+                           f"its record, `verify` and `push`): give a file name such as model-{outtype}.gguf")
+    return p.name
+
+
+@main.command()
+@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--gguf", "gguf", default=None, help="GGUF file name inside DIR [default: model-OUTTYPE.gguf].")
+@click.option("--outtype", default="f16", show_default=True,
+              help="Tensor type of the GGUF: f32, f16, bf16 or q8_0 (llama.cpp's converter; norms stay f32).")
+@click.option("--overwrite", is_flag=True, help="Replace a GGUF of the same name that patcher exported before.")
+@friendly
+def export(folder: Path, gguf: str | None, outtype: str, overwrite: bool) -> None:
+    """Write the baked output folder DIR as one GGUF file inside it (llama.cpp, Ollama, LM Studio), with
+    an Ollama Modelfile beside it; both join the record, so `verify` checks them and `push` uploads them."""
+    from .publish.gguf import export_gguf
+
+    e = export_gguf(folder, _gguf_name(folder, gguf, outtype), outtype, overwrite=overwrite)
+    click.echo(render(["file", "type", "bytes", "tensors", "tokenizer", "sha256"],
+                      [[e["file"], e["outtype"], e["bytes"], e["tensors"], e["tokenizer"], e["sha256"][:16]]], title=f"GGUF ({e['converter']})"))
+    click.echo(f"wrote {folder / e['file']} and {folder / e['modelfile']}")
 
 
 @main.command()

@@ -1,13 +1,15 @@
-"""Loads anywhere: `benchmarks/portability.py` on real baked SmolLM2 outputs (project-stack with
-tied embeddings, and a variant with its own lm_head), converted to GGUF f32 and f16 by llama.cpp's
-converter and run by llama-cpp-python: greedy continuations identical to transformers' for at
-least 9 of 10 prompts. Runs when the llama-cpp-python wheel built from source is installed
-(`PATCHER_BUILD_LLAMA=1 bash scripts/install.sh dev`, or install.sh with the wheel cached)."""
+"""Loads anywhere, on every CI run: both embedded models, patched and baked, exported by `patcher export`
+(llama.cpp's converter) and run by llama.cpp (the prebuilt xllamacpp wheel, installed by
+`scripts/install.sh dev`; no skip when it is there): the same token ids into both runtimes, greedy
+continuations of 32 tokens on 10 prompts identical for at least 9 at f16 and top-1 agreement at least
+0.98; at q8_0 top-1 agreement at least 0.95 (`benchmarks/portability.py` holds the comparison).
+
+The patch is `benchmarks/portability.py`'s cheap real one (every layer's MLP outputs rescaled), not
+project-stack: computing the recipe takes minutes, and the file format and the runtime are what this
+test checks (`python benchmarks/portability.py --recipe recipes/project-stack.toml` runs the recipe)."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -17,19 +19,23 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
 
 @pytest.mark.slow
-def test_baked_outputs_run_in_llama_cpp(smollm2: Path, shared_data: Path, tmp_path: Path) -> None:
-    for module, why in (("llama_cpp", "llama-cpp-python is not installed"), ("sentencepiece", "llama.cpp's converter needs sentencepiece")):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{why}: PATCHER_BUILD_LLAMA=1 bash scripts/install.sh dev builds and caches it")
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_baked_output_runs_the_same_in_llama_cpp(model: str, request: pytest.FixtureRequest, shared_data: Path, tmp_path: Path) -> None:
+    request.getfixturevalue("smollm2" if model.startswith("smollm2") else "gemma3")  # converted once into the cache
     import portability
+    from transformers import AutoTokenizer
 
-    if not (portability.wheel_dir() / f"llama_cpp_python-{portability.LLAMA_CPP_VERSION}.tar.gz").is_file():
-        pytest.skip("the llama-cpp-python source distribution (llama.cpp's converter) is not cached: run scripts/install.sh")
-    tied, untied = portability.build(tmp_path / "outs", n_per_class=64)  # the recipe on a smaller sample: the format is under test
-    assert json.loads((tied / "config.json").read_text()).get("tie_word_embeddings", True) is True
-    assert json.loads((untied / "config.json").read_text())["tie_word_embeddings"] is False
-    for folder in (tied, untied):
-        for outtype in ("f32", "f16"):
-            r = portability.compare(folder, outtype, n_prompts=10, new_tokens=20, work=tmp_path)
-            assert r["identical_greedy"] >= 9, r
-            print(folder.name, outtype, r["identical_greedy"], round(r["top1_agreement"], 4), f"{r['max_abs_logit_diff']:.2e}")
+    from patcher.bake.verify import check_files
+    from patcher.io.record import read_record
+
+    folder = portability.scaled(model, tmp_path / "out")
+    prompts = portability.prompt_ids(AutoTokenizer.from_pretrained(folder), 10)
+    f16 = portability.compare(folder, "f16", prompts, new_tokens=32)
+    q8 = portability.compare(folder, "q8_0", prompts, new_tokens=32)
+    print(model, {k: (r["identical_greedy"], round(r["top1_agreement"], 4), r["seconds"]) for k, r in (("f16", f16), ("q8_0", q8))})
+    assert f16["identical_greedy"] >= 9 and f16["top1_agreement"] >= 0.98, f16
+    assert q8["top1_agreement"] >= 0.95, q8
+    meta = read_record(folder)
+    assert sorted(e["outtype"] for e in meta["gguf"]) == ["f16", "q8_0"] and check_files(folder) == []
+    # the embedded model's own GGUF tokenizer went into the export, not the converter's rebuild
+    assert all(e["tokenizer"] == "copied from the base model's GGUF file" for e in meta["gguf"])

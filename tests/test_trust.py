@@ -317,6 +317,37 @@ def nothing(w: World) -> None:
     return None
 
 
+def _baked(w: World) -> None:
+    """A baked folder among the inputs: `export` reads it and may only add its own files to it."""
+    from patcher.bake.writer import bake
+
+    bake(Patch.load(w.patch), w.base, w.inp / "baked")
+
+
+def _baked_with(name: str) -> Callable[[World], None]:
+    def setup(w: World) -> None:
+        _baked(w)
+        (w.inp / "baked" / name).write_text("the user's own file\n")
+
+    return setup
+
+
+def _baked_tampered(w: World) -> None:
+    _baked(w)
+    with open(w.inp / "baked" / "model.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+
+
+def export_args(*extra: str) -> Callable[[World], list[object]]:
+    def args(w: World) -> list[object]:
+        return ["export", w.inp / "baked", *[e.format(work=w.work, inp=w.inp) for e in extra]]
+
+    return args
+
+
 def bake_args(out: str = "work/out", *extra: str) -> Callable[[World], list[object]]:
     def args(w: World) -> list[object]:
         return ["bake", w.patch, "--model", w.base, "--out", w.inp.parent / out, *extra]
@@ -413,6 +444,20 @@ FAULTS: list[tuple[str, Callable[[World], None], Callable[[World], list[object]]
     ("recipe-table-not-table", _collect_not_table, recipe_args("compute"), "collect should be a table"),
     ("recipe-method-not-string", recipe_sub('method = "aura"', "method = 5"), recipe_args("compute"), "a string"),
     ("recipe-name-not-string", recipe_sub('name = "t"', "name = 1"), recipe_args("compute"), "name = 1 should be a string"),
+    # 5. GGUF export (patcher export DIR, run --gguf): the GGUF is a new file inside a baked folder
+    ("export-bad-outtype", _baked, export_args("--outtype", "q4_k"), "--outtype 'q4_k' is not one"),
+    ("export-ternary-outtype", _baked, export_args("--outtype", "tq1_0"), "choose one of f32, f16, bf16, q8_0"),
+    ("export-outside-folder", _baked, export_args("--gguf", "{work}/x.gguf"), "is written inside the output folder"),
+    ("export-into-source-model", _baked, export_args("--gguf", "{inp}/base/x.gguf"), "is written inside the output folder"),
+    ("export-parent-name", _baked, export_args("--gguf", "../x.gguf"), "is written inside the output folder"),
+    ("export-hidden-name", _baked, export_args("--gguf", ".x.gguf"), "should end in .gguf and not start with a dot"),
+    ("export-not-gguf-name", _baked, export_args("--gguf", "config.json"), "should end in .gguf"),
+    ("export-existing-output", _baked_with("model-f16.gguf"), export_args(), "already exists: choose another --gguf name or pass --overwrite"),
+    ("export-overwrite-foreign", _baked_with("model-f16.gguf"), export_args("--overwrite"), "replaces only a GGUF patcher exported"),
+    ("export-foreign-modelfile", _baked_with("model-f16.Modelfile"), export_args(), "Modelfile already exists and patcher did not write it"),
+    ("export-not-baked", _baked, lambda w: ["export", w.base], "holds no patch.json"),
+    ("export-tampered-folder", _baked_tampered, export_args(), "fails verification (model.safetensors)"),
+    ("run-gguf-bad-type", lambda w: None, recipe_args("run", "work/out", "--gguf", "q4_0"), "--gguf 'q4_0' is not a GGUF type"),
 ]
 
 

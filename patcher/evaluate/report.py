@@ -277,6 +277,19 @@ def _evaluate_one(
     their tokenizer) to be scored for fluency under this model while it is loaded."""
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
+    from .llamacpp import is_gguf
+
+    if is_gguf(spec):  # a GGUF file: generation in llama.cpp; no WikiText perplexity or fluency scoring under it
+        from .llamacpp import generate_gguf, gguf_provenance
+
+        log.info("eval: generating %d x %d continuations of %d tokens with %s in llama.cpp", settings.samples, len(prompts.prompts), settings.max_new_tokens, spec)
+        gens = generate_gguf(spec, prompts.prompts, samples=settings.samples, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                             top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed)
+        seconds["generate"] = gens.seconds
+        scores, tox, split = _score(evaluators, gens, settings, prompts, seconds)
+        return ModelResult(spec=str(spec), folder=str(Path(spec).parent), provenance=gguf_provenance(spec), generations=gens, scores=scores, toxicity=tox,
+                           toxicity_by_prompt=split, degenerate=degenerate_summary(gens.flat_texts()), distinct=distinct(gens.texts),
+                           wikitext_perplexity=None, seconds=seconds), None, []
     log.info("eval: loading %s", spec)
     model, tok, folder, provenance = load_lm(spec, settings.dtype, device)
     seconds["load"] = time.perf_counter() - t0
@@ -527,9 +540,9 @@ def _evaluate(model_path: str | Path, baseline: str | Path | None, settings: Eva
     result, tok, _ = _evaluate_one(str(model_path), settings, prompts, evaluators, ppl_ids_for, **kw)
     base = None
     if baseline is not None:
-        others = [(result.generations, tok)] if settings.fluency else []
+        others = [(result.generations, tok)] if settings.fluency and tok is not None else []
         base, _, scored = _evaluate_one(str(baseline), settings, prompts, evaluators, ppl_ids_for, score_others=others, **kw)
-        if settings.fluency:
+        if settings.fluency and scored:  # a GGUF on either side: no fluency scoring under the baseline
             f = settings.fluency_samples or settings.samples
             base.fluency = _fluency(base.generations.nll, base.generations, "baseline", f)
             result.fluency = _fluency(scored[0][0], result.generations, "baseline", f, scored[0][1])

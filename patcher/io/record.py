@@ -174,6 +174,12 @@ def check_record(meta: dict[str, Any], where: Path) -> dict[str, Any]:
     changed = bake.get("changed_tensors")
     if not isinstance(changed, list) or not all(isinstance(t, str) for t in changed):
         raise bad("bake.changed_tensors is not a list of names")
+    exports = meta.get("gguf", [])  # GGUF files exported into the folder (patcher.publish.gguf)
+    if not isinstance(exports, list) or not all(isinstance(e, dict) for e in exports):
+        raise bad("gguf is not a list of exports")
+    for e in exports:
+        if files.get(plain_name(e.get("file"), where)) != e.get("sha256"):
+            raise bad(f"the GGUF {e.get('file')} is not in bake.files with the sha256 its export recorded")
     return bake
 
 

@@ -242,6 +242,16 @@ def render_card(folder: str | Path, eval_report: dict[str, Any] | None = None, r
     lines += ["", "## How to use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f'model = AutoModelForCausalLM.from_pretrained("{name}")', f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", "",
               "No `trust_remote_code`, no extra package: `patcher/` holds only the record of the edits (`patcher/patch.safetensors`), which loaders ignore."]
+    ggufs = [e for e in meta.get("gguf") or [] if isinstance(e, dict) and e.get("file")]
+    if ggufs:
+        lines += ["", "### llama.cpp, Ollama, LM Studio (GGUF)", "",
+                  _md_table(["file", "type", "made with", "tokenizer", "Ollama"],
+                            [[f"`{e['file']}`", e.get("outtype"), e.get("converter"), e.get("tokenizer"), f"`{e.get('modelfile')}`"] for e in ggufs]),
+                  "", "```bash", f"llama-cli -m {ggufs[0]['file']} -p \"Hello\" -n 32",
+                  f"ollama create {name.rsplit('/', 1)[-1].lower()} -f {ggufs[0].get('modelfile')} && ollama run {name.rsplit('/', 1)[-1].lower()}", "```"]
+        if "gguf" not in fm["tags"]:
+            fm["tags"].append("gguf")
+            lines[1] = _yaml(fm)
     lines += ["", "## Provenance", "", f"- base model: `{base_label(base)}`" + (f" at revision `{base['revision']}`" if base.get("revision") else "")]
     if base.get("fingerprint"):
         lines.append(f"- base checkpoint fingerprint: `{base['fingerprint']}`")

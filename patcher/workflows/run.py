@@ -38,6 +38,7 @@ from ..io.model_files import resolve_model
 from ..io.record import update_record
 from ..methods import StepContext, get_method
 from ..publish.card import EVAL_NAME, write_card
+from ..publish.gguf import OUTTYPES, default_name, export_gguf, model_class
 from ..recipe.loader import DataSettings, Recipe
 from ..recipe.settings import build
 from .run_plan import EVAL_PLOT, Plan, eval_settings, resolve, step_settings
@@ -234,8 +235,10 @@ def run(
     checkpoints; under several processes only rank 0 bakes and writes, the others return None.
     ``run_eval=False`` skips the recipe's ``[eval]`` table (the card is written without it).
     ``options``: ``stats_cache`` (`compute_patch`'s: runs of recipes that share a step's statistics
-    collect them once) and ``allow_nonfinite`` (copy untouched source tensors holding NaN or inf)."""
-    unknown = set(options) - {"stats_cache", "allow_nonfinite"}
+    collect them once), ``allow_nonfinite`` (copy untouched source tensors holding NaN or inf) and
+    ``gguf``: a GGUF type (``f16``, ``q8_0``, ...): the last step exports the staged folder to
+    ``model-TYPE.gguf`` inside it (`patcher.publish.gguf`), checked possible before the work."""
+    unknown = set(options) - {"stats_cache", "allow_nonfinite", "gguf"}
     if unknown:
         raise TypeError(f"run() got unexpected options {sorted(unknown)}")
     plan = resolve(recipe, placement=scale, device=device, run_eval=run_eval)  # everything checked and resolved before the work
@@ -243,14 +246,18 @@ def run(
 
 
 def execute(plan: Plan, *, out: Path | None = None, device: str = "cpu", force: bool = False, overwrite: bool = False,
-            stats_cache: dict | None = None, allow_nonfinite: bool = False) -> RunResult | None:
-    """A plan's run: load, compute, bake into a staging folder, check, evaluate, publish."""
+            stats_cache: dict | None = None, allow_nonfinite: bool = False, gguf: str | None = None) -> RunResult | None:
+    """A plan's run: load, compute, bake into a staging folder, check, evaluate, publish (and export a GGUF)."""
     recipe, scale, timings = plan.recipe, plan.placement, Timings()
     spec, trust = recipe.model.id, recipe.model.trust_remote_code
     with timings.stage("load"):
         folder, _ = resolve_model(spec, recipe.model.revision, trust)
         out = Path(out or f"runs/{recipe.name}-{Path(spec).name}")
         check_output_path(out, folder, overwrite, plan.inputs)
+        if gguf is not None:
+            if gguf not in OUTTYPES:
+                raise PatcherError(f"--gguf {gguf!r} is not a GGUF type patcher exports: choose one of {', '.join(OUTTYPES)}")
+            model_class(folder)  # the converter is installed and knows the architecture, before the work
         if scale is not None:
             device = scale.prepare(folder, out, device)
         load = scale.load if scale is not None else load_model
@@ -265,6 +272,9 @@ def execute(plan: Plan, *, out: Path | None = None, device: str = "cpu", force: 
         result = RunResult(out, patch, float("nan"), float("nan"), timings, summaries)
         with atomic_folder(out, overwrite) as staging:
             _bake_and_check(plan, job, staging, result)
+            if gguf is not None:
+                export_gguf(staging, default_name(gguf), gguf, title=out.name)
+                _write_card(staging, out, result.eval_report)  # the card names the GGUF
     if scale is not None:
         scale.finish()
     return result
