@@ -42,6 +42,7 @@ from ..methods.registry import StepContext, get_method
 from ..publish.card import EVAL_NAME, write_card
 from ..recipe.loader import DataSettings, Recipe, line_of, resolve_path, where
 from ..recipe.settings import build
+from .sae import expand_model_paths
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def step_settings(recipe: Recipe) -> list[Any]:
                 entry(name)
             except PatcherError as e:
                 raise PatcherError(f"{where(recipe.path, line_of(recipe.text, key))}: {e}") from None
-    return [build(get_method(step.method).settings, step.settings, f"{recipe.path}:{step.line}", f"step[{i}]")
+    return [build(get_method(step.method).settings, expand_model_paths(step.settings, recipe.model.id), f"{recipe.path}:{step.line}", f"step[{i}]")
             for i, step in enumerate(recipe.steps, start=1)]
 
 
@@ -102,7 +103,7 @@ def compute_patch(recipe: Recipe, model: Any, tokenizer: Any, *, timings: Timing
         summaries.append({"step": i, "method": step.method, "data": data.summary() | {"source": source.get("name") or source["file"]}, "dataset": source})
         ctx = StepContext(model, tokenizer, collector, data, patch)
         wider = (collect_as or {}).get(i - 1)
-        collect_table = step.settings | wider if wider else step.settings
+        collect_table = expand_model_paths(step.settings | wider, recipe.model.id) if wider else step.settings
         collect_settings = {k: v for k, v in sorted(collect_table.items()) if k not in method.build_only()}
         key = (i, step.method, data_settings, repr(collect_settings), patch.hash())
         with timings.stage("collect"):
