@@ -242,8 +242,10 @@ def train(model_spec: str, layers: str, out: Path, *, tokens: int = 131072, cont
     t0 = time.perf_counter()
     folder, _prov = resolve_model(model_spec, trust_remote_code=trust_remote_code)
     check_output_path(out, folder, overwrite, [data_dir()])  # never into the model or the data folder
+    from transformers import AutoConfig
+
+    wanted = parse_layer_list(layers, num_layers(AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)))  # before the weights load
     model, tok = load_model(folder, device=device, trust_remote_code=trust_remote_code)
-    wanted = parse_layer_list(layers, num_layers(model.config))
     docs, sources = training_text(tok)
     prefix = leading_specials(tok)
     windows = pack(docs, context, tok.eos_token_id, settings.seed)
