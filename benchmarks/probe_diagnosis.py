@@ -65,7 +65,7 @@ def main() -> None:
         xte, yte = x[test].double(), y[test]
         shift = xte[yte == 1].mean(0) - xte[yte == 0].mean(0)  # held-out toxic shift
 
-        def share(u: torch.Tensor) -> float:
+        def share(u: torch.Tensor, shift: torch.Tensor = shift) -> float:
             u = u / u.norm()
             return float((u @ shift) ** 2 / shift.pow(2).sum())
 
