@@ -582,5 +582,43 @@ def plan(model: str, dtype: str, n_texts: int, max_tokens: int, gpu_gib: float, 
     click.echo(report(model, dtype, n_texts, max_tokens, gpu_gib, n_gpus))
 
 
+@main.group()
+def sae() -> None:
+    """Sparse autoencoders for `direction = "sae"` recipes (README, SAEs)."""
+
+
+@sae.command("train")
+@click.option("--model", "-m", required=True, help="Model: smollm2-135m, gemma3-270m, a local folder or a Hub id.")
+@click.option("--layers", required=True, help="Residual stream after these layers: 12, 6,12 or 4-8 (one SAE each).")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Folder for layer-N/ SAELens folders and sae.json (a recipe's sae_path names OUT/layer-N).")
+@click.option("--tokens", type=click.IntRange(min=1024), default=131072, show_default=True, help="Activation vectors to collect (a tenth is held out to score the SAE).")
+@click.option("--context", type=click.IntRange(min=8), default=128, show_default=True, help="Tokens per window.")
+@click.option("--expansion", type=click.IntRange(min=1), default=8, show_default=True, help="Features per residual dimension.")
+@click.option("--l1", type=click.FloatRange(min=0), default=5.0, show_default=True, help="L1 coefficient (activations scaled to unit spread per dimension).")
+@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True, help="Optimiser steps per SAE.")
+@click.option("--batch", "batch", type=click.IntRange(min=1), default=2048, show_default=True, help="Activation vectors per step.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the window order, initialisation and batches.")
+@_device_opt
+@click.option("--overwrite", is_flag=True, help="Replace an existing SAE folder patcher wrote (with sae.json).")
+@_trust_opt
+@_threads_opt
+@_data_dir_opt
+@friendly
+def sae_train(model: str, layers: str, out: Path, tokens: int, context: int, expansion: int, l1: float, steps: int, batch: int, lr: float, seed: int,
+              device: str, overwrite: bool, trust_remote_code: bool) -> None:
+    """Train residual-stream SAEs on MODEL (WikiText-2, BOLD, non-toxic labelled rows) and report
+    their quality: explained variance, dead features, L0, and perplexity with each spliced in."""
+    from .collect.sae_fit import TrainSettings
+    from .workflows.sae import TextWindows, train
+
+    r = train(model, layers, out, text=TextWindows(tokens=tokens, context=context), device=device, overwrite=overwrite, trust_remote_code=trust_remote_code,
+              settings=TrainSettings(expansion=expansion, l1=l1, steps=steps, batch=batch, lr=lr, seed=seed))
+    rows = [[x.layer, f"{x.quality['explained_variance']:.3f}", f"{x.quality['dead_features']} ({x.quality['dead_share']:.1%})",
+             f"{x.quality['l0']:.1f}", f"{x.ppl_base:.2f}", f"{x.ppl_spliced:.2f} ({x.ppl_increase:+.1%})", round(x.seconds)] for x in r.layers]
+    click.echo(render(["layer", "explained var", "dead", "L0", "ppl", "ppl spliced", "seconds"], rows, title=f"SAEs on {r.tokens} tokens (held-out tenth scored)"))
+    click.echo(f"wrote {out}")
+
+
 if __name__ == "__main__":  # `python -m patcher.cli` (torchrun, accelerate launch)
     main()

@@ -179,3 +179,34 @@ def test_circuit_recipe_runs_and_inspect_maps_it(tmp_path):
     r = CliRunner().invoke(main, ["inspect", str(tmp_path / "out"), "--plot", str(tmp_path / "map.png")])
     assert r.exit_code == 0, r.output
     assert "circuit:" in r.output and (tmp_path / "map.png").stat().st_size > 1000
+
+
+def neutral_rise(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, circuit: Circuit, neutral: list[str]) -> float:
+    """Mean next-token loss on the neutral texts with the circuit removed, minus without it."""
+    ids = torch.tensor([tokenizer(t)["input_ids"] for t in neutral])  # 12 words each: no padding
+
+    def loss() -> float:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+
+    base = loss()
+    with masked(model, *circuit.binary_masks()):
+        return loss() - base
+
+
+def test_damage_term_keeps_neutral_loss_within_its_bound(tokenizer: PreTrainedTokenizerFast) -> None:
+    """The worst case: the "toxic" text is the neutral text itself, so every unit that raises the
+    toxic loss raises the neutral one as much. A strong push to prune (large beta and budgets, fast
+    lr) then raises the neutral loss past the bound without the damage term; with max_damage set,
+    the circuit found stays within it and is not empty."""
+    _, neutral = texts(seed=2, n=48)
+    model = tiny_model("llama", seed=3)
+    strong = dict(steps=40, lr=0.5, batch_size=8, max_tokens=16, head_budget=0.5, neuron_budget=0.5, beta=5.0, lam=0.0)
+    bound = 0.01
+    free = learn_circuit(model, tokenizer, list(neutral), neutral, CircuitSettings(**strong))
+    assert neutral_rise(model, tokenizer, free, neutral) > 2 * bound, "without the damage term the run should overshoot the bound"
+    bounded = learn_circuit(model, tokenizer, list(neutral), neutral, CircuitSettings(**strong, max_damage=bound, damage_weight=20.0))
+    assert bounded.n_neurons + bounded.n_heads > 0
+    assert neutral_rise(model, tokenizer, bounded, neutral) <= bound + 1e-6
+    assert "damage" in bounded.history[0]

@@ -23,8 +23,9 @@ from patcher.workflows.run import run
 
 ROOT = Path(__file__).parents[1]
 RECIPES = ROOT / "recipes"
-# The template with a placeholder sae_path: no public SAE for SmolLM2 was available to ship.
-NOT_RUNNABLE = {"project-sae.toml": "its sae_path is a placeholder for the user's own SAE (none is public for SmolLM2-135M)"}
+# Needs an SAE trained here (`patcher sae train`, about half an hour per model; weights are not shipped):
+# its runs on both embedded models are in the README (SAEs).
+NOT_RUNNABLE = {"project-sae.toml": "its SAE is trained by `patcher sae train` (README, SAEs); weights are not shipped"}
 ORDER = ["aura.toml", "aura+project.toml", "project-meandiff.toml", "project-stack.toml"]  # pairs that share statistics run together
 # The gate's check perplexity and the results' WikiText-2 perplexity are the same measurement (4096
 # tokens, windows of 512 without overlap, the tokenizer's specials first); they differ only by float

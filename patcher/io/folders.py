@@ -31,7 +31,7 @@ from ..core.errors import PatcherError
 log = logging.getLogger(__name__)
 
 # Files that mark a folder as written by patcher: only such a folder may be replaced by --overwrite.
-PATCHER_MARKERS = ("patch.json", "patch.safetensors", "sweep.json")
+PATCHER_MARKERS = ("patch.json", "patch.safetensors", "sweep.json", "sae.json")
 # patcher adds ".NAME.partial-PID-XXXXXXXX" around an output's name; file names are limited to 255 bytes.
 MAX_NAME_BYTES = 200
 RENAME_NOREPLACE = 1

@@ -9,6 +9,9 @@ its weight row and bias, so the result folds into the weights with no hyperparam
 
 The paper's baselines are opt-in: ``det0`` zeroes the top-k units by AUROC, ``damp`` multiplies them
 by a fixed factor. ``min_auroc`` raises the threshold above 0.5 (a noise-floor variant).
+``strength`` mixes every factor toward 1 (``1 - s (1 - alpha)``): the paper's rule scaled down, so its
+perplexity cost can be traded against toxicity; ``modules = ["mlp_out"]`` dampens the down
+projections alone, a cheaper subset.
 """
 
 from __future__ import annotations
@@ -37,7 +40,13 @@ def statistic(config: Any, settings: AuraSettings) -> PooledValues:
 
 
 def factors_from_auroc(aurocs: dict[str, torch.Tensor], settings: AuraSettings) -> dict[str, torch.Tensor]:
-    """Per module, the factor of each unit."""
+    """Per module, the factor of each unit, mixed toward 1 by ``strength`` (so the cost in perplexity
+    can be budgeted: a tune searches it)."""
+    s = settings.strength
+    return {m: 1.0 - s * (1.0 - f) for m, f in _paper_factors(aurocs, settings).items()}
+
+
+def _paper_factors(aurocs: dict[str, torch.Tensor], settings: AuraSettings) -> dict[str, torch.Tensor]:
     if settings.mode == "aura":
         out = {}
         for m, a in aurocs.items():
@@ -83,6 +92,8 @@ class AuraSettings(Checked):
                                no_edit=1.0, tune=(0.5, 1.0, 0.01))
     top_k: int = setting(0, help="det0/damp: how many units by AUROC", build_only=True, minimum=0)
     damp_factor: float = setting(0.5, help="damp: the factor applied to the top_k units", build_only=True)
+    strength: float = setting(1.0, help="mix toward identity: factor' = 1 - strength (1 - factor); 1 is the paper, 0 no edit", build_only=True,
+                              minimum=0.0, maximum=1.0, no_edit=0.0, tune=(0.0, 1.0, 0.05))
 
     def rules(self) -> None:
         if self.mode != "aura" and self.top_k <= 0:

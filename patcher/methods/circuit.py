@@ -30,6 +30,13 @@ away by wrecking the model. ``sparsity = relu(f_h - b_h) / b_h + relu(f_n - b_n)
 mask back toward 1 once it overflows. Logits start at ``+3 T`` (every mask ~0.95, binary 1: the
 unpruned model). After training the budget is enforced exactly: of the zeroed units, at most
 ``floor(budget * N)`` are kept, those with the lowest logits.
+
+Damage (``max_damage`` > 0, nats). The neutral LM term above rewards keeping utility but sets no
+bound, so with a strong toxic term the mask prunes into a large perplexity cost. The damage term
+adds ``damage_weight * relu(LM(M, neutral) - LM(model, neutral) - max_damage)`` per batch (the same
+batch through the unpruned model, without gradient), and after training the circuit is cut to the
+longest prefix of its units, most confident first, whose neutral loss on up to 64 neutral texts
+rises at most ``max_damage``: ``log(1 + x)`` nats bounds that text's perplexity rise by ``x``.
 """
 
 from __future__ import annotations
@@ -72,6 +79,9 @@ class CircuitSettings(Checked):
     beta: float = setting(0.5, help="weight of the (capped) toxic LM loss", minimum=0.0)
     lam: float = setting(1.0, help='weight of the over-budget sparsity penalty ("lambda")', minimum=0.0)
     toxic_cap: float = setting(2.0, help="the toxic loss counts up to the unpruned loss plus this many nats", minimum=0.0)
+    max_damage: float = setting(0.0, help="> 0: neutral LM loss may rise at most this many nats over the unpruned model's (log(1.05) ~ +5% perplexity)",
+                                minimum=0.0)
+    damage_weight: float = setting(10.0, help="weight of the neutral loss rise beyond max_damage (per nat)", minimum=0.0)
     seed: int = setting(0, help="seed of the sampler and the mask initialisation")
 
 
@@ -356,6 +366,12 @@ def learn_circuit(
                 neuron_frac - settings.neuron_budget
             ) / settings.neuron_budget
             loss = neu_loss - settings.beta * torch.clamp(tox_loss, max=cap) + settings.lam * sparsity
+            damage = torch.zeros(())
+            if settings.max_damage > 0:  # the rise of this batch's neutral loss over the unpruned model's
+                with torch.no_grad():
+                    neu_base = _forward_loss(model, neu, pad, device)
+                damage = neu_loss - neu_base
+                loss = loss + settings.damage_weight * F.relu(damage - settings.max_damage)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -365,6 +381,7 @@ def learn_circuit(
                 "neutral": neu_loss.item(),
                 "toxic": tox_loss.item(),
                 "sparsity": sparsity.item(),
+                "damage": damage.item(),
                 "heads_zeroed": int((hm.detach() == 0).sum()),
                 "neurons_zeroed": int((nm.detach() == 0).sum()),
                 "soft_mask_mean": float(torch.cat([h_soft.detach().flatten(), n_soft.detach().flatten()]).mean()),
@@ -387,6 +404,8 @@ def learn_circuit(
 
     heads = _lowest_zeros(head_logits.detach(), head_cap)
     neurons = _lowest_zeros(neuron_logits.detach(), neuron_cap)
+    if settings.max_damage > 0:
+        heads, neurons = _within_damage(model, neu_ids, pad, device, (head_logits.detach(), neuron_logits.detach()), (heads, neurons), settings)
     return Circuit(
         heads=heads,
         neurons=neurons,
@@ -397,6 +416,44 @@ def learn_circuit(
         width=width,
         settings=asdict(settings),
     )
+
+
+@torch.no_grad()
+def _within_damage(model: nn.Module, neu_ids: list[list[int]], pad: int, device: Any, logits: tuple[torch.Tensor, torch.Tensor],
+                   circuit: tuple[dict[int, list[int]], dict[int, list[int]]], settings: CircuitSettings) -> tuple[dict, dict]:
+    """The circuit cut to its most confident units (lowest logits first) so that the neutral loss on
+    up to 64 neutral texts rises at most ``max_damage`` over the unpruned model's: the largest such
+    prefix, found by bisection (the batch term only holds the rise near the bound on average).
+    ``logits`` and ``circuit``: (heads, neurons) each."""
+    (head_logits, neuron_logits), (heads, neurons) = logits, circuit
+    units = [(head_logits[i, h].item(), 0, i, h) for i, hs in heads.items() for h in hs]
+    units += [(neuron_logits[i, n].item(), 1, i, n) for i, ns in neurons.items() for n in ns]
+    units.sort()
+    sample = neu_ids[:64]
+
+    def loss(k: int) -> float:
+        hm, nm = torch.ones_like(head_logits), torch.ones_like(neuron_logits)
+        for _, kind, i, j in units[:k]:
+            (hm if kind == 0 else nm)[i, j] = 0
+        with masked(model, hm, nm):
+            return sum(_forward_loss(model, sample[b : b + 16], pad, device).item() * len(sample[b : b + 16])
+                       for b in range(0, len(sample), 16)) / len(sample)
+
+    base = loss(0)
+    lo, hi = 0, len(units)
+    if loss(hi) - base > settings.max_damage:
+        while lo < hi:  # the largest k whose rise is within the bound
+            mid = (lo + hi + 1) // 2
+            if loss(mid) - base <= settings.max_damage:
+                lo = mid
+            else:
+                hi = mid - 1
+        units = units[:lo]
+    out_h: dict[int, list[int]] = {}
+    out_n: dict[int, list[int]] = {}
+    for _, kind, i, j in sorted(units, key=lambda u: (u[1], u[2], u[3])):
+        (out_h if kind == 0 else out_n).setdefault(i, []).append(j)
+    return out_h, out_n
 
 
 def _lowest_zeros(logits: torch.Tensor, cap: int) -> dict[int, list[int]]:

@@ -15,13 +15,15 @@ Directions (``direction``):
 * ``probe``: a logistic-regression probe per layer (scikit-learn, L2, ``probe_c``); its weight vector
   is the direction; ``k`` > 1 runs iterative nullspace projection (refit after projecting out the
   directions found so far). Held-out accuracy (``holdout`` fraction, pairs kept together) is
-  printed and kept in the patch's provenance.
+  printed and kept in the patch's provenance. ``probe_erase = "pattern"`` removes the probe's
+  activation pattern (within-class covariance times its weights, Haufe et al. 2014) instead of its
+  weight vector (`probe_pattern`).
 * ``profs``: ProFS (Uppaal et al., ICLR 2025). Paired toxic/neutral states X-, X+; remove the top
   singular vector of X+ (the shared "context" direction) from the differences T = X- - X+, and take
   the top-k right singular vectors of what is left. Needs ``paired = true``.
 * ``sae``: decoder vectors of a sparse autoencoder (a SAELens folder, a Gemma Scope ``params.npz``,
   a safetensors file with ``W_enc`` [d_model, d_sae], ``W_dec`` [d_sae, d_model], ``b_enc``,
-  ``b_dec``, optional JumpReLU ``threshold``, or any of these as ``hf://...``; `patcher.methods.saes`) that
+  ``b_dec``, optional JumpReLU ``threshold``, or any of these as ``hf://...``; `patcher.io.sae_files`) that
   reads the residual stream after layer ``sae_layer`` (from ``cfg.json`` where the SAE has one). Features are given by
   index (``sae_features``) or picked as the ``sae_top`` features whose mean activation rises most on
   toxic text (difference of means times decoder norm). One basis for every chosen layer.
@@ -293,6 +295,17 @@ def probe(z: torch.Tensor, labels: torch.Tensor, pairs: tuple[torch.Tensor, torc
     return torch.stack(found, 1), accs
 
 
+def probe_pattern(x: torch.Tensor, labels: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The activation patterns ``Sigma_w W`` of read directions ``W`` [d, k] (Haufe et al. 2014),
+    ``Sigma_w`` the within-class covariance of ``x``: where the states move when the probe's output
+    moves. A probe's weights also cancel noise shared with the signal, so they can point far from
+    where toxic and neutral states differ; removing them from what a block writes then removes little
+    of the difference, and the pattern is the direction to erase."""
+    xd = x.double()
+    centred = torch.cat([xd[labels == c] - xd[labels == c].mean(0) for c in (0, 1) if (labels == c).any()])
+    return centred.T @ (centred @ w.double()) / max(1, len(centred) - 2)
+
+
 def basis(d: torch.Tensor, what: str) -> torch.Tensor:
     """Orthonormal basis of the columns of ``d``, refusing (near-)dependent columns."""
     require_finite(d, f"{what}: the direction", "the pooled states hold NaN/inf or a dimension's spread is zero; "
@@ -328,7 +341,11 @@ def estimate(x: torch.Tensor, labels: torch.Tensor, pair_ids: Any, s: ProjectSet
     else:
         w, accs = probe(z, labels, pairs, s.k, s.probe_c, s.holdout, s.seed)
         info["probe_accuracy"] = [round(a, 4) for a in accs]
-    u = basis(f.back(w), what)
+    read = f.back(w)
+    if s.direction == "probe" and s.probe_erase == "pattern":
+        read = probe_pattern(x, labels, read)
+        read[f.dropped] = 0  # excluded outlier dimensions stay untouched
+    u = basis(read, what)
     info |= _shares(u, f.outlier_dims)
     if s.erase == "whitened":
         info["write"] = whitened_write(u, neutral_std(x, labels))
@@ -490,6 +507,9 @@ class ProjectSettings(Checked):
     probe_c: float = setting(1.0, help="probe: inverse L2 regularisation strength", build_only=True)
     holdout: float = setting(0.2, help="probe: share of the data held out to score it", build_only=True, exclusive_minimum=0.0,
                               exclusive_maximum=1.0)
+    probe_erase: Literal["weights", "pattern"] = setting(
+        "weights", help="probe: remove its weight vector, or its activation pattern (within-class covariance times the weights)", build_only=True,
+        choices=("weights", "pattern"))
     sae_path: str = setting("", help="sae: a safetensors file with W_enc, W_dec, b_enc, b_dec")
     sae_layer: int = setting(-1, help="sae: the layer whose residual stream the SAE reads (-1: from the file)")
     sae_features: tuple[int, ...] = setting((), help="sae: feature indices to project out")

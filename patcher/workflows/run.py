@@ -45,6 +45,7 @@ from .run_plan import EVAL_PLOT, Plan, eval_settings, resolve, step_settings
 
 __all__ = ["Plan", "RunResult", "check_perplexity", "compute", "compute_patch", "eval_settings", "execute", "recipe_inputs", "resolve", "run",
            "step_settings"]
+from .sae import expand_model_paths
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def compute_patch(plan: Plan | Recipe, model: Any, tokenizer: Any, *, timings: T
         summaries.append({"step": i, "method": step.method, "data": data.summary() | {"source": source.name}, "dataset": source.record})
         ctx = StepContext(model, tokenizer, collector, data, patch)
         wider = (collect_as or {}).get(i - 1)
-        collect_table = step.settings | wider if wider else step.settings
+        collect_table = expand_model_paths(step.settings | wider, recipe.model.id) if wider else step.settings
         collect_settings = {k: v for k, v in sorted(collect_table.items()) if k not in method.build_only()}
         key = (i, step.method, data_settings, repr(collect_settings), patch.hash())
         with timings.stage("collect"):

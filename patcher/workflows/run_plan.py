@@ -25,6 +25,7 @@ from ..evaluate.report import EvalSettings, eval_prompts
 from ..methods import get_method
 from ..recipe.loader import DataSettings, Recipe, line_of, resolve_path, where
 from ..recipe.settings import build
+from .sae import expand_model_paths
 
 EVAL_PLOT = "eval.png"
 
@@ -93,7 +94,8 @@ def with_setting(recipe: Recipe, index: int, key: str, value: Any) -> Recipe:
 def step_settings_of(recipe: Recipe, index: int) -> Any:
     """Step ``index``'s settings built by its method; a bad value is refused at its key's line."""
     step = recipe.steps[index]
-    return build(get_method(step.method).settings, step.settings, f"{recipe.path}:{step.line}", f"step[{index + 1}]",
+    table = expand_model_paths(step.settings, recipe.model.id)  # sae_path = "saes/{model}/..."
+    return build(get_method(step.method).settings, table, f"{recipe.path}:{step.line}", f"step[{index + 1}]",
                  key_at=lambda key: where(recipe.path, line_of(recipe.text, key, step.line) or step.line))
 
 
