@@ -43,3 +43,12 @@ def test_no_function_takes_more_than_eight_parameters() -> None:
 def test_the_count_counts() -> None:
     fn = ast.parse("def f(self, a, b=1, *c, d, e=2, **f): pass").body[0]
     assert count(fn) == 6  # type: ignore[arg-type]
+
+
+def test_tune_is_a_package_of_small_modules() -> None:
+    """`workflows/tune/`: the space, the proxy, the search, the pick and the result each in its own
+    module, none over 300 lines."""
+    folder = ROOT / "workflows" / "tune"
+    sizes = {p.name: len(p.read_text().splitlines()) for p in folder.glob("*.py")}
+    assert {"__init__.py", "space.py", "proxy.py", "search.py", "pick.py", "result.py"} <= set(sizes)
+    assert max(sizes.values()) <= 300, sizes
