@@ -468,6 +468,7 @@ class CircuitPruning(Method):
 
     name = "circuit"
     settings = CircuitSettings
+    whole_model = True  # the masks learn by backpropagating through every layer at once
 
     def collect(self, ctx: StepContext, settings: CircuitSettings) -> Circuit:
         toxic = [t for t, y in zip(ctx.data.texts, ctx.data.labels) if y == 1]

@@ -42,6 +42,7 @@ class Method:
 
     name: ClassVar[str]
     settings: ClassVar[type]
+    whole_model: ClassVar[bool] = False  # needs the whole model resident (a backward pass): refused under --sequential
 
     def collect(self, ctx: StepContext, settings: Any) -> Any:
         raise NotImplementedError

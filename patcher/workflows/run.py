@@ -24,8 +24,10 @@ from typing import Any
 from ..bake.writer import prepare_bake, write_bake
 from ..collect.collector import Collector
 from ..collect.layerwise import layerwise_perplexity
+from ..collect.parallel import ParallelCollect
 from ..core.errors import PatcherError
-from ..core.models import load_model, resolve_device
+from ..core.models import resolve_device
+from ..core.placement import Placement
 from ..core.tokens import leading_specials
 from ..data.catalog import entry
 from ..data.loaders import LabeledSet, data_source, load_data, ppl_source
@@ -74,7 +76,7 @@ def step_settings(recipe: Recipe) -> list[Any]:
 
 
 def compute_patch(recipe: Recipe, model: Any, tokenizer: Any, *, timings: Timings | None = None,
-                  scale: Any = None, stats_cache: dict | None = None,
+                  pipeline: Any = None, stats_cache: dict | None = None,
                   collect_as: dict[int, dict[str, Any]] | None = None) -> tuple[Patch, list[dict]]:
     """Run the recipe's steps; returns the composed Patch and a summary of each step's data.
 
@@ -87,7 +89,7 @@ def compute_patch(recipe: Recipe, model: Any, tokenizer: Any, *, timings: Timing
     all_settings = step_settings(recipe)
     c = recipe.collect
     collector = Collector(model, tokenizer, batch_size=c.batch_size, max_tokens=recipe.data.max_tokens,
-                          padding_side=c.padding_side, skip_first=c.skip_first, options=scale)
+                          padding_side=c.padding_side, skip_first=c.skip_first, options=pipeline)
     patch = Patch([])
     summaries: list[dict] = []
     cache: dict[DataSettings, LabeledSet] = {}
@@ -135,37 +137,44 @@ def recipe_inputs(recipe: Recipe) -> list[Path]:
 
 
 @contextmanager
-def _collect_state(scale: Any) -> Iterator[None]:
+def _collect_state(pipeline: ParallelCollect) -> Iterator[None]:
     """On a failure, the collection checkpoints are kept only when ``--resume`` can continue from
     them (the collection itself was interrupted after a checkpoint); otherwise they are removed.
     Either way the log says which."""
     try:
         yield
     except BaseException:
-        if scale is not None:
-            scale.abandon()
+        pipeline.abandon()
         raise
 
 
-def compute(recipe: Recipe, out: Path, *, device: str = "cpu", overwrite: bool = False, scale: Any = None) -> Patch | None:
+def refuse_placement(recipe: Recipe, placement: Placement) -> None:
+    """Steps whose method cannot run under ``placement`` are refused before the model loads."""
+    for i, step in enumerate(recipe.steps, start=1):
+        if getattr(get_method(step.method), "whole_model", False):
+            placement.refuse(f"step {i} ({step.method}: its backward pass needs the whole model)",
+                             "run without --sequential; for a model larger than memory use --device-map auto with --max-memory and --offload-folder",
+                             sequential=placement.sequential)
+
+
+def compute(recipe: Recipe, out: Path, *, placement: Placement | None = None, overwrite: bool = False) -> Patch | None:
     """`patcher compute`: the recipe's patch written to ``out`` (``patch.json`` with the patch's
     sha256 + ``patch.safetensors``) without baking. Under several processes only rank 0 writes; the
     others return None."""
     step_settings(recipe)
+    pipeline = ParallelCollect(placement or Placement())
+    refuse_placement(recipe, pipeline.placement)
     folder, _ = resolve_model(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)
     check_output_path(out, folder, overwrite, recipe_inputs(recipe))
-    if scale is not None:
-        device = scale.prepare(folder, out, device)
-    load = scale.load if scale is not None else load_model
-    with _collect_state(scale):
-        model, tokenizer = load(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
-        patch, _ = compute_patch(recipe, model, tokenizer, scale=scale)
-        if scale is not None and not scale.world.is_main:
+    device = pipeline.prepare(folder, out, pipeline.placement.device)
+    with _collect_state(pipeline):
+        model, tokenizer = pipeline.load(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
+        patch, _ = compute_patch(recipe, model, tokenizer, pipeline=pipeline)
+        if not pipeline.world.is_main:
             return None
         with atomic_folder(out, overwrite) as tmp:
             patch.save(tmp)
-    if scale is not None:
-        scale.finish()
+    pipeline.finish()
     return patch
 
 
@@ -237,10 +246,10 @@ def _check_eval(settings: Any, device: str) -> None:
         raise PatcherError(f"the recipe's [eval] table writes {EVAL_PLOT}, which needs matplotlib: pip install 'patcher[eval]', or run with --no-eval")
 
 
-def _evaluate_staging(staging: Path, out: Path, baseline: str, settings: Any, device: str) -> dict[str, Any]:
+def _evaluate_staging(staging: Path, out: Path, baseline: str, settings: Any, placement: Placement) -> dict[str, Any]:
     """Evaluate the staged output against ``baseline``; writes eval.json and eval.png into it."""
 
-    report = evaluate(staging, baseline=baseline, settings=settings, device=device)
+    report = evaluate(staging, baseline=baseline, settings=settings, placement=placement)
     # measured in the staging folder, published as ``out``: the report sits inside the model it
     # describes, so the model is "." (local paths in published files are relative, never absolute)
     report.model.spec, report.model.folder = ".", "."
@@ -266,21 +275,23 @@ def run(
     recipe: Recipe,
     *,
     out: Path | None = None,
-    device: str = "cpu",
+    placement: Placement | None = None,
     force: bool = False,
     overwrite: bool = False,
-    scale: Any = None,
     run_eval: bool = True,
     stats_cache: dict | None = None,
     allow_nonfinite: bool = False,
 ) -> RunResult | None:
-    """``scale`` (`patcher.distributed.ScaleOptions`): device map, layer-by-layer, data-parallel,
-    checkpoints; under several processes only rank 0 bakes and writes, the others return None.
+    """``placement`` (`patcher.core.placement.Placement`): device, dtype, device map, layer by layer,
+    checkpoints; under several processes (torchrun) only rank 0 bakes and writes, the others return None.
     ``run_eval=False`` skips the recipe's ``[eval]`` table (the card is written without it).
     ``stats_cache`` is `compute_patch`'s: runs of recipes that share a step's statistics collect them once.
     ``allow_nonfinite``: copy untouched source tensors holding NaN or inf."""
     timings = Timings()
     spec = recipe.model.id
+    pipeline = ParallelCollect(placement or Placement())
+    refuse_placement(recipe, pipeline.placement)
+    device = pipeline.placement.device
     effective = recipe.effective_settings(step_settings(recipe))  # every step validated before the work
     settings = eval_settings(recipe)  # refuse a bad [eval] table before the work, even when skipped
     if not run_eval:
@@ -293,28 +304,27 @@ def run(
         folder, _ = resolve_model(spec, recipe.model.revision, trust)
         out = Path(out or f"runs/{recipe.name}-{Path(spec).name}")
         check_output_path(out, folder, overwrite, inputs)
-        if scale is not None:
-            device = scale.prepare(folder, out, device)
-        load = scale.load if scale is not None else load_model
-    with _collect_state(scale):
+        device = pipeline.prepare(folder, out, device)
+        load = pipeline.load
+    with _collect_state(pipeline):
         with timings.stage("load"):
             model, tokenizer = load(folder, recipe.model.dtype, device, trust)
-        patch, summaries = compute_patch(recipe, model, tokenizer, timings=timings, scale=scale, stats_cache=stats_cache)
-        if scale is not None and not scale.world.is_main:
+        patch, summaries = compute_patch(recipe, model, tokenizer, timings=timings, pipeline=pipeline, stats_cache=stats_cache)
+        if not pipeline.world.is_main:
             return None
         record = {"recipe": {"path": str(recipe.path.resolve()), "name": recipe.name, "text": recipe.text, "settings": effective}, "data": summaries}
         holder = [model]
         del model
         with atomic_folder(out, overwrite) as staging:
-            result = _bake_and_check(recipe, patch, summaries, holder, tokenizer, load, staging, out, record, timings, device,
+            result = _bake_and_check(recipe, patch, summaries, holder, tokenizer, load, staging, out, record, timings,
+                                     pipeline.placement.replace(device=device),
                                      settings, force, allow_nonfinite, folder)
-    if scale is not None:
-        scale.finish()
+    pipeline.finish()
     return result
 
 
 def _bake_and_check(recipe: Recipe, patch: Patch, summaries: list[dict], holder: list[Any], tokenizer: Any, load: Any, staging: Path, out: Path,
-                    record: dict[str, Any], timings: Timings, device: str, settings: Any, force: bool, allow_nonfinite: bool,
+                    record: dict[str, Any], timings: Timings, placement: Placement, settings: Any, force: bool, allow_nonfinite: bool,
                     folder: Path) -> RunResult:
     """Bake into ``staging``, check perplexity against the budget, evaluate, write the card: the
     caller publishes ``staging`` as ``out`` only when this returns. ``holder`` holds the only
@@ -328,7 +338,7 @@ def _bake_and_check(recipe: Recipe, patch: Patch, summaries: list[dict], holder:
         ppl = ppl_source(recipe.check)
         before = check_perplexity(holder.pop(), tokenizer, recipe) if ppl else float("nan")  # the model is freed here
         holder.clear()
-        baked, _ = load(staging, recipe.model.dtype, device)
+        baked, _ = load(staging, recipe.model.dtype, placement.device)
         after = check_perplexity(baked, tokenizer, recipe) if ppl else float("nan")
         del baked
     result = RunResult(out, patch, before, after, timings, summaries)
@@ -344,6 +354,6 @@ def _bake_and_check(recipe: Recipe, patch: Patch, summaries: list[dict], holder:
         with timings.stage("eval"):
             # the base model as resolved for the bake (a pinned revision stays pinned)
             baseline = spec if recipe.model.revision is None else str(folder)
-            result.eval_report = _evaluate_staging(staging, out, baseline, settings, device)
+            result.eval_report = _evaluate_staging(staging, out, baseline, settings, placement)
     _write_card(staging, out, result.eval_report)
     return result

@@ -49,8 +49,10 @@ import numpy as np
 import tomllib
 
 from ..bake.writer import bake
+from ..collect.layerwise import load_placed
 from ..core.errors import PatcherError
-from ..core.models import load_model, resolve_device
+from ..core.models import resolve_device
+from ..core.placement import Placement
 from ..core.progress import bar
 from ..core.table import render
 from ..data.loaders import load_data, ppl_source
@@ -553,13 +555,16 @@ def tuned_recipe_text(recipe: Recipe, params: list[Param], values: dict[str, Any
 
 
 def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60, timeout: float | None = None,
-         study_path: Path | None = None, seed: int = 0, device: str = "cpu", candidates: int | None = None,
+         study_path: Path | None = None, seed: int = 0, placement: Placement | None = None, candidates: int | None = None,
          eval_n_prompts: int | None = None, evaluators: tuple[str, ...] | None = None, overwrite: bool = False) -> TuneResult:
     """Search, evaluate the Pareto points within budget, write ``out`` (the tuned recipe) with
     ``.tune.json`` and ``.tune.png`` beside it; ``study_path`` (default ``out`` + ``.study.db``)
     holds the trials."""
     if max_ppl_increase <= 0 or trials < 1 or (timeout is not None and timeout <= 0):
         raise PatcherError("--max-ppl-increase, --trials and --timeout must be positive")
+    placement = placement or Placement()
+    placement.refuse("tune (every trial runs the hooked model whole)", "use --device-map auto with --max-memory and --offload-folder "
+                     "for a model larger than memory", sequential=placement.sequential)
     ts, params = tune_space(recipe)
     ts = dataclasses.replace(ts, **{k: v for k, v in (("candidates", candidates), ("eval_n_prompts", eval_n_prompts),
                                                       ("evaluators", evaluators)) if v is not None})
@@ -577,10 +582,10 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
         eval_settings = quick_settings(recipe, ts)
         from ..evaluate.evaluators import get_evaluators
 
-        get_evaluators(list(ts.evaluators), device=resolve_device(device))  # fail now, not after the search
+        get_evaluators(list(ts.evaluators), device=resolve_device(placement.device))  # fail now, not after the search
     _optuna()
     folder, _ = resolve_model(recipe.model.id, recipe.model.revision)
-    model, tokenizer = load_model(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
+    model, tokenizer = load_placed(folder, placement, recipe.model.dtype, recipe.model.trust_remote_code)
     scorer = Scorer(recipe, params, model, tokenizer, token_stream(tokenizer, ppl[0], recipe.check.ppl_tokens),
                     held_back(recipe, ts, tokenizer))
     base_ppl, base_proxy = scorer.measure(model)
@@ -638,7 +643,7 @@ def tune(recipe: Recipe, *, out: Path, max_ppl_increase: float, trials: int = 60
                     patch = scorer.patches.get(n) or scorer.patch(by[n]["settings"])
                     target = staging / f"trial-{n}"
                     bake(patch, recipe.model.id, target, untie=recipe.model.untie)
-                    report = evaluate(target, settings=eval_settings, device=device).to_json()
+                    report = evaluate(target, settings=eval_settings, placement=placement).to_json()
                     study.set_user_attr(key, eval_point(report, list(ts.evaluators)))
                     shutil.rmtree(target, ignore_errors=True)
                 evaluated[n] = study.user_attrs[key]
