@@ -198,12 +198,13 @@ def main() -> None:
         recipes = write_inputs(work, model, args.pairs, args.max_tokens, args.ppl_tokens)
         n_texts = 2 * args.pairs
         place = ["--device", args.device]
-        if "plan" in only:
-            r = measure([*patcher, "plan", "--model", str(model), "--texts", str(n_texts), "--max-tokens", str(args.max_tokens), "--batch-size", "8",
-                         "--sequential", "--json", str(work / "plan.json"), *place], env, work / "plan.log")
-            results["plan"] = json.loads((work / "plan.json").read_text()) if r["rc"] == 0 else {"error": (work / "plan.log").read_text()[-2000:]}
+        if "plan" in only:  # the sequential placement (run, verify, bake) and eval's placement
+            for name, flags in (("plan", ["--sequential"]), ("plan-eval", args.eval_flags.split())):
+                r = measure([*patcher, "plan", "--model", str(model), "--texts", str(n_texts), "--max-tokens", str(args.max_tokens), "--batch-size", "8",
+                             "--json", str(work / f"{name}.json"), *place, *flags], env, work / f"{name}.log")
+                results[name] = json.loads((work / f"{name}.json").read_text()) if r["rc"] == 0 else {"error": (work / f"{name}.log").read_text()[-2000:]}
         calib_tokens = n_texts * args.max_tokens
-        for key in ("project-stack", "aura", "transport"):
+        for key in ("aura", "project-stack", "transport"):
             if key not in only:
                 continue
             out = work / f"out-{key}"
@@ -212,13 +213,17 @@ def main() -> None:
             r["tokens"] = calib_tokens * steps + 2 * args.ppl_tokens
             results["steps"][f"run {key} --sequential"] = r
             print(key, r, flush=True)
+            if key != "aura" and not args.keep:  # only the AURA output is baked, verified and evaluated below: free the disk
+                shutil.rmtree(out, ignore_errors=True)
         if "bake" in only and (work / "out-aura").is_dir():
             r = measure([*patcher, "bake", str(work / "out-aura"), "--model", str(model), "--out", str(work / "baked-aura"), "--overwrite"], env, work / "bake.log")
             r["shard_bytes"] = max(p.stat().st_size for p in model.glob("*.safetensors"))
             results["steps"]["bake (aura patch)"] = r
             print("bake", r, flush=True)
-        if "verify" in only and (work / "out-project-stack").is_dir():
-            r = measure([*patcher, "verify", str(work / "out-project-stack"), "--sequential", *place], env, work / "verify.log")
+            if not args.keep:
+                shutil.rmtree(work / "baked-aura", ignore_errors=True)
+        if "verify" in only and (work / "out-aura").is_dir():
+            r = measure([*patcher, "verify", str(work / "out-aura"), "--sequential", *place], env, work / "verify.log")
             r["ok"] = "verify: OK" in (work / "verify.log").read_text()
             r["tokens"] = 2 * 3 * 16
             results["steps"]["verify --sequential"] = r
@@ -241,6 +246,7 @@ def main() -> None:
             for p in [model, *work.glob("out-*"), *work.glob("baked-*")]:
                 shutil.rmtree(p, ignore_errors=True)
     predicted = (results.get("plan") or {}).get("commands", {})
+    predicted["eval"] = (results.get("plan-eval") or {}).get("commands", {}).get("eval")
     rows = []
     for name, r in results["steps"].items():
         key = {"run project-stack --sequential": "run project", "run aura --sequential": "run aura", "run transport --sequential": "run transport",

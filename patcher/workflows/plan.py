@@ -28,7 +28,7 @@ for ``--device cuda``), as the sum of what that path holds at its peak:
 * perplexity: one window's logits in float32, with their log-softmax;
 * eval: the KV cache of one generation batch (prompt + new tokens) and its logits;
 * verify: one model at a time (layer by layer under ``--sequential``) and the prompts' logits;
-* bake: streaming, a few blocks of the largest edited tensor in float32.
+* bake: streaming, a few blocks of the edited tensors in float32 and the copy buffers.
 
 `benchmarks/scale.py` and `tests/test_plan.py` set these predictions beside measured peaks.
 """
@@ -185,7 +185,8 @@ def scenarios(s: Sizes, dtype: str, n_texts: int, max_tokens: int, gpu_gib: floa
     return rows
 
 
-RUNTIME = 1 << 29  # the Python runtime with torch, transformers, tokenizers and patcher imported
+RUNTIME = 640 << 20  # the Python runtime with torch, transformers, tokenizers and patcher imported, allocator slack
+BAKE_BLOCKS = 16 << 20  # bake: the edited tensors' blocks in flight over the threads, and the copy buffers
 METHODS = ("aura", "project", "transport", "circuit")
 
 
@@ -245,7 +246,7 @@ def footprint(s: Sizes, placement: Placement, dtype: str, work: Workload) -> dic
         kv = kv_cache_bytes(s.config, work.batch_size, work.prompt_tokens + work.new_tokens, dtype)
         out["eval"] = {"runtime": RUNTIME, **model, "KV cache of a batch": kv, "generation logits": work.batch_size * s.vocab * 4 * 2,
                        "perplexity window logits": logits}
-    out["bake"] = {"runtime": RUNTIME, "the largest tensor in float32": max(s.vocab, s.intermediate) * s.hidden * 4}
+    out["bake"] = {"runtime": RUNTIME, "blocks in flight": BAKE_BLOCKS}
     return out
 
 
