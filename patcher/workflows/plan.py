@@ -18,8 +18,8 @@ for ``--device cuda``), as the sum of what that path holds at its peak:
 
 * every process: the Python runtime with torch and transformers (``RUNTIME``);
 * the model: whole (``weights``; under ``--device-map`` what the budget keeps in memory), or under
-  ``--sequential`` the embeddings and head plus two decoder layers (the one running and the one
-  being read from its shard);
+  ``--sequential`` the embeddings and head (counted twice: the buffers they are read through outlive
+  them in the allocator) plus two decoder layers (the one running and the one being read);
 * collection: the calibration set's hidden states between layers (``--sequential``) or one batch's
   activations (whole model); AURA's pooled values (``texts x units x 4 B``); the projection's pooled
   residuals (``texts x hidden x layers x 4 B``); transport's two hidden-state buffers (inputs and
@@ -185,7 +185,7 @@ def scenarios(s: Sizes, dtype: str, n_texts: int, max_tokens: int, gpu_gib: floa
     return rows
 
 
-RUNTIME = 640 << 20  # the Python runtime with torch, transformers, tokenizers and patcher imported, allocator slack
+RUNTIME = 450 << 20  # the Python runtime with torch, transformers, tokenizers and patcher imported
 BAKE_BLOCKS = 16 << 20  # bake: the edited tensors' blocks in flight over the threads, and the copy buffers
 METHODS = ("aura", "project", "transport", "circuit")
 
@@ -222,7 +222,7 @@ def footprint(s: Sizes, placement: Placement, dtype: str, work: Workload) -> dic
     hs = s.hidden_states(work.n_texts, work.max_tokens, dtype)
     logits = work.ppl_window * s.vocab * 4 * 2
     if placement.sequential:
-        model = {"embeddings + head": outside, "two decoder layers": 2 * layer}
+        model = {"embeddings + head, and their read buffers": 2 * outside, "two decoder layers": 2 * layer}
         between = {"hidden states of the calibration set": hs}
     else:
         model = {"weights": _model_bytes(s, placement, dtype)}
