@@ -178,6 +178,8 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=1024)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default="", help="Comma-separated steps to run (write,plan,project-stack,aura,transport,bake,verify,eval).")
+    ap.add_argument("--run-flags", default="--sequential", help="Placement flags for run (default --sequential; e.g. '--device-map auto' on GPUs).")
+    ap.add_argument("--verify-flags", default="--sequential", help="Placement flags for verify.")
     ap.add_argument("--eval-flags", default="", help="Placement flags for eval, e.g. '--device-map auto --max-memory cpu=10GiB --offload-folder DIR'.")
     ap.add_argument("--keep", action="store_true", help="Keep the checkpoint and outputs.")
     args = ap.parse_args()
@@ -199,7 +201,7 @@ def main() -> None:
         n_texts = 2 * args.pairs
         place = ["--device", args.device]
         if "plan" in only:  # the sequential placement (run, verify, bake) and eval's placement
-            for name, flags in (("plan", ["--sequential"]), ("plan-eval", args.eval_flags.split())):
+            for name, flags in (("plan", args.run_flags.split()), ("plan-eval", args.eval_flags.split())):
                 r = measure([*patcher, "plan", "--model", str(model), "--texts", str(n_texts), "--max-tokens", str(args.max_tokens), "--batch-size", "8",
                              "--json", str(work / f"{name}.json"), *place, *flags], env, work / f"{name}.log")
                 results[name] = json.loads((work / f"{name}.json").read_text()) if r["rc"] == 0 else {"error": (work / f"{name}.log").read_text()[-2000:]}
@@ -208,10 +210,11 @@ def main() -> None:
             if key not in only:
                 continue
             out = work / f"out-{key}"
-            r = measure([*patcher, "run", str(recipes[key]), "--out", str(out), "--overwrite", "--sequential", "--no-eval", *place], env, work / f"{key}.log")
+            r = measure([*patcher, "run", str(recipes[key]), "--out", str(out), "--overwrite", "--no-eval", *place, *args.run_flags.split()], env,
+                        work / f"{key}.log")
             steps = 2 if key == "project-stack" else 1
             r["tokens"] = calib_tokens * steps + 2 * args.ppl_tokens
-            results["steps"][f"run {key} --sequential"] = r
+            results["steps"][f"run {key} {args.run_flags}".strip()] = r
             print(key, r, flush=True)
             if key != "aura" and not args.keep:  # only the AURA output is baked, verified and evaluated below: free the disk
                 shutil.rmtree(out, ignore_errors=True)
@@ -223,10 +226,10 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(work / "baked-aura", ignore_errors=True)
         if "verify" in only and (work / "out-aura").is_dir():
-            r = measure([*patcher, "verify", str(work / "out-aura"), "--sequential", *place], env, work / "verify.log")
+            r = measure([*patcher, "verify", str(work / "out-aura"), *place, *args.verify_flags.split()], env, work / "verify.log")
             r["ok"] = "verify: OK" in (work / "verify.log").read_text()
             r["tokens"] = 2 * 3 * 16
-            results["steps"]["verify --sequential"] = r
+            results["steps"][f"verify {args.verify_flags}".strip()] = r
             print("verify", r, flush=True)
         if "eval" in only and (work / "out-aura").is_dir():
             evaluated = work / "out-aura"
@@ -249,8 +252,8 @@ def main() -> None:
     predicted["eval"] = (results.get("plan-eval") or {}).get("commands", {}).get("eval")
     rows = []
     for name, r in results["steps"].items():
-        key = {"run project-stack --sequential": "run project", "run aura --sequential": "run aura", "run transport --sequential": "run transport",
-               "bake (aura patch)": "bake", "verify --sequential": "verify", "eval --preset quick": "eval"}[name]
+        key = {"run project-stack": "run project", "run aura": "run aura", "run transport": "run transport", "bake": "bake", "verify": "verify",
+               "eval": "eval"}[" ".join(name.split()[:2]) if name.startswith("run") else name.split()[0]]
         pred = predicted.get(key)
         ratio = f"{pred / r['peak_bytes']:.2f}" if pred else "-"
         rows.append([name, "ok" if r["rc"] == 0 else f"FAILED rc {r['rc']}", f"{r['peak_bytes'] / 1e9:.2f}", f"{pred / 1e9:.2f}" if pred else "-", ratio,
