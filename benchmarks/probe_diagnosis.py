@@ -15,7 +15,7 @@ import json
 from dataclasses import replace
 
 import torch
-from patcher.methods.registry import StepContext
+from patcher.methods import StepContext
 
 from patcher.collect.collector import Collector
 from patcher.core.arch import arch_for, num_layers, writer_module

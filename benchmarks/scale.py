@@ -1,17 +1,25 @@
-"""Layer-by-layer collection on a 1.6B-parameter model: peak memory against the whole-model path.
+"""Real scale: a random-weight checkpoint with a real model's shapes through every command.
 
-    python benchmarks/scale.py [--texts 32] [--max-tokens 32] [--layers 24] [--json out.json]
+    python benchmarks/scale.py --shape llama-2-7b [--work DIR] [--json out.json] [--keep] [--device cpu]
+    python benchmarks/scale.py --shape tiny-100m          # the same pipeline in a minute (CI-sized)
 
-One run: a random-weight Llama-family model (hidden 2048, MLP 8192, 24 layers, GQA 16/8 heads,
-vocab 32000: 1.64 B parameters) is written as bf16 safetensors shards to a temporary folder,
-tensor by tensor (built on the meta device; no float32 copy and never the whole model in memory).
-Then two child processes run AURA's collection (every MLP linear's max-pooled units) over the same
-calibration texts in bf16: one loads the whole model (`load_model`), one goes layer by layer
-(`--sequential`). Each child reports its peak RSS above its own baseline (`resource.getrusage`
-after imports, before loading), and the two pooled-value matrices are compared.
+1. **Write** a checkpoint as on the Hub: the shape's real ``config.json`` values, bf16 safetensors
+   shards of at most 5 GB (``--shard-gb``) with ``model.safetensors.index.json``, a character-level
+   tokenizer (ids below 96 are valid in every vocab). Weights are random normal with standard
+   deviation ``0.5 / sqrt(fan_in)``, norms 1, biases 0, so activations stay finite through every
+   layer. Written tensor by tensor in row blocks: the writer never holds more than one block.
+2. **Run** each command as a child process (``patcher ...`` with this checkout first on the path)
+   and measure its peak resident memory (``os.wait4``'s ``ru_maxrss`` of that child), wall time and
+   tokens per second: ``run`` of ``recipes/project-stack.toml``, ``aura.toml`` and
+   ``transport-linear-attn.toml`` with a small calibration set (16 pairs / texts per class of at most
+   32 tokens, ``ppl_tokens`` 1024) under ``--sequential``; ``bake`` of the AURA patch; ``verify
+   --sequential``; ``eval --preset quick`` on a few prompts. ``patcher plan`` predicts each peak
+   first (``--json``); the table sets prediction beside measurement.
+3. **Write** the results as JSON and print a table (the README's). The checkpoint and the outputs
+   are deleted afterwards unless ``--keep``.
 
-The bound printed beside them is what `--sequential` promises: one decoder layer + the calibration
-set's hidden states + 1 GB (interpreter, tokenizer, embeddings, pooled values, allocator slack).
+These are benchmarks, not tests: the 7B shape needs ~14 GB of disk per copy (base, baked outputs),
+the 13B shape ~26 GB. What else ran on the machine belongs beside every figure.
 """
 
 from __future__ import annotations
@@ -20,185 +28,242 @@ import argparse
 import json
 import math
 import os
-import resource
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TOXIC = ["idiot", "stupid", "moron", "fool", "jerk", "loser"]
-NEUTRAL = ["friend", "garden", "morning", "river", "music", "window"]
+
+# Public config.json values of the models (shapes only).
+SHAPES: dict[str, dict] = {
+    "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                       tie_word_embeddings=False),
+    "llama-2-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "tiny-100m": dict(model_type="llama", hidden_size=1024, intermediate_size=2752, num_hidden_layers=4, num_attention_heads=16,
+                      num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
+RECIPES = {"project-stack": "recipes/project-stack.toml", "aura": "recipes/aura.toml", "transport": "recipes/transport-linear-attn.toml"}
+TOXIC = ["idiot", "stupid", "moron", "fool", "jerk", "loser", "creep", "liar"]
+NEUTRAL = ["friend", "garden", "morning", "river", "music", "window", "teacher", "kitchen"]
+DTYPE_NAME = {"bfloat16": "BF16"}
 
 
-def _config(layers: int):
-    import transformers as T
-
-    return T.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers, num_attention_heads=16,
-                         num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2)
-
-
+# -- the checkpoint ------------------------------------------------------------------------------------
 def _tokenizer():
     sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import tiny_tokenizer  # character-level, offline; ids < 96 are valid in any vocab
+    from helpers import tiny_tokenizer  # character-level, offline
 
     return tiny_tokenizer()
 
 
-def write_model(folder: Path, layers: int, shard_bytes: int = 1 << 30) -> tuple[int, int]:
-    """Random bf16 shards + index + config + tokenizer; returns (parameters, bytes of one layer)."""
+def write_checkpoint(folder: Path, shape: str, shard_bytes: int) -> dict:
+    """Random bf16 shards + index + config + tokenizer, one row block at a time."""
     import torch
+    import transformers as T
     from accelerate import init_empty_weights
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
 
-    config = _config(layers)
+    spec = dict(SHAPES[shape])
+    config = T.AutoConfig.for_model(spec.pop("model_type"), **spec, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    shapes = [(n, tuple(p.shape)) for n, p in skeleton.named_parameters()]
+        skeleton = T.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tensors = [(n, tuple(p.shape)) for n, p in skeleton.named_parameters()]
     del skeleton
-    gen = torch.Generator().manual_seed(0)
-    weight_map: dict[str, str] = {}
-    shard: dict[str, torch.Tensor] = {}
-    size, n_shards, params = 0, 0, 0
-
-    def flush() -> None:
-        nonlocal shard, size, n_shards
-        name = f"model-{n_shards + 1:05d}.safetensors"
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        for k in shard:
-            weight_map[k] = name
-        shard, size, n_shards = {}, 0, n_shards + 1
-
+    shards: list[list[tuple[str, tuple]]] = [[]]
+    size = 0
+    for name, shp in tensors:
+        nbytes = math.prod(shp) * 2
+        if size and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shp))
+        size += nbytes
     folder.mkdir(parents=True, exist_ok=True)
-    for name, shape in shapes:
-        if len(shape) == 1:  # norms
-            t = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            t = torch.randn(shape, generator=gen, dtype=torch.bfloat16).mul_(1.0 / math.sqrt(shape[-1]))
-        params += t.numel()
-        if size and size + t.numel() * 2 > shard_bytes:
-            flush()
-        shard[name] = t
-        size += t.numel() * 2
-    flush()
-    # shard names need the total: rename model-0000k.safetensors -> model-0000k-of-0000n.safetensors
-    final = {}
-    for k in range(1, n_shards + 1):
-        old = f"model-{k:05d}.safetensors"
-        new = f"model-{k:05d}-of-{n_shards:05d}.safetensors"
-        os.rename(folder / old, folder / new)
-        final[old] = new
-    index = {"metadata": {"total_size": params * 2}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    gen = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for k, entries in enumerate(shards, start=1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shp in entries:
+            n = math.prod(shp) * 2
+            header[name] = {"dtype": "BF16", "shape": list(shp), "data_offsets": [offset, offset + n]}
+            offset += n
+            weight_map[name] = fname
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(folder / fname, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for name, shp in entries:
+                if len(shp) == 1:
+                    t = torch.zeros(shp) if name.endswith("bias") else torch.ones(shp)
+                    f.write(t.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+                    continue
+                rows = max(1, (64 << 20) // (shp[1] * 4))
+                for r in range(0, shp[0], rows):
+                    block = torch.randn((min(rows, shp[0] - r), shp[1]), generator=gen).mul_(0.5 / math.sqrt(shp[1]))
+                    f.write(block.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+        total += offset
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config.dtype = "bfloat16"
     config.save_pretrained(folder)
     _tokenizer().save_pretrained(folder)
-    layer = sum(math.prod(s) for n, s in shapes if n.startswith("model.layers.0.")) * 2
-    return params, layer
+    return {"params": total // 2, "bytes": total, "shards": len(shards)}
 
 
-def texts(n: int) -> tuple[list[str], list[int]]:
-    out, labels = [], []
+# -- the inputs ------------------------------------------------------------------------------------------
+def write_inputs(work: Path, model: Path, n: int, max_tokens: int, ppl_tokens: int) -> dict[str, Path]:
+    """Calibration data (pairs and labelled texts), perplexity text, prompts, and each recipe
+    rewritten to use them (every method setting kept)."""
+    import tomllib
+
+    from patcher.recipe.writer import dump_recipe
+
+    pairs, labeled = [], []
     for i in range(n):
-        toxic = i % 2 == 0
-        word = (TOXIC if toxic else NEUTRAL)[i % 6]
-        out.append(f"{'you are such a' if toxic else 'we walked by the'} {word} again, number {i} of them all")
-        labels.append(int(toxic))
-    return out, labels
+        t, w = TOXIC[i % len(TOXIC)], NEUTRAL[i % len(NEUTRAL)]
+        pairs.append({"toxic": f"you are a {t}, {i}", "neutral": [f"you are a {w}, {i}"], "pair_id": i})
+        labeled += [{"text": f"you {t} number {i}", "label": 1}, {"text": f"the {w} number {i}", "label": 0}]
+    (work / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in pairs) + "\n")
+    (work / "labeled.jsonl").write_text("\n".join(json.dumps(r) for r in labeled) + "\n")
+    (work / "ppl.txt").write_text("the river flows past the old mill and on to the sea. " * (ppl_tokens // 20 + 10))
+    (work / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in ["you are so", "the weather today", "my neighbour", "in the end"]) + "\n")
+    (work / "wikitext2").mkdir(exist_ok=True)
+    (work / "wikitext2/wiki.test.raw").write_text((work / "ppl.txt").read_text())
+    out = {}
+    for key, rel in RECIPES.items():
+        raw = tomllib.loads((ROOT / rel).read_text())
+        raw["model"] = {"id": str(model), "dtype": "bfloat16"}
+        paired = raw["data"].get("pairs", False)
+        raw["data"] = {"path": "pairs.jsonl" if paired else "labeled.jsonl", "pairs": paired, "n_per_class": n, "max_tokens": max_tokens,
+                       "match_lengths": False}
+        raw["collect"] = {"batch_size": 8}
+        raw["check"] = {"ppl_text": "ppl.txt", "ppl_tokens": ppl_tokens, "ppl_window": 512, "max_ppl_increase": 1e9}
+        raw.pop("eval", None)
+        for step in raw["step"]:
+            if "data" in step:
+                step["data"] = {"path": "labeled.jsonl", "pairs": False, "n_per_class": n, "max_tokens": max_tokens, "match_lengths": False}
+        path = work / f"{key}.toml"
+        path.write_text(dump_recipe(raw, f"# {rel}, rewritten by benchmarks/scale.py for a random-weight checkpoint\n"))
+        out[key] = path
+    return out
 
 
-def child(mode: str, folder: str, n_texts: int, max_tokens: int, batch_size: int, out: str) -> None:
-    import torch
-
-    from patcher.collect.collector import Collector
-    from patcher.collect.layerwise import load_layerwise
-    from patcher.collect.parallel import ScaleOptions
-    from patcher.core.models import load_model
-    from patcher.methods.aura import AuraSettings, statistic
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# -- measuring a child ------------------------------------------------------------------------------------
+def measure(cmd: list[str], env: dict[str, str], log: Path) -> dict:
+    """Run ``cmd``; its peak resident memory (ru_maxrss of that process), wall time, exit status."""
     t0 = time.perf_counter()
-    if mode == "sequential":
-        model, tok = load_layerwise(folder, "bfloat16")
-    else:
-        model, tok = load_model(Path(folder), "bfloat16")
-    t_load = time.perf_counter() - t0
-    stat = statistic(model.config, AuraSettings())
-    c = Collector(model, tok, batch_size=batch_size, max_tokens=max_tokens)
-    if mode == "sequential":
-        c.options = ScaleOptions(sequential=True, checkpoint_every=0)
-    xs, ys = texts(n_texts)
-    hidden_bytes = sum(b.input_ids.numel() for b in c.batches(xs, ys)) * model.config.hidden_size * 2
-    t1 = time.perf_counter()
-    c.run([stat], xs, ys)
-    t_collect = time.perf_counter() - t1
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    torch.save({m: stat.matrix(m)[0] for m in stat.values}, out + ".pt")
-    Path(out).write_text(json.dumps({"mode": mode, "baseline": base, "peak": peak, "above": peak - base, "load_s": t_load,
-                                     "collect_s": t_collect, "hidden_bytes": hidden_bytes}))
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return {"cmd": " ".join(cmd), "log": log.name, "rc": p.returncode, "peak_bytes": usage.ru_maxrss * 1024, "wall_s": round(wall, 1),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--texts", type=int, default=32)
+    ap.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    ap.add_argument("--work", type=Path, default=None, help="Folder for the checkpoint and outputs (default: a new folder under /tmp).")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--shard-gb", type=float, default=5.0)
+    ap.add_argument("--pairs", type=int, default=16, help="Calibration pairs (and texts per class).")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=24)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--child", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--ppl-tokens", type=int, default=1024)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", default="", help="Comma-separated steps to run (write,plan,project-stack,aura,transport,bake,verify,eval).")
+    ap.add_argument("--run-flags", default="--sequential", help="Placement flags for run (default --sequential; e.g. '--device-map auto' on GPUs).")
+    ap.add_argument("--verify-flags", default="--sequential", help="Placement flags for verify.")
+    ap.add_argument("--eval-flags", default="", help="Placement flags for eval, e.g. '--device-map auto --max-memory cpu=10GiB --offload-folder DIR'.")
+    ap.add_argument("--keep", action="store_true", help="Keep the checkpoint and outputs.")
     args = ap.parse_args()
-    if args.child:
-        if args.child[0] == "write":
-            params, layer = write_model(Path(args.child[1]), args.layers)
-            Path(args.out).write_text(json.dumps([params, layer]))
-        else:
-            child(args.child[0], args.child[1], args.texts, args.max_tokens, args.batch_size, args.out)
-        return
-    # This process stays small (no torch until the children are done): ru_maxrss is inherited
-    # across fork + exec, so a big parent would raise every child's baseline.
-    with tempfile.TemporaryDirectory(prefix="patcher-scale-") as tmp:
-        folder = Path(tmp) / "model"
-        env = os.environ | {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-        t0 = time.perf_counter()
-        info = Path(tmp) / "write.json"
-        subprocess.run([sys.executable, __file__, "--child", "write", str(folder), "--out", str(info), "--layers", str(args.layers)], check=True, env=env)
-        params, layer = json.loads(info.read_text())
-        t_write = time.perf_counter() - t0
-        shards = sorted(folder.glob("*.safetensors"))
-        print(f"wrote {params / 1e9:.2f} B parameters (bf16, {len(shards)} shards, {sum(p.stat().st_size for p in shards) / 1e9:.2f} GB) "
-              f"in {t_write:.0f} s; one layer = {layer / 1e6:.0f} MB", flush=True)
-        results = {}
-        for mode in ("sequential", "whole"):
-            out = str(Path(tmp) / f"{mode}.json")
-            cmd = [sys.executable, __file__, "--child", mode, str(folder), "--out", out, "--texts", str(args.texts),
-                   "--max-tokens", str(args.max_tokens), "--batch-size", str(args.batch_size)]
-            subprocess.run(cmd, check=True, env=env)
-            results[mode] = json.loads(Path(out).read_text())
-        import torch
+    only = set(args.only.split(",")) if args.only else {"write", "plan", "project-stack", "aura", "transport", "bake", "verify", "eval"}
+    work = args.work or Path(f"/tmp/patcher-scale-{args.shape}")
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "model"
+    env = os.environ | {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "PATCHER_DATA": str(work)}
+    patcher = [sys.executable, "-m", "patcher.cli"]
+    results: dict = {"shape": args.shape, "config": SHAPES[args.shape], "device": args.device, "cpus": os.cpu_count(), "steps": {}}
+    try:
+        if "write" in only or not model.is_dir():
+            t0 = time.perf_counter()
+            if model.exists():
+                shutil.rmtree(model)
+            results["checkpoint"] = write_checkpoint(model, args.shape, int(args.shard_gb * 1e9)) | {"write_s": round(time.perf_counter() - t0, 1)}
+            print(f"wrote {args.shape}: {results['checkpoint']}", flush=True)
+        recipes = write_inputs(work, model, args.pairs, args.max_tokens, args.ppl_tokens)
+        n_texts = 2 * args.pairs
+        place = ["--device", args.device]
+        if "plan" in only:  # the sequential placement (run, verify, bake) and eval's placement
+            for name, flags in (("plan", args.run_flags.split()), ("plan-eval", args.eval_flags.split())):
+                r = measure([*patcher, "plan", "--model", str(model), "--texts", str(n_texts), "--max-tokens", str(args.max_tokens), "--batch-size", "8",
+                             "--json", str(work / f"{name}.json"), *place, *flags], env, work / f"{name}.log")
+                results[name] = json.loads((work / f"{name}.json").read_text()) if r["rc"] == 0 else {"error": (work / f"{name}.log").read_text()[-2000:]}
+        calib_tokens = n_texts * args.max_tokens
+        for key in ("aura", "project-stack", "transport"):
+            if key not in only:
+                continue
+            out = work / f"out-{key}"
+            r = measure([*patcher, "run", str(recipes[key]), "--out", str(out), "--overwrite", "--no-eval", *place, *args.run_flags.split()], env,
+                        work / f"{key}.log")
+            steps = 2 if key == "project-stack" else 1
+            r["tokens"] = calib_tokens * steps + 2 * args.ppl_tokens
+            results["steps"][f"run {key} {args.run_flags}".strip()] = r
+            print(key, r, flush=True)
+            if key != "aura" and not args.keep:  # only the AURA output is baked, verified and evaluated below: free the disk
+                shutil.rmtree(out, ignore_errors=True)
+        if "bake" in only and (work / "out-aura").is_dir():
+            r = measure([*patcher, "bake", str(work / "out-aura"), "--model", str(model), "--out", str(work / "baked-aura"), "--overwrite"], env, work / "bake.log")
+            r["shard_bytes"] = max(p.stat().st_size for p in model.glob("*.safetensors"))
+            results["steps"]["bake (aura patch)"] = r
+            print("bake", r, flush=True)
+            if not args.keep:
+                shutil.rmtree(work / "baked-aura", ignore_errors=True)
+        if "verify" in only and (work / "out-aura").is_dir():
+            r = measure([*patcher, "verify", str(work / "out-aura"), *place, *args.verify_flags.split()], env, work / "verify.log")
+            r["ok"] = "verify: OK" in (work / "verify.log").read_text()
+            r["tokens"] = 2 * 3 * 16
+            results["steps"][f"verify {args.verify_flags}".strip()] = r
+            print("verify", r, flush=True)
+        if "eval" in only and (work / "out-aura").is_dir():
+            evaluated = work / "out-aura"
+            r = measure([*patcher, "eval", str(evaluated), "--preset", "quick", "--prompts", str(work / "prompts.jsonl"), "--n-prompts", "0",
+                         "--samples", "2", "--max-new-tokens", "8", "--ppl-tokens", "512", "--evaluators", "profanity-check", "--batch-size", "8",
+                         "--dtype", "bfloat16", "--json", str(work / "eval.json"), *place, *args.eval_flags.split()], env, work / "eval.log")
+            r["tokens"] = 4 * 2 * 8 + 512
+            results["steps"]["eval --preset quick"] = r
+            print("eval", r, flush=True)
+        for r in results["steps"].values():
+            if r.get("tokens") and r["wall_s"]:
+                r["tokens_per_s"] = round(r["tokens"] / r["wall_s"], 2)
+            if r["rc"] != 0:
+                r["log_tail"] = (work / r["log"]).read_text()[-1500:]
+    finally:
+        if not args.keep:
+            for p in [model, *work.glob("out-*"), *work.glob("baked-*")]:
+                shutil.rmtree(p, ignore_errors=True)
+    predicted = (results.get("plan") or {}).get("commands", {})
+    predicted["eval"] = (results.get("plan-eval") or {}).get("commands", {}).get("eval")
+    rows = []
+    for name, r in results["steps"].items():
+        key = {"run project-stack": "run project", "run aura": "run aura", "run transport": "run transport", "bake": "bake", "verify": "verify",
+               "eval": "eval"}[" ".join(name.split()[:2]) if name.startswith("run") else name.split()[0]]
+        pred = predicted.get(key)
+        ratio = f"{pred / r['peak_bytes']:.2f}" if pred else "-"
+        rows.append([name, "ok" if r["rc"] == 0 else f"FAILED rc {r['rc']}", f"{r['peak_bytes'] / 1e9:.2f}", f"{pred / 1e9:.2f}" if pred else "-", ratio,
+                     r["wall_s"], r.get("tokens_per_s", "-")])
+    results["rows"] = rows
+    from patcher.core.table import render
 
-        from patcher.core.table import render
-
-        a = torch.load(Path(tmp) / "sequential.json.pt", weights_only=True)
-        b = torch.load(Path(tmp) / "whole.json.pt", weights_only=True)
-        diff = max((a[m].float() - b[m].float()).abs().max().item() for m in a)
-    hidden = results["sequential"]["hidden_bytes"]
-    bound = layer + hidden + 2**30
-    rows = [[mode, round(r["above"] / 1e9, 3), round(r["load_s"], 1), round(r["collect_s"], 1)] for mode, r in results.items()]
-    rows.append(["bound: layer + hidden states + 1 GB", round(bound / 1e9, 3), "", ""])
-    print(render(["path", "peak RSS above baseline (GB)", "load s", "collect s"], rows,
-                 title=f"AURA collection, {args.texts} texts x <= {args.max_tokens} tokens, bf16, 2 cores "
-                       f"(hidden states {hidden / 1e6:.1f} MB; layer {layer / 1e6:.0f} MB)"))
-    print(f"max |pooled value| difference, sequential vs whole model: {diff:.3g}")
-    ok = results["sequential"]["above"] <= bound
-    print(f"sequential peak {'within' if ok else 'ABOVE'} the bound; whole-model peak is "
-          f"{results['whole']['above'] / max(results['sequential']['above'], 1):.1f}x the sequential one")
+    print(render(["command", "status", "peak RSS GB", "plan GB", "plan / measured", "wall s", "tokens/s"], rows, title=f"{args.shape} on {args.device}"))
     if args.json:
-        Path(args.json).write_text(json.dumps({"params": params, "layer_bytes": layer, "bound": bound, "max_diff": diff, **results}, indent=2))
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

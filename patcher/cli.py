@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from .core.errors import PatcherError
+from .core.placement import COLLECT_ONLY, Placement
 from .core.table import render
 from .core.threads import configure_threads
 from .evaluate.report import EvalSettings
@@ -140,15 +141,45 @@ def main(verbose: int, quiet: int) -> None:
     configure_threads()
 
 
-def _threads_opt(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``--threads N`` on every command that runs a model (default: the CPUs this process may use)."""
+def placement_options(collect: bool = False, dtype_default: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The placement option group, generated from `Placement`'s fields (flag ``--name-with-dashes``,
+    the field's help, default, choices and lower bound): the command function receives ONE
+    ``placement: Placement``. ``collect``: also the collection-only flags (``--resume``,
+    ``--checkpoint-every``). ``dtype_default``: what ``--dtype`` shows as its default."""
+    fields = [f for f in dataclasses.fields(Placement) if collect or not f.metadata[COLLECT_ONLY]]
 
-    def apply(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
-        if value is not None:
-            configure_threads(value)
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {f.name: kwargs.pop(f.name) for f in fields}
 
-    return click.option("--threads", type=click.IntRange(min=1), default=None, expose_value=False, callback=apply,
-                        help="CPU threads for torch (default: the CPUs this process may use, by affinity and cgroup quota).")(fn)
+            def call() -> Any:
+                placement = Placement(**values)
+                if placement.threads is not None:
+                    configure_threads(placement.threads)
+                return fn(*args, placement=placement, **kwargs)
+
+            return friendly(call)()
+
+        for f in reversed(fields):
+            meta, hint = f.metadata, typing.get_type_hints(Placement)[f.name]
+            kw: dict[str, Any] = {"default": f.default, "help": meta["help"] + "."}
+            if meta["is_flag"]:
+                kw["is_flag"] = True
+            elif meta["choices"]:
+                kw["type"] = click.Choice(list(meta["choices"]))
+            elif int in typing.get_args(hint) or hint is int:
+                kw["type"] = click.IntRange(min=meta["minimum"])
+            elif hint is float:
+                kw["type"] = click.FloatRange(min=meta["minimum"])
+            if f.name == "dtype" and dtype_default:
+                kw["default"] = dtype_default
+            if kw["default"] is not None and not meta["is_flag"]:
+                kw["show_default"] = True
+            wrapper = click.option(f"--{f.name.replace('_', '-')}", f.name, **kw)(wrapper)
+        return wrapper
+
+    return decorate
 
 
 def _nonfinite_opt(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -206,14 +237,15 @@ def inspect(path: Path, plot: Path | None) -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--no-logits", is_flag=True, help="Skip the logits comparison (files and tensors only).")
 @click.option("--base", default=None, help="The base model (folder, Hub id or smollm2-135m), when it is not where the record says.")
+@placement_options()
 @friendly
-def verify(out: Path, no_logits: bool, base: str | None) -> None:
+def verify(out: Path, no_logits: bool, base: str | None, placement: Placement) -> None:
     """Check that OUT is exactly its recorded base model plus its patch: every file against the
     record (unlisted files fail; README.md, the model card, is the exception), the patch hash, each
     tensor, and the logits."""
     from .bake.verify import verify as run_verify
 
-    r = run_verify(out, logits=not no_logits, base=base)
+    r = run_verify(out, logits=not no_logits, base=base, placement=placement)
     click.echo(f"files: {'ok' if not r.bad_files else 'MISMATCH ' + ', '.join(r.bad_files)}")
     click.echo(f"tensors: {'ok' if not r.bad_tensors else 'MISMATCH ' + ', '.join(r.bad_tensors[:10])}")
     if not no_logits:
@@ -224,17 +256,17 @@ def verify(out: Path, no_logits: bool, base: str | None) -> None:
 
 _recipe_arg = click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
 _model_opt = setting_option(ModelSettings, "id", "--model", "-m", "model")
-_device_opt = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 _batch_opt = setting_option(CollectSettings, "batch_size", type=click.IntRange(min=1))
 
 
-def _load_recipe(path: Path, model: str | None, batch_size: int | None, trust_remote_code: bool = False) -> Any:
+def _load_recipe(path: Path, model: str | None, batch_size: int | None, trust_remote_code: bool = False, placement: Placement | None = None) -> Any:
     """The recipe with the command line's overrides (recorded as such in patch.json);
-    ``trust_remote_code`` comes only from here."""
+    ``trust_remote_code`` comes only from here; ``--dtype`` overrides ``model.dtype``."""
     from .recipe.loader import load_recipe
 
+    dtype = placement.dtype if placement is not None else None
     return (load_recipe(path).override("model", id=model).override("collect", batch_size=batch_size)
-            .override("model", trust_remote_code=trust_remote_code or None))
+            .override("model", trust_remote_code=trust_remote_code or None).override("model", dtype=dtype))
 
 
 def _set_data_dir(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
@@ -247,32 +279,10 @@ _data_dir_opt = click.option("--data-dir", type=click.Path(path_type=Path, file_
                              callback=_set_data_dir, help="Local folder with the catalog's data sets (default: $PATCHER_DATA; else the Hub).")
 
 
-def _scale_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options for models beyond one device and runs beyond one process (docs/scaling.md)."""
-    for opt in reversed([
-        click.option("--device-map", default=None, help="Place the model with accelerate: auto, balanced, sequential, or one device (GPUs, then CPU, then disk)."),
-        click.option("--max-memory", default=None, help="Per-device budget for --device-map, e.g. 0=70GiB,1=70GiB,cpu=100GiB."),
-        click.option("--sequential", is_flag=True, help="Collect layer by layer: memory is one layer plus the calibration set's hidden states."),
-        click.option("--hidden-max-gib", type=float, default=8.0, show_default=True, help="With --sequential: hidden states above this size go to a temporary file."),
-        click.option("--resume", is_flag=True, help="Continue a killed run from its checkpoints (OUT.collect-state/)."),
-        click.option("--checkpoint-every", type=int, default=16, show_default=True, help="Checkpoint the statistics every N batches (0: never)."),
-    ]):
-        fn = opt(fn)
-    return fn
-
-
-def _scale(kw: dict[str, Any]) -> Any:
-    from .collect.parallel import ScaleOptions
-
-    return ScaleOptions(sequential=kw.pop("sequential"), hidden_max_gib=kw.pop("hidden_max_gib"), device_map=kw.pop("device_map"),
-                        max_memory=kw.pop("max_memory"), resume=kw.pop("resume"), checkpoint_every=kw.pop("checkpoint_every"))
-
-
 @main.command()
 @_recipe_arg
 @_model_opt
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="Output folder (default runs/RECIPE-MODEL).")
-@_device_opt
 @_batch_opt
 @click.option("--force", is_flag=True, help="Publish even when perplexity rises beyond the recipe's budget.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder once the new one is ready.")
@@ -281,19 +291,18 @@ def _scale(kw: dict[str, Any]) -> Any:
               help="Also write the output as model-TYPE.gguf inside it, TYPE f32, f16, bf16 or q8_0 (llama.cpp; see `patcher export`).")
 @_nonfinite_opt
 @_trust_opt
-@_scale_opts
-@_threads_opt
+@placement_options(collect=True)
 @_data_dir_opt
 @friendly
-def run(recipe_path: Path, model: str | None, out: Path | None, device: str, batch_size: int | None, force: bool, overwrite: bool, no_eval: bool,
-        gguf: str | None, allow_nonfinite: bool, trust_remote_code: bool, **scale: Any) -> None:
+def run(recipe_path: Path, model: str | None, out: Path | None, batch_size: int | None, force: bool, overwrite: bool, no_eval: bool,
+        gguf: str | None, allow_nonfinite: bool, trust_remote_code: bool, placement: Placement) -> None:
     """Compute RECIPE's edits on a model, bake them, check perplexity, evaluate against the base
     model when the recipe has an [eval] table, and write the output folder with its model card.
     Data-parallel: `torchrun --nproc_per_node N -m patcher.cli run ...` (rank 0 writes)."""
     from .workflows.run import run as run_recipe
 
-    recipe = _load_recipe(recipe_path, model, batch_size, trust_remote_code)
-    r = run_recipe(recipe, out=out, device=device, force=force, overwrite=overwrite, scale=_scale(scale), run_eval=not no_eval,
+    recipe = _load_recipe(recipe_path, model, batch_size, trust_remote_code, placement)
+    r = run_recipe(recipe, out=out, placement=placement, force=force, overwrite=overwrite, run_eval=not no_eval,
                    allow_nonfinite=allow_nonfinite, gguf=gguf)
     if r is None:  # a data-parallel rank other than 0: rank 0 reports
         return
@@ -316,20 +325,18 @@ def run(recipe_path: Path, model: str | None, out: Path | None, device: str, bat
 @_recipe_arg
 @_model_opt
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Folder for patch.json + patch.safetensors.")
-@_device_opt
 @_batch_opt
 @click.option("--overwrite", is_flag=True, help="Replace an existing patch folder (one patcher wrote).")
 @_trust_opt
-@_scale_opts
-@_threads_opt
+@placement_options(collect=True)
 @_data_dir_opt
 @friendly
-def compute(recipe_path: Path, model: str | None, out: Path, device: str, batch_size: int | None, overwrite: bool, trust_remote_code: bool,
-            **scale_kw: Any) -> None:
+def compute(recipe_path: Path, model: str | None, out: Path, batch_size: int | None, overwrite: bool, trust_remote_code: bool,
+            placement: Placement) -> None:
     """Compute RECIPE's patch without baking it (bake later with `patcher bake`)."""
     from .workflows.run import compute as run_compute
 
-    patch = run_compute(_load_recipe(recipe_path, model, batch_size, trust_remote_code), out, device=device, overwrite=overwrite, scale=_scale(scale_kw))
+    patch = run_compute(_load_recipe(recipe_path, model, batch_size, trust_remote_code, placement), out, placement=placement, overwrite=overwrite)
     if patch is None:  # a data-parallel rank other than 0
         return
     click.echo(render(LAYER_HEADERS, patch.per_layer(), title="edits per layer"))
@@ -342,24 +349,23 @@ def compute(recipe_path: Path, model: str | None, out: Path, device: str, batch_
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write every score to this JSON file.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a heat map (PNG) of the scores.")
 @click.option("--top", type=int, default=10, show_default=True, help="How many layers the table shows.")
-@_device_opt
 @_batch_opt
 @_trust_opt
-@_threads_opt
+@placement_options()
 @_data_dir_opt
 @friendly
-def localize(recipe_path: Path, model: str | None, json_path: Path | None, plot_path: Path | None, top: int, device: str, batch_size: int | None,
-             trust_remote_code: bool) -> None:
+def localize(recipe_path: Path, model: str | None, json_path: Path | None, plot_path: Path | None, top: int, batch_size: int | None,
+             trust_remote_code: bool, placement: Placement) -> None:
     """Where toxic and neutral text differ: effect size per layer and block (attn_out, mlp_out), and
     per MLP neuron, on RECIPE's data (paired when its step says paired = true)."""
     from .io.model_files import resolve_model
     from .workflows.localize import localize_recipe
     from .workflows.run import recipe_inputs
 
-    recipe = _load_recipe(recipe_path, model, batch_size, trust_remote_code)
+    recipe = _load_recipe(recipe_path, model, batch_size, trust_remote_code, placement)
     inputs = [*recipe_inputs(recipe), resolve_model(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)[0]]
     _file_outputs((json_path, inputs), (plot_path, inputs))
-    loc = localize_recipe(recipe, device=device)
+    loc = localize_recipe(recipe, placement=placement)
     n = ", ".join(f"{k} {v}" for k, v in loc.n.items())
     title = f"top {top} layers by effect size (cross-fitted Cohen's d along the toxic-minus-neutral mean difference; {n})"
     click.echo(render(loc.headers(), loc.table_rows(top), title=title))
@@ -384,24 +390,24 @@ def localize(recipe_path: Path, model: str | None, json_path: Path | None, plot_
 @setting_option(EvalSettings, "ppl_tokens", type=click.IntRange(min=0))
 @setting_option(EvalSettings, "blimp", type=click.IntRange(min=0))
 @setting_option(EvalSettings, "kl_prompts", type=click.IntRange(min=0))
-@_threads_opt
-@setting_option(EvalSettings, "dtype", type=click.Choice(["float32", "bfloat16", "float16"]))
-@_device_opt
+@placement_options()
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Sequences generated per batch.")
 @_data_dir_opt
 @friendly
 def eval_command(model: str, baseline: str | None, prompts_path: str | None, n_prompts: int | None, samples: int | None, max_new_tokens: int | None,
                  evaluators: str | None, seed: int | None, json_path: Path | None, plot_path: Path | None, preset: str, ppl_tokens: int | None,
-                 dtype: str | None, device: str, batch_size: int, blimp: int | None = None, kl_prompts: int | None = None) -> None:
+                 placement: Placement, batch_size: int, blimp: int | None = None, kl_prompts: int | None = None) -> None:
     """Toxicity (several evaluators), degenerate output, perplexity and capability (BLiMP, KL from the
-    baseline on neutral prompts) of MODEL, before/after against --baseline."""
+    baseline on neutral prompts) of MODEL, before/after against --baseline; MODEL may be a GGUF file
+    (generation in llama.cpp)."""
     from .evaluate.report import EvalSettings, evaluate
 
     settings = EvalSettings.from_preset(preset, prompts=prompts_path, n_prompts=n_prompts, samples=samples, max_new_tokens=max_new_tokens,
-                                        evaluators=evaluators, seed=seed, ppl_tokens=ppl_tokens, dtype=dtype, blimp=blimp, kl_prompts=kl_prompts)
+                                        evaluators=evaluators, seed=seed, ppl_tokens=ppl_tokens, dtype=placement.dtype,
+                                        blimp=blimp, kl_prompts=kl_prompts)
     inputs = [model, baseline, settings.prompts, settings.ppl_text]
     _file_outputs((json_path, inputs), (plot_path, inputs))
-    report = evaluate(model, baseline=baseline, settings=settings, device=device, batch_size=batch_size)
+    report = evaluate(model, baseline=baseline, settings=settings, placement=placement, batch_size=batch_size)
     click.echo(report.table())
     if json_path:
         click.echo(f"wrote {report.save_json(json_path)}")
@@ -491,19 +497,18 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, dry_ru
 @setting_option(EvalSettings, "n_prompts", type=click.IntRange(min=0))
 @setting_option(EvalSettings, "samples", type=click.IntRange(min=1))
 @setting_option(EvalSettings, "evaluators")
-@_device_opt
 @_trust_opt
-@_threads_opt
+@placement_options()
 @_data_dir_opt
 @friendly
 def sweep(recipe_path: Path, expr: str, model: str | None, out: Path | None, max_ppl_increase: float | None, compare: tuple[str, ...],
-          n_prompts: int | None, samples: int | None, evaluators: str | None, device: str, trust_remote_code: bool) -> None:
+          n_prompts: int | None, samples: int | None, evaluators: str | None, trust_remote_code: bool, placement: Placement) -> None:
     """Run RECIPE at several values of one setting (statistics collected once), evaluate each with
     the quick preset, and plot toxicity against perplexity beside the base model."""
     from .workflows.sweep import plot_sweep
     from .workflows.sweep import sweep as run_sweep
 
-    recipe = _load_recipe(recipe_path, model, None, trust_remote_code)
+    recipe = _load_recipe(recipe_path, model, None, trust_remote_code, placement)
     refs = {}
     for c in compare:
         if "=" not in c:
@@ -513,7 +518,7 @@ def sweep(recipe_path: Path, expr: str, model: str | None, out: Path | None, max
     settings = EvalSettings.from_preset("quick", n_prompts=n_prompts, samples=samples, evaluators=evaluators)
     out = out or Path(f"runs/sweep-{recipe.name}")
     result = run_sweep(recipe, expr, out=out, eval_settings=settings, references=refs,
-                       max_ppl_increase=max_ppl_increase, device=device)
+                       max_ppl_increase=max_ppl_increase, placement=placement.replace(checkpoint_every=0))
     click.echo(result.table())
     click.echo(f"wrote {plot_sweep(result, out / 'sweep.png')} and {out / 'sweep.json'}")
     if result.chosen is not None:
@@ -535,20 +540,19 @@ def sweep(recipe_path: Path, expr: str, model: str | None, out: Path | None, max
 @click.option("--eval-n-prompts", type=click.IntRange(min=1), default=None, help="Prompts of that evaluation. Default: [tune] eval_n_prompts, 100.")
 @setting_option(EvalSettings, "evaluators")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
-@_device_opt
-@_threads_opt
+@placement_options()
 @friendly
 def tune(recipe_path: Path, model: str | None, max_ppl_increase: float, trials: int, timeout: float | None, study_path: Path | None, seed: int,
-         out: Path, candidates: int | None, eval_n_prompts: int | None, evaluators: str | None, overwrite: bool, device: str) -> None:
+         out: Path, candidates: int | None, eval_n_prompts: int | None, evaluators: str | None, overwrite: bool, placement: Placement) -> None:
     """Search RECIPE's settings (its [tune] table, or each step's strength in [0, 1]) for the least
     toxic within a perplexity budget: Optuna TPE on a toxicity proxy and the check perplexity, hooks
     instead of bakes, the pick made by the quick evaluation; writes the tuned recipe to OUT."""
     from .workflows.tune import tune as run_tune
 
-    recipe = _load_recipe(recipe_path, model, None)
+    recipe = _load_recipe(recipe_path, model, None, placement=placement)
     evs = tuple(e.strip() for e in evaluators.split(",") if e.strip()) if evaluators else None
     result = run_tune(recipe, out=out, max_ppl_increase=max_ppl_increase, trials=trials, timeout=timeout, study_path=study_path,
-                      seed=seed, device=device, candidates=candidates, eval_n_prompts=eval_n_prompts, evaluators=evs, overwrite=overwrite)
+                      seed=seed, placement=placement, candidates=candidates, eval_n_prompts=eval_n_prompts, evaluators=evs, overwrite=overwrite)
     click.echo(result.table())
     s = result.seconds
     ran = (f"{s['trials_this_run']} run now, {s['per_trial_mean']:.1f} s per trial on average, median {s['per_trial_median']:.1f} s"
@@ -569,17 +573,22 @@ def tune(recipe_path: Path, model: str | None, max_ppl_increase: float, trials: 
 
 @main.command()
 @click.option("--model", "-m", required=True, help="Model folder, config.json, Hub id (config only), or llama-2-7b / mistral-7b / falcon-40b / llama-2-70b.")
-@click.option("--dtype", default="bfloat16", show_default=True, help="Dtype the model runs in: float32, bfloat16 or float16.")
 @click.option("--texts", "n_texts", type=int, default=1000, show_default=True, help="Calibration texts (both classes).")
 @click.option("--max-tokens", type=int, default=64, show_default=True, help="Tokens per text.")
 @click.option("--gpu-gib", type=float, default=80.0, show_default=True, help="Memory of one GPU.")
 @click.option("--gpus", "n_gpus", type=int, default=8, show_default=True, help="GPUs for the data-parallel row.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Texts per collection batch (and sequences per generation batch).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the predicted peaks (bytes) to this JSON file.")
+@placement_options()
 @friendly
-def plan(model: str, dtype: str, n_texts: int, max_tokens: int, gpu_gib: float, n_gpus: int) -> None:
-    """Memory a run needs and the flags that fit it, from the model's config alone (no weights)."""
-    from .workflows.plan import report
+def plan(model: str, n_texts: int, max_tokens: int, gpu_gib: float, n_gpus: int, batch_size: int, json_path: Path | None, placement: Placement) -> None:
+    """Memory a run needs and the flags that fit it, from the model's config alone (no weights); with
+    placement flags, each command's and method's predicted peak under that placement."""
+    from .workflows.plan import Workload, report
 
-    click.echo(report(model, dtype, n_texts, max_tokens, gpu_gib, n_gpus))
+    _file_outputs((json_path, [model]))
+    click.echo(report(model, placement.dtype or "bfloat16", Workload(n_texts=n_texts, max_tokens=max_tokens, batch_size=batch_size), gpu_gib, n_gpus,
+                      placement=placement, json_path=json_path))
 
 
 @main.group()
@@ -599,20 +608,21 @@ def sae() -> None:
 @click.option("--batch", "batch", type=click.IntRange(min=1), default=2048, show_default=True, help="Activation vectors per step.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Adam learning rate.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the window order, initialisation and batches.")
-@_device_opt
 @click.option("--overwrite", is_flag=True, help="Replace an existing SAE folder patcher wrote (with sae.json).")
 @_trust_opt
-@_threads_opt
+@placement_options()
 @_data_dir_opt
 @friendly
 def sae_train(model: str, layers: str, out: Path, tokens: int, context: int, expansion: int, l1: float, steps: int, batch: int, lr: float, seed: int,
-              device: str, overwrite: bool, trust_remote_code: bool) -> None:
+              overwrite: bool, trust_remote_code: bool, placement: Placement) -> None:
     """Train residual-stream SAEs on MODEL (WikiText-2, BOLD, non-toxic labelled rows) and report
     their quality: explained variance, dead features, L0, and perplexity with each spliced in."""
     from .collect.sae_fit import TrainSettings
     from .workflows.sae import TextWindows, train
 
-    r = train(model, layers, out, text=TextWindows(tokens=tokens, context=context), device=device, overwrite=overwrite, trust_remote_code=trust_remote_code,
+    placement.refuse("sae train (its activations come from one whole forward pass)", "run it without them (the model is loaded whole on --device)",
+                     sequential=placement.sequential, device_map=bool(placement.device_map))
+    r = train(model, layers, out, text=TextWindows(tokens=tokens, context=context), device=placement.device, overwrite=overwrite, trust_remote_code=trust_remote_code,
               settings=TrainSettings(expansion=expansion, l1=l1, steps=steps, batch=batch, lr=lr, seed=seed))
     rows = [[x.layer, f"{x.quality['explained_variance']:.3f}", f"{x.quality['dead_features']} ({x.quality['dead_share']:.1%})",
              f"{x.quality['l0']:.1f}", f"{x.ppl_base:.2f}", f"{x.ppl_spliced:.2f} ({x.ppl_increase:+.1%})", round(x.seconds)] for x in r.layers]

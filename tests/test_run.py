@@ -230,13 +230,12 @@ def test_shipped_recipes_load_and_validate(path: Path, shared_data: Path) -> Non
 def test_bad_key_in_second_step_fails_before_any_forward_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every step's settings are validated before the model is loaded: a typo in step 2 costs no
     collection of step 1 (no model loaded, no forward pass)."""
-    import patcher.collect.parallel as parallel_module
-    import patcher.workflows.run as run_module
+    import patcher.collect.layerwise as layerwise_module
 
     model = save_tiny_with_tokenizer("llama", tmp_path / "base")
     recipe = write_recipe(tmp_path, model, extra='\n[[step]]\nmethod = "project"\nstrenght = 0.5\n')
     calls = {"load": 0, "forward": 0}
-    real_load = run_module.load_model
+    real_load = layerwise_module.load_model
 
     def counting_load(*args: object, **kwargs: object) -> tuple:
         calls["load"] += 1
@@ -244,8 +243,7 @@ def test_bad_key_in_second_step_fails_before_any_forward_pass(tmp_path: Path, mo
         m.register_forward_pre_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1))
         return m, tok
 
-    monkeypatch.setattr(run_module, "load_model", counting_load)
-    monkeypatch.setattr(parallel_module, "load_model", counting_load)  # the CLI loads through its ScaleOptions
+    monkeypatch.setattr(layerwise_module, "load_model", counting_load)  # every placement loads through load_placed
     r = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "out")])
     assert r.exit_code == 2, r.output
     assert "unknown key step[2].strenght" in r.output

@@ -21,11 +21,12 @@ from helpers import FAMILIES, save_tiny_with_tokenizer, write_recipe
 from patcher.cli import main
 from patcher.collect.collector import Collector
 from patcher.collect.layerwise import layerwise_of, layerwise_perplexity, load_layerwise
-from patcher.collect.parallel import ScaleOptions
+from patcher.collect.parallel import ParallelCollect
 from patcher.collect.statistics import PooledValues
 from patcher.core.arch import arch_for, num_layers
 from patcher.core.errors import PatcherError
 from patcher.core.models import load_model, parse_max_memory
+from patcher.core.placement import Placement
 from patcher.edits.edit import ScaleOutputs
 from patcher.edits.patch import Patch
 
@@ -60,7 +61,7 @@ def _collect(model, tok, config, sequential: bool, side: str = "right", batch_si
     stats = _stats(config)
     c = Collector(model, tok, batch_size=batch_size, max_tokens=24, padding_side=side)
     if sequential:
-        c.options = ScaleOptions(sequential=True, checkpoint_every=0)
+        c.options = ParallelCollect(Placement(sequential=True, checkpoint_every=0))
     c.run(stats, TEXTS, LABELS, patch=_prior(config))
     return stats
 
@@ -110,7 +111,7 @@ def test_sequential_equals_whole_model_smollm2(smollm2: Path) -> None:
         stat = PooledValues([(x, "output") for x in mods])
         c = Collector(m, tok, batch_size=4, max_tokens=24)
         if seq:
-            c.options = ScaleOptions(sequential=True, checkpoint_every=0)
+            c.options = ParallelCollect(Placement(sequential=True, checkpoint_every=0))
         c.run([stat], TEXTS, LABELS)
         out.append([stat])
     _assert_same(*out)

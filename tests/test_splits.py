@@ -78,7 +78,7 @@ def test_tune_and_sweep_look_at_select_the_benchmark_at_report(tmp_path: Path, m
     class Stop(Exception):
         pass
 
-    def fake_evaluate(folder, *, settings, device="cpu"):  # the sweep's first evaluation: the base model's
+    def fake_evaluate(folder, *, settings, placement=None):  # the sweep's first evaluation: the base model's
         seen.append(settings.prompts)
         raise Stop
 

@@ -14,9 +14,10 @@ from helpers import assert_bake_equals_hooks, compute, context, paired_data, sav
 
 from patcher import AffineOutputs, Patch, PatcherError, verify
 from patcher.collect.collector import Collector
-from patcher.collect.parallel import ScaleOptions
+from patcher.collect.parallel import ParallelCollect
 from patcher.collect.statistics import PooledValues
 from patcher.core.arch import arch_for, num_layers
+from patcher.core.placement import Placement
 from patcher.methods import StepContext, get_method
 from patcher.methods.transport import TransportSettings, fit_maps, stages
 from patcher.recipe.settings import build
@@ -105,7 +106,7 @@ def test_sequential_engine_gives_the_same_maps(tmp_path: Path) -> None:
     settings = _settings(modules=["attn_out", "mlp_out"])
     resident = get_method("transport").collect(context(tiny_model("llama")), settings).maps
     skeleton, tok = load_layerwise(folder)
-    collector = Collector(skeleton, tok, batch_size=16, max_tokens=32, options=ScaleOptions(sequential=True, checkpoint_every=0))
+    collector = Collector(skeleton, tok, batch_size=16, max_tokens=32, options=ParallelCollect(Placement(sequential=True, checkpoint_every=0)))
     layered = get_method("transport").collect(StepContext(skeleton, tok, collector, data, Patch([])), settings).maps
     assert _close(resident, layered, 1e-5)
 

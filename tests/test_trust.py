@@ -858,7 +858,7 @@ def test_hub_patterns_never_match_python_files() -> None:
 
 
 def test_trust_remote_code_reaches_the_loader_only_from_the_flag(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    from patcher.collect import parallel
+    from patcher.collect import layerwise
 
     seen = []
 
@@ -866,7 +866,7 @@ def test_trust_remote_code_reaches_the_loader_only_from_the_flag(world: World, m
         seen.append(trust_remote_code)
         raise OSError(errno.EIO, "stop here", str(folder))
 
-    monkeypatch.setattr(parallel, "load_model", fake_load)  # what every model-loading command calls
+    monkeypatch.setattr(layerwise, "load_model", fake_load)  # what every model-loading command calls (through load_placed)
     for flag in ([], ["--trust-remote-code"]):
         code, output = cli("compute", world.recipe, "--out", world.out, "--checkpoint-every", "0", *flag)
         assert code == 2 and "stop here" in output

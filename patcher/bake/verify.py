@@ -10,12 +10,17 @@ folder); then these checks, each able to fail on its own:
    the patch inside the folder must hash to the recorded ``patch_sha256``;
 2. tensor by tensor, the output equals the base (untouched tensors: identical bytes) or the base with
    the patch's edits recomputed (edited tensors: identical bytes after the same float32 math and cast);
-3. logits on fixed prompts: the baked model loaded with plain ``from_pretrained`` against the base
-   model with the patch attached as hooks. For float32 checkpoints the bound is
-   ``max(1e-4, 2e-5 * max|logit|)``: folding an edit rounds each weight once (6e-8 relative), and
-   deep models amplify that (a 1e-7 relative rescale of SmolLM2-135M's down projections alone moves
-   its logits by 7.4e-5, max |logit| 32). For half precision the baked weights are rounded to 8 or
-   11 mantissa bits, so the bound is 2e-2 of the largest logit.
+3. logits on fixed prompts: the baked model against the base model with the patch attached as
+   hooks, one model at a time (only the logits of the three prompts are kept between them), in the
+   checkpoint's own dtype unless ``--dtype`` says otherwise. Under ``--sequential`` each model runs
+   layer by layer from its shards (the onloading of `patcher.collect.layerwise`): the peak is one
+   decoder layer, the embeddings and head, and the prompts' hidden states, so a model larger than
+   memory is verified too; ``--device-map`` places each model with accelerate instead.
+   The bound depends on the dtype the check runs in. float32: ``max(1e-4, 2e-5 * max|logit|)``:
+   folding an edit rounds each weight once (6e-8 relative), and deep models amplify that. Half
+   precision (float32 compute on half weights, or half compute): the folded weights are rounded to
+   8 (bfloat16) or 11 (float16) mantissa bits and, in half compute, every activation too, so the
+   bound is ``HALF_BOUND`` times the dtype's unit roundoff times the largest logit.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ from pathlib import Path
 
 import torch
 
+from ..collect.layerwise import LayerwiseModel, load_placed
 from ..core.errors import PatcherError
+from ..core.models import resolve_device, torch_dtype
+from ..core.placement import Placement
 from ..edits.patch import Patch
 from ..io.checkpoint import Checkpoint, sha256_file, tensor_bytes
 from ..io.model_files import resolve_model
@@ -64,17 +72,58 @@ def _fixed_inputs(folder: Path, vocab_size: int) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(0, vocab_size, (3, 16), generator=gen)}
 
 
-def max_logit_diff(base_folder: Path, patch: Patch, baked_folder: Path) -> tuple[float, float]:
-    """(max |hooked base logits - baked logits|, max |logit|) on fixed prompts, float32."""
-    from transformers import AutoModelForCausalLM
+STORED = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
+HALF_BOUND = 5.0  # multiples of the half dtype's unit roundoff, relative to the largest logit
 
-    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32).eval()
-    baked = AutoModelForCausalLM.from_pretrained(baked_folder, dtype=torch.float32).eval()
-    inputs = _fixed_inputs(base_folder, base.config.vocab_size)
-    with torch.no_grad(), patch.hooked(base):
-        expected = base(**inputs).logits
-    with torch.no_grad():
-        got = baked(**inputs).logits
+
+def stored_dtype(ckpt: Checkpoint) -> str:
+    """The dtype most of a checkpoint's floating-point bytes are stored in."""
+    count: dict[str, int] = {}
+    for t in ckpt.tensors():
+        if t.dtype in STORED:
+            count[STORED[t.dtype]] = count.get(STORED[t.dtype], 0) + t.nbytes
+    return max(count, key=count.__getitem__) if count else "float32"
+
+
+def logit_tolerance(scale: float, compute: str, stored: str) -> float:
+    """The bound of the logits check (see the module docstring)."""
+    half = stored if stored != "float32" else compute
+    if half == "float32":
+        return max(1e-4, 2e-5 * scale)
+    return HALF_BOUND * UNIT_ROUNDOFF[half] * scale
+
+
+def _logits(folder: Path, patch: Patch | None, inputs: torch.Tensor, dtype: str, placement: Placement) -> torch.Tensor:
+    """Float32 logits of ``inputs`` under the model in ``folder`` (``patch`` attached as hooks),
+    placed as ``placement`` says; nothing of the model outlives the call."""
+    with torch.inference_mode():
+        if placement.sequential:
+            lw = LayerwiseModel(folder, torch_dtype(dtype), resolve_device(placement.device), hidden_max_bytes=placement.hidden_max_bytes)
+            with (patch or Patch([])).hooked(lw.model):
+                store = lw.layer_passes([(inputs, None, None)], desc="verify (layer by layer)")
+                try:
+                    return lw.logits(inputs, store.get(0)).float().cpu()
+                finally:
+                    store.close()
+        model, _ = load_placed(folder, placement, dtype, tokenizer=False)
+        from ..core.models import input_device
+
+        with (patch or Patch([])).hooked(model):
+            return model(input_ids=inputs.to(input_device(model)), use_cache=False).logits.float().cpu()
+
+
+def max_logit_diff(base_folder: Path, patch: Patch, baked_folder: Path, placement: Placement | None = None,
+                   dtype: str | None = None) -> tuple[float, float]:
+    """(max |hooked base logits - baked logits|, max |logit|) on fixed prompts, one model at a time
+    in ``dtype`` (default: the baked checkpoint's), placed as ``placement`` says."""
+    placement = placement or Placement()
+    dtype = dtype or placement.dtype or stored_dtype(Checkpoint.open(baked_folder))
+    config = Checkpoint.open(base_folder).config
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    inputs = _fixed_inputs(base_folder, int(vocab))["input_ids"]
+    expected = _logits(base_folder, patch, inputs, dtype, placement)
+    got = _logits(baked_folder, None, inputs, dtype, placement)
     return float((expected - got).abs().max()), float(expected.abs().max())
 
 
@@ -123,8 +172,10 @@ def base_folder(out: Path, base: dict, override: str | Path | None = None) -> Pa
     return folder
 
 
-def verify(out: str | Path, logits: bool = True, base: str | Path | None = None) -> VerifyResult:
+def verify(out: str | Path, logits: bool = True, base: str | Path | None = None, placement: Placement | None = None) -> VerifyResult:
+    """Every check of the module docstring; ``placement`` places the two models of the logits check."""
     out = Path(out)
+    placement = placement or Placement()
     record = read_record(out)
     result = VerifyResult()
     result.bad_files = check_files(out)
@@ -155,9 +206,10 @@ def verify(out: str | Path, logits: bool = True, base: str | Path | None = None)
     config = baked.config
     result.bad_tensors += [f"config.json: {key} is not true" for key in plan.switches if config.get(key) is not True]
     if logits:
-        diff, scale = max_logit_diff(base_dir, patch, out)
-        half = any(t.dtype != "F32" for t in baked.tensors())
-        result.max_abs_diff, result.tolerance = diff, (2e-2 * scale if half else max(1e-4, 2e-5 * scale))
+        stored = stored_dtype(baked)
+        compute = placement.dtype or stored
+        diff, scale = max_logit_diff(base_dir, patch, out, placement, compute)
+        result.max_abs_diff, result.tolerance = diff, logit_tolerance(scale, compute, stored)
     else:
         result.max_abs_diff, result.tolerance = 0.0, 0.0
     return result

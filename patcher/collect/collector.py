@@ -47,7 +47,7 @@ class Collector:
         skip_first: bool = True,
         options: Pipeline | None = None,
     ):
-        """``options``: a `patcher.collect.parallel.ScaleOptions` for data-parallel, resumable or
+        """``options``: a `patcher.collect.parallel.ParallelCollect` for data-parallel, resumable or
         layer-by-layer passes; None runs the whole model in this process."""
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_tokens = batch_size, max_tokens

@@ -39,7 +39,8 @@ from torch import nn
 from ..core.arch import arch_for, num_layers
 from ..core.errors import PatcherError
 from ..core.hooks import Hooks
-from ..core.models import load_tokenizer, resolve_device, torch_dtype
+from ..core.models import load_model, load_tokenizer, resolve_device, torch_dtype
+from ..core.placement import Placement
 from ..core.progress import bar
 from ..edits.patch import Patch
 from ..io.checkpoint import Checkpoint, TensorInfo
@@ -378,6 +379,17 @@ def load_layerwise(folder: str | Path, dtype: str = "float32", device: str = "cp
     counterpart for ``--sequential``."""
     lw = LayerwiseModel(folder, torch_dtype(dtype), resolve_device(device), trust_remote_code, hidden_max_bytes)
     return lw.model, load_tokenizer(folder, trust_remote_code)
+
+
+def load_placed(folder: str | Path, placement: Placement, dtype: str, trust_remote_code: bool = False, tokenizer: bool = True) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) as ``placement`` says: a `LayerwiseModel` skeleton under ``--sequential``,
+    else whole on ``placement.device`` or over accelerate's device map. ``dtype``: the caller's
+    default (the recipe's), which ``--dtype`` overrides."""
+    dtype = placement.dtype_or(dtype)
+    if placement.sequential:
+        return load_layerwise(folder, dtype, placement.device, trust_remote_code, placement.hidden_max_bytes)
+    return load_model(Path(folder), dtype, placement.device, trust_remote_code, device_map=placement.device_map,
+                      max_memory=placement.max_memory, offload_folder=placement.offload_folder, tokenizer=tokenizer)
 
 
 def layerwise_of(model: Any) -> LayerwiseModel | None:

@@ -1,10 +1,10 @@
 """Collection beyond one process on one device: layer-by-layer runs, data-parallel processes, and
 checkpoints that a killed run resumes from (`patcher.collect.resume`).
 
-One `ScaleOptions` object carries the choices (CLI flags: ``--device-map``, ``--max-memory``,
-``--sequential``, ``--resume``, ``--checkpoint-every``) and is the `Collector`'s pipeline when it
-has one. Statistics stay the same objects: a pass here feeds them through the Collector's own
-batches, pooling masks and statistic hooks (`forward_loop`, or the layer-by-layer passes).
+One `ParallelCollect` object carries the run's `Placement` (CLI flags: ``--device-map``,
+``--max-memory``, ``--sequential``, ``--resume``, ``--checkpoint-every``), this process's place among
+data-parallel processes and the checkpoint folder, and is the `Collector`'s pipeline when it has one.
+Statistics stay the same objects: a pass here feeds them through the Collector's own batches, pooling masks and statistic hooks (`forward_loop`, or the layer-by-layer passes).
 
 * **Data-parallel.** Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) rank ``r`` of
   ``N`` takes batches ``r, r + N, r + 2N, ...`` of the Collector's length-sorted batches, so every
@@ -29,13 +29,13 @@ from typing import Any
 import torch
 
 from ..core.errors import PatcherError
-from ..core.models import device_map_kwargs, load_model
+from ..core.placement import Placement
 from ..edits.patch import Patch
 from ..io.atomic import write_text
 from ..io.checkpoint import Checkpoint
 from ..io.folders import pid_alive
 from .collector import Collector, Wanted, forward_loop
-from .layerwise import layerwise_of, load_layerwise
+from .layerwise import layerwise_of, load_placed
 from .resume import CollectState, collection_key
 from .statistics import Statistic
 
@@ -119,32 +119,27 @@ class World:
 
 # -- options -----------------------------------------------------------------------------------------
 @dataclass
-class ScaleOptions:
+class ParallelCollect:
     """How a run loads the model and collects: see the module docstring."""
 
-    sequential: bool = False
-    hidden_max_gib: float = 8.0
-    device_map: str | None = None
-    max_memory: str | None = None
+    placement: Placement = field(default_factory=Placement)
     state_dir: Path | None = None
-    resume: bool = False
-    checkpoint_every: int = 16
     fingerprint: str = ""
     world: World = field(default_factory=World.from_env)
     calls: int = 0
     collecting: bool = False  # inside `collect`: a failure now cuts a collection short
 
     def __post_init__(self) -> None:
-        if self.max_memory and not self.device_map:
-            raise PatcherError("--max-memory needs --device-map (e.g. --device-map auto --max-memory 0=70GiB,cpu=100GiB)")
-        if self.device_map and self.sequential:
-            raise PatcherError("--device-map and --sequential exclude each other: --sequential loads one layer at a time on --device")
-        if self.device_map and self.world.size > 1:
+        if self.placement.device_map and self.world.size > 1:
             raise PatcherError("--device-map with several processes is not supported: give each process one GPU (--device cuda) or use --sequential")
-        if self.checkpoint_every < 0:
-            raise PatcherError(f"--checkpoint-every must be >= 0 (0 turns checkpoints off), got {self.checkpoint_every}")
-        if self.device_map:
-            device_map_kwargs(self.device_map, self.max_memory)  # fail early on bad values
+
+    @property
+    def resume(self) -> bool:
+        return self.placement.resume
+
+    @property
+    def checkpoint_every(self) -> int:
+        return self.placement.checkpoint_every
 
     def prepare(self, folder: Path, out: Path, device: str) -> str:
         """Called by run/compute before loading: the state folder beside ``out``, the model's
@@ -161,9 +156,7 @@ class ScaleOptions:
         return device
 
     def load(self, folder: Path, dtype: str, device: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-        if self.sequential:
-            return load_layerwise(folder, dtype, device, trust_remote_code, int(self.hidden_max_gib * 2**30))
-        return load_model(folder, dtype, device, trust_remote_code, device_map=self.device_map, max_memory=self.max_memory)
+        return load_placed(folder, self.placement.replace(device=device), dtype, trust_remote_code)
 
     def _claim_state(self) -> None:
         """Take the state folder for this process: one whose writer is still running is refused;

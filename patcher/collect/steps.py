@@ -5,7 +5,7 @@ patch attached as hooks) and returns statistics; ``build(ctx, stats, settings)``
 Patch and loads no model. The split lets a sweep or a tune collect once and build many patches:
 settings fields marked ``build_only`` never change what is collected. A method registers with
 `method` on its settings class, which is where everything about it is declared: each setting's
-bounds, strength-like ranges and ``build_only`` on its field, the method's own facts (``layer_range``)
+bounds, strength-like ranges and ``build_only`` on its field, the method's own facts (``layer_range``, ``whole_model``)
 on the registration. This lives below ``methods/`` so that every method module can import it.
 """
 
@@ -53,6 +53,8 @@ class Method:
     # its statistics for a set of layers hold those of every subset: a tune collects a searched
     # ``layers`` range once, at its widest, and builds each trial's sub-range from it
     layer_range: bool = False
+    # needs the whole model resident (a backward pass through every layer): refused under --sequential
+    whole_model: bool = False
 
     def build_only(self) -> frozenset[str]:
         """Settings that never change what `collect` returns (marked on the settings fields)."""
@@ -63,13 +65,13 @@ METHODS: Registry[Method] = Registry("method")
 
 
 def method(name: str, *, collect: Callable[[StepContext, Any], Any], build: Callable[[StepContext, Any, Any], Patch],
-           layer_range: bool = False) -> Callable[[S], S]:
+           layer_range: bool = False, whole_model: bool = False) -> Callable[[S], S]:
     """Register the decorated settings class as method ``name`` with its ``collect`` and ``build``
     functions (mergekit's ``easy_define`` shape: functions, no class per method); the class is
     returned unchanged."""
 
     def register(settings: S) -> S:
-        METHODS.register(name)(Method(name, settings, collect, build, layer_range))
+        METHODS.register(name)(Method(name, settings, collect, build, layer_range, whole_model))
         return settings
 
     return register

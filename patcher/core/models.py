@@ -109,12 +109,16 @@ def _total_ram() -> int:
         return 64 << 30
 
 
-def _load_with_device_map(folder: Path, dtype: torch.dtype, device_map: str, max_memory: str | None, trust_remote_code: bool) -> Any:
-    """``from_pretrained`` across devices; the offload folder is removed with the model."""
+def _load_with_device_map(folder: Path, dtype: torch.dtype, device_map: str, max_memory: str | None, trust_remote_code: bool,
+                          offload_folder: str | Path | None = None) -> Any:
+    """``from_pretrained`` across devices; a temporary offload folder (none given) is removed with
+    the model, inside a given one patcher makes its own temporary folder, removed the same way."""
     from transformers import AutoModelForCausalLM
 
     kw = device_map_kwargs(device_map, max_memory)
-    kw["offload_folder"] = tempfile.mkdtemp(prefix="patcher-offload-")
+    if offload_folder is not None:
+        Path(offload_folder).mkdir(parents=True, exist_ok=True)
+    kw["offload_folder"] = tempfile.mkdtemp(prefix="patcher-offload-", dir=offload_folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
     except (ValueError, RuntimeError) as exc:
@@ -122,6 +126,18 @@ def _load_with_device_map(folder: Path, dtype: torch.dtype, device_map: str, max
         raise PatcherError(f"loading with --device-map {device_map} failed ({str(exc).splitlines()[0][:200]}): check --max-memory") from None
     weakref.finalize(model, shutil.rmtree, kw["offload_folder"], True)
     return model.eval()
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a model's inputs go: the device of its first placed module under an accelerate device
+    map (a CPU- or disk-offloaded module takes its inputs on the CPU), else its parameters' device."""
+    placed = getattr(model, "hf_device_map", None)
+    if placed:
+        first = next(iter(placed.values()))
+        if isinstance(first, int):
+            return torch.device(f"cuda:{first}")
+        return torch.device("cpu" if first in ("cpu", "disk") else first)
+    return next(model.parameters()).device
 
 
 def load_tokenizer(folder: str | Path, trust_remote_code: bool = False) -> Any:
@@ -137,19 +153,21 @@ def load_tokenizer(folder: str | Path, trust_remote_code: bool = False) -> Any:
 
 
 def load_model(folder: Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
-               device_map: str | None = None, max_memory: str | None = None) -> tuple[Any, Any]:
+               device_map: str | None = None, max_memory: str | None = None, offload_folder: str | Path | None = None,
+               tokenizer: bool = True) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer with a pad token) from a local folder; with ``device_map``
-    (``auto``, ...) accelerate places it over GPUs, CPU and disk within ``max_memory``."""
+    (``auto``, ...) accelerate places it over GPUs, CPU and disk (``offload_folder``) within ``max_memory``.
+    ``tokenizer=False``: no tokenizer (None), for a check that feeds token ids."""
     from transformers import AutoModelForCausalLM
 
     torch_type = torch_dtype(dtype)
     try:
         if device_map:
-            model = _load_with_device_map(folder, torch_type, device_map, max_memory, trust_remote_code)
+            model = _load_with_device_map(folder, torch_type, device_map, max_memory, trust_remote_code, offload_folder)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_type, trust_remote_code=trust_remote_code)
             model = model.to(resolve_device(device)).eval()
-        tok = load_tokenizer(folder, trust_remote_code)
+        tok = load_tokenizer(folder, trust_remote_code) if tokenizer else None
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PatcherError(f"cannot load {folder} as a causal LM with its tokenizer ({first}): give a model folder with tokenizer files") from None

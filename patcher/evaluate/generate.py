@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..core.errors import PatcherError
+from ..core.models import input_device
 from ..core.progress import bar
 
 NUCLEUS_TIERS = (64, 1024, 8192)  # topk sizes tried before a full sort of a row whose nucleus is larger
@@ -225,7 +226,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], **options: Any) -> 
         raise PatcherError("samples and max_new_tokens must be at least 1")
     from transformers import GenerationConfig
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     prompt_ids = tokenize_prompts(tokenizer, prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = _stop_ids(model, tokenizer)
@@ -290,7 +291,7 @@ def continuation_nll(
     """Summed negative log-likelihood of each continuation given its prompt under ``model``
     (teacher forcing; only the continuation's tokens are scored). ``continuations[p][k]`` are
     token ids of prompt ``p``'s sample ``k``."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     cache_kw = _cache_name(model)
     longest = max((len(t) for row in continuations for t in row), default=0)
     out = [[0.0] * len(row) for row in continuations]

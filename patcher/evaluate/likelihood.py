@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.models import input_device
 from ..core.progress import bar
 
 
@@ -26,7 +27,7 @@ def mean_logprob(model: Any, tokenizer: Any, texts: Sequence[str], *, max_tokens
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
     rows = [[start] + tokenizer.encode(t, add_special_tokens=False)[:max_tokens] for t in texts]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # batches of like lengths: little padding
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = np.zeros(len(rows))
     for b in bar(range(0, len(rows), batch_size), desc="likelihood", leave=False):
         chunk = [rows[i] for i in order[b : b + batch_size]]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..core.errors import PatcherError
+from ..core.models import input_device
 from ..core.progress import bar
 
 
@@ -36,7 +37,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 1024, stride: 
     """exp(mean negative log-likelihood) of ``ids`` under ``model``. ``prefix`` (the tokenizer's
     leading special tokens, `patcher.core.tokens.leading_specials`: Gemma's ``<bos>``) starts every
     window as context and is never scored; the window's text tokens are scored as without it."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     pre = torch.tensor(prefix or [], dtype=ids.dtype)
     nll, count, prev_end = 0.0, 0, 0
     starts = range(0, len(ids) - 1, stride)

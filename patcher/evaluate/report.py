@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..collect.layerwise import load_placed
 from ..core.errors import PatcherError
-from ..core.models import DTYPES, load_model, resolve_device
+from ..core.models import DTYPES, resolve_device
+from ..core.placement import Placement, kv_cache_bytes
 from ..core.table import render
 from ..core.tokens import leading_specials
 from ..data.catalog import is_name, resolve, split_part
@@ -171,11 +173,12 @@ def eval_prompts(settings: EvalSettings) -> PromptSet:
 
 
 # -- models ---------------------------------------------------------------------------------------
-def load_lm(spec: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any, Path, dict[str, Any]]:
-    """(model in eval mode, tokenizer with a pad token, folder, provenance) for a model argument;
-    a baked folder's provenance adds its recipe and patch hash from ``patch.json``."""
+def load_lm(spec: str | Path, dtype: str = "float32", placement: Placement | None = None) -> tuple[Any, Any, Path, dict[str, Any]]:
+    """(model in eval mode, tokenizer with a pad token, folder, provenance) for a model argument,
+    placed as ``placement`` says; a baked folder's provenance adds its recipe and patch hash from
+    ``patch.json``."""
     folder, provenance = resolve_model(str(spec))
-    model, tok = load_model(folder, dtype, device)
+    model, tok = load_placed(folder, placement or Placement(), dtype)
     patch_json = folder / "patch.json"
     if patch_json.is_file():
         try:
@@ -270,7 +273,7 @@ def _score(evaluators: Sequence[Any], gens: Generations, settings: EvalSettings,
 
 
 def _evaluate_one(
-    spec: str, settings: EvalSettings, prompts: PromptSet, evaluators: Sequence[Any], ppl_ids_for: Any, *, device: str, batch_size: int,
+    spec: str, settings: EvalSettings, prompts: PromptSet, evaluators: Sequence[Any], ppl_ids_for: Any, *, placement: Placement, batch_size: int,
     score_others: Sequence[tuple[Generations, Any]] = (),
 ) -> tuple[ModelResult, Any, list[tuple[list[list[float]], list[list[list[int]]]]]]:
     """Generate, score and measure one model. ``score_others`` are other models' generations (with
@@ -290,7 +293,14 @@ def _evaluate_one(
                            toxicity_by_prompt=split, degenerate=degenerate_summary(gens.flat_texts()), distinct=distinct(gens.texts),
                            wikitext_perplexity=None, seconds=seconds), None, []
     log.info("eval: loading %s", spec)
-    model, tok, folder, provenance = load_lm(spec, settings.dtype, device)
+    if placement.max_memory:  # the KV cache of one batch (prompt + new tokens) comes out of the budget
+        from ..io.checkpoint import Checkpoint
+
+        config = Checkpoint.open(resolve_model(spec)[0]).config
+        tokens = max(len(p) for p in prompts.prompts) + settings.max_new_tokens  # characters: an upper bound on tokens
+        placement = placement.reserve(kv_cache_bytes(config, min(batch_size, settings.samples * len(prompts.prompts)), tokens,
+                                                     placement.dtype_or(settings.dtype)))
+    model, tok, folder, provenance = load_lm(spec, settings.dtype, placement)
     seconds["load"] = time.perf_counter() - t0
     log.info("eval: generating %d x %d continuations of %d tokens with %s", settings.samples, len(prompts.prompts), settings.max_new_tokens, spec)
     gens = generate(
@@ -344,15 +354,16 @@ def _fluency(nll: list[list[float]], gens: Generations, scored_by: str, samples:
     return {"perplexity": math.exp(total / tokens) if tokens else float("nan"), "tokens": tokens, "samples_per_prompt": samples, "scored_by": scored_by}
 
 
-def kl_divergence(model_path: str | Path, baseline: str | Path, settings: EvalSettings, device: str = "cpu", batch_size: int = 16) -> dict[str, Any]:
+def kl_divergence(model_path: str | Path, baseline: str | Path, settings: EvalSettings, placement: Placement | None = None,
+                  batch_size: int = 16) -> dict[str, Any]:
     """KL(base || patched) on ``settings.kl_prompts`` neutral prompts (both models loaded together)."""
     from .capability import kl_from_base
 
     t0 = time.perf_counter()
     prompts = load_prompts(data_file(settings.kl_data, DEFAULT_KL_PROMPTS), score_field=None, n=settings.kl_prompts, seed=settings.seed,
                            file_order=True)
-    model, tok, _, _ = load_lm(model_path, settings.dtype, device)
-    base, base_tok, _, _ = load_lm(baseline, settings.dtype, device)
+    model, tok, _, _ = load_lm(model_path, settings.dtype, placement)
+    base, base_tok, _, _ = load_lm(baseline, settings.dtype, placement)
     if not _same_vocab(tok, base_tok):
         raise PatcherError("the KL divergence compares next-token distributions: the model and the baseline need the same tokenizer")
     log.info("eval: KL from the baseline on %d neutral prompts", len(prompts.prompts))
@@ -504,23 +515,30 @@ def evaluate(
     *,
     baseline: str | Path | None = None,
     settings: EvalSettings | None = None,
-    device: str = "cpu",
+    placement: Placement | None = None,
     batch_size: int = 128,
     evaluators: Sequence[Any] | None = None,
 ) -> EvalReport:
-    """Evaluate ``model_path`` (and ``baseline`` on the same prompts and seed). ``evaluators``
-    (objects with ``name``, ``floor`` and ``score``) replace the ones named in the settings."""
+    """Evaluate ``model_path`` (and ``baseline`` on the same prompts and seed), each placed as
+    ``placement`` says (a device map's ``--max-memory`` budget keeps room for the KV cache of a
+    batch). ``evaluators`` (objects with ``name``, ``floor`` and ``score``) replace the ones named
+    in the settings."""
     settings = settings or EvalSettings()
     settings.check()
     if batch_size < 1:
         raise PatcherError("--batch-size must be at least 1")
     if settings.kl_prompts and baseline is None:
         raise PatcherError("the KL divergence (kl_prompts) is measured from a baseline: give --baseline, or set kl_prompts to 0")
-    return _evaluate(model_path, baseline, settings, device, batch_size, evaluators)
+    placement = placement or Placement()
+    placement.refuse("eval (generation runs every layer for every new token)",
+                     "place the model whole instead: --device-map auto --max-memory cpu=SIZE --offload-folder DIR runs a model larger "
+                     "than memory from disk", sequential=placement.sequential)
+    return _evaluate(model_path, baseline, settings, placement, batch_size, evaluators)
 
 
-def _evaluate(model_path: str | Path, baseline: str | Path | None, settings: EvalSettings, device: str, batch_size: int,
+def _evaluate(model_path: str | Path, baseline: str | Path | None, settings: EvalSettings, placement: Placement, batch_size: int,
               evaluators: Sequence[Any] | None) -> EvalReport:
+    device = placement.device
     t_start = time.perf_counter()
     prompts = eval_prompts(settings)
     if evaluators is None:
@@ -533,7 +551,7 @@ def _evaluate(model_path: str | Path, baseline: str | Path | None, settings: Eva
     from .perplexity import token_stream
 
     ppl_ids_for = lambda tok: token_stream(tok, ppl_path, settings.ppl_tokens)  # noqa: E731
-    kw = dict(device=device, batch_size=batch_size)
+    kw = dict(placement=placement, batch_size=batch_size)
     # One model in memory at a time: the patched model first, then the baseline, which also scores
     # the patched model's continuations for fluency.
     result, tok, _ = _evaluate_one(str(model_path), settings, prompts, evaluators, ppl_ids_for, **kw)
@@ -553,7 +571,7 @@ def _evaluate(model_path: str | Path, baseline: str | Path | None, settings: Eva
 
         result.blimp_drop = blimp_drop(base.blimp, result.blimp, n_resamples=settings.bootstrap, seed=settings.seed)
     if base is not None and settings.kl_prompts:
-        result.kl_from_baseline = kl_divergence(model_path, baseline, settings, device, batch_size)  # type: ignore[arg-type]
+        result.kl_from_baseline = kl_divergence(model_path, baseline, settings, placement, batch_size)  # type: ignore[arg-type]
         result.seconds["kl from baseline"] = result.kl_from_baseline.pop("seconds")
     from ..io.record import library_versions
 

@@ -516,4 +516,4 @@ def build(ctx: StepContext, stats: Circuit, settings: CircuitSettings) -> Patch:
 
 
 # Learned binary masks over heads and neurons (weights frozen); the circuit found is zeroed.
-method(METHOD, collect=collect, build=build)(CircuitSettings)
+method(METHOD, collect=collect, build=build, whole_model=True)(CircuitSettings)  # backpropagates through every layer at once

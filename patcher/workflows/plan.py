@@ -11,18 +11,40 @@ exact: per layer, embeddings and head, total. From them and the calibration set'
   linear, gate + up + down), held by every process after a data-parallel gather.
 
 `scenarios` turns these into a recommendation for 1 and 2 GPUs, CPU only, and many GPUs.
+
+With a placement (the commands' option group), `footprint` predicts the peak resident memory of each
+command and method on the machine that holds the model (CPU memory for ``--device cpu``; the GPU's
+for ``--device cuda``), as the sum of what that path holds at its peak:
+
+* every process: the Python runtime with torch and transformers (``RUNTIME``);
+* the model: whole (``weights``; under ``--device-map`` what the budget keeps in memory), or under
+  ``--sequential`` the embeddings and head (counted twice: the buffers they are read through outlive
+  them in the allocator) plus two decoder layers (the one running and the one being read);
+* collection: the calibration set's hidden states between layers (``--sequential``) or one batch's
+  activations (whole model); AURA's pooled values (``texts x units x 4 B``); the projection's pooled
+  residuals (``texts x hidden x layers x 4 B``); transport's two hidden-state buffers (inputs and
+  targets); the circuit's backward pass (every layer's activations of a batch in float32, kept for
+  the gradient) and Adam's two moments of the masks;
+* perplexity: one window's logits in float32, with their log-softmax;
+* eval: the KV cache of one generation batch (prompt + new tokens) and its logits;
+* verify: one model at a time (layer by layer under ``--sequential``) and the prompts' logits;
+* bake: streaming, a few blocks of the edited tensors in float32 and the copy buffers.
+
+`benchmarks/scale.py` and `tests/test_plan.py` set these predictions beside measured peaks.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core.arch import arch_for, num_layers
 from ..core.embedded import EMBEDDED, embedded_model_path
 from ..core.errors import PatcherError
+from ..core.models import parse_max_memory
+from ..core.placement import Placement, kv_cache_bytes
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HEADROOM = 0.9  # share of a GPU's memory given to weights; the rest: activations, CUDA context
@@ -72,6 +94,9 @@ class Sizes:
     layer_params: int  # the largest decoder layer
     outside_params: int  # embeddings, head, final norm
     units: int  # AURA units: output units of every MLP linear, all layers
+    vocab: int = 0
+    intermediate: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
 
     def weights(self, dtype: str) -> int:
         return self.params * BYTES[dtype]
@@ -110,7 +135,9 @@ def sizes(config: dict[str, Any]) -> Sizes:
             w = model.get_submodule(name).weight
             units += w.shape[1] if arch.layout == "conv1d" else w.shape[0]
     hidden = getattr(conf, "hidden_size", None) or conf.n_embd
-    return Sizes(model_type, n, int(hidden), total, max(per_layer), total - sum(per_layer), units)
+    inter = getattr(conf, "intermediate_size", None) or getattr(conf, "ffn_hidden_size", None) or 4 * int(hidden)
+    return Sizes(model_type, n, int(hidden), total, max(per_layer), total - sum(per_layer), units, int(conf.vocab_size), int(inter),
+                 {**config, "model_type": model_type})
 
 
 def gib(n: float) -> str:
@@ -158,8 +185,83 @@ def scenarios(s: Sizes, dtype: str, n_texts: int, max_tokens: int, gpu_gib: floa
     return rows
 
 
-def report(spec: str, dtype: str = "bfloat16", n_texts: int = 1000, max_tokens: int = 64, gpu_gib: float = 80.0, n_gpus: int = 8) -> str:
+RUNTIME = 450 << 20  # the Python runtime with torch, transformers, tokenizers and patcher imported
+BAKE_BLOCKS = 16 << 20  # bake: the edited tensors' blocks in flight over the threads, and the copy buffers
+METHODS = ("aura", "project", "transport", "circuit")
+
+
+@dataclass
+class Workload:
+    """What the predicted commands run: the calibration set, the perplexity window, generation."""
+
+    n_texts: int = 1000
+    max_tokens: int = 64
+    batch_size: int = 8
+    ppl_window: int = 512
+    prompt_tokens: int = 32
+    new_tokens: int = 20
+    verify_tokens: int = 3 * 16
+
+
+def _model_bytes(s: Sizes, placement: Placement, dtype: str) -> int:
+    """What the whole model keeps resident: its weights, or what a device map's budget keeps of them
+    on the device the prediction is for (the rest on other devices or disk)."""
+    w = s.weights(dtype)
+    budget = parse_max_memory(placement.max_memory) if placement.device_map else None
+    if budget:
+        key = "cpu" if placement.device == "cpu" else next((k for k in budget if k != "cpu"), "cpu")
+        return min(w, budget.get(key, w))
+    return w
+
+
+def footprint(s: Sizes, placement: Placement, dtype: str, work: Workload) -> dict[str, dict[str, int]]:
+    """Predicted peak bytes, part by part, of each command (``run METHOD``, ``verify``, ``eval``,
+    ``bake``) under ``placement``; see the module docstring for what each part is."""
+    b = BYTES[dtype]
+    layer, outside = s.layer(dtype), s.outside_params * b
+    hs = s.hidden_states(work.n_texts, work.max_tokens, dtype)
+    logits = work.ppl_window * s.vocab * 4 * 2
+    if placement.sequential:
+        model = {"embeddings + head, and their read buffers": 2 * outside, "two decoder layers": 2 * layer}
+        between = {"hidden states of the calibration set": hs}
+    else:
+        model = {"weights": _model_bytes(s, placement, dtype)}
+        between = {"one batch's activations": work.batch_size * work.max_tokens * (4 * s.hidden + 2 * s.intermediate) * 4}
+    method_parts = {
+        "aura": {"pooled values": s.pooled(work.n_texts)},
+        "project": {"pooled residuals": work.n_texts * s.hidden * s.n_layers * 4},
+        "transport": {"two hidden-state buffers": 2 * hs} if placement.sequential else {"pooled activations": 2 * work.n_texts * s.hidden * 4},
+        "circuit": {"backward: activations of a batch, every layer": 2 * work.batch_size * work.max_tokens * s.n_layers * (8 * s.hidden + 3 * s.intermediate) * 4,
+                    "masks, gradients and Adam moments": 4 * s.n_layers * (s.intermediate + 64) * 4},
+    }
+    out: dict[str, dict[str, int]] = {}
+    for m in METHODS:
+        if m == "circuit" and placement.sequential:
+            continue  # refused: its backward pass needs the whole model
+        extra = {} if m == "transport" and placement.sequential else between
+        out[f"run {m}"] = {"runtime": RUNTIME, **model, **extra, **method_parts[m], "perplexity window logits": logits}
+    verify_logits = work.verify_tokens * s.vocab * 4 * 3
+    out["verify"] = {"runtime": RUNTIME, **model, "prompt logits": verify_logits}
+    if not placement.sequential:
+        kv = kv_cache_bytes(s.config, work.batch_size, work.prompt_tokens + work.new_tokens, dtype)
+        out["eval"] = {"runtime": RUNTIME, **model, "KV cache of a batch": kv, "generation logits": work.batch_size * s.vocab * 4 * 2,
+                       "perplexity window logits": logits}
+    out["bake"] = {"runtime": RUNTIME, "blocks in flight": BAKE_BLOCKS}
+    return out
+
+
+def predicted_peaks(spec: str, placement: Placement, work: Workload) -> dict[str, int]:
+    s = sizes(load_config(spec))
+    return {k: sum(v.values()) for k, v in footprint(s, placement, placement.dtype or "bfloat16", work).items()}
+
+
+def report(spec: str, dtype: str = "bfloat16", work: Workload | None = None, gpu_gib: float = 80.0, n_gpus: int = 8,
+           placement: Placement | None = None, json_path: Path | None = None) -> str:
+    """`patcher plan`'s tables: weights, collection, how it runs, and each command's predicted peak."""
     from ..core.table import render
+
+    work = work or Workload()
+    n_texts, max_tokens = work.n_texts, work.max_tokens
 
     if dtype not in BYTES:
         raise PatcherError(f"unknown dtype {dtype!r}: use one of {', '.join(BYTES)}")
@@ -176,4 +278,17 @@ def report(spec: str, dtype: str = "bfloat16", n_texts: int = 1000, max_tokens: 
     lines.append("")
     lines.append(render(["setup", "flags", "per GPU", "CPU memory"], scenarios(s, dtype, n_texts, max_tokens, gpu_gib, n_gpus),
                         title=f"how it runs ({dtype}, {gpu_gib:g} GB GPUs, {int(HEADROOM * 100)}% for weights)"))
+    placement = placement or Placement()
+    parts = footprint(s, placement, dtype, work)
+    where = "CPU memory" if placement.device == "cpu" else f"{placement.device} memory"
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else f"--{k.replace('_', '-')}"
+                     for k, v in placement.describe().items()) or "(defaults)"
+    rows = [[cmd, human(sum(p.values())), "; ".join(f"{k} {human(v)}" for k, v in p.items() if k != "runtime")] for cmd, p in parts.items()]
+    lines.append("")
+    lines.append(render(["command", "predicted peak", "of which (besides the runtime)"], rows, title=f"predicted peak {where} with {flags}"))
+    if json_path is not None:
+        from ..io.record import write_json_file
+
+        write_json_file(Path(json_path), {"model": spec, "dtype": dtype, "placement": placement.describe(), "workload": work.__dict__,
+                                     "commands": {k: sum(v.values()) for k, v in parts.items()}, "parts": parts})
     return "\n".join(lines)

@@ -24,8 +24,9 @@ from typing import Any
 from ..bake.writer import prepare_bake, write_bake
 from ..collect.collector import Collector
 from ..collect.layerwise import layerwise_perplexity
+from ..collect.parallel import ParallelCollect
 from ..core.errors import PatcherError
-from ..core.models import load_model
+from ..core.placement import Placement
 from ..core.tokens import leading_specials
 from ..data.loaders import LabeledSet, load_data, ppl_source
 from ..edits.patch import Patch
@@ -63,7 +64,7 @@ class Timings:
 
 
 def compute_patch(plan: Plan | Recipe, model: Any, tokenizer: Any, *, timings: Timings | None = None,
-                  scale: Any = None, stats_cache: dict | None = None,
+                  pipeline: Any = None, stats_cache: dict | None = None,
                   collect_as: dict[int, dict[str, Any]] | None = None) -> tuple[Patch, list[dict]]:
     """Run the plan's steps (a Recipe is resolved first); returns the composed Patch and a summary
     of each step's data.
@@ -77,7 +78,7 @@ def compute_patch(plan: Plan | Recipe, model: Any, tokenizer: Any, *, timings: T
     recipe, timings = plan.recipe, timings or Timings()
     c = recipe.collect
     collector = Collector(model, tokenizer, batch_size=c.batch_size, max_tokens=recipe.data.max_tokens,
-                          padding_side=c.padding_side, skip_first=c.skip_first, options=scale)
+                          padding_side=c.padding_side, skip_first=c.skip_first, options=pipeline)
     patch = Patch([])
     summaries: list[dict] = []
     cache: dict[DataSettings, LabeledSet] = {}
@@ -115,37 +116,34 @@ def recipe_inputs(recipe: Recipe) -> list[Path]:
 
 
 @contextmanager
-def _collect_state(scale: Any) -> Iterator[None]:
+def _collect_state(pipeline: ParallelCollect) -> Iterator[None]:
     """On a failure, the collection checkpoints are kept only when ``--resume`` can continue from
     them (the collection itself was interrupted after a checkpoint); otherwise they are removed.
     Either way the log says which."""
     try:
         yield
     except BaseException:
-        if scale is not None:
-            scale.abandon()
+        pipeline.abandon()
         raise
 
 
-def compute(recipe: Recipe, out: Path, *, device: str = "cpu", overwrite: bool = False, scale: Any = None) -> Patch | None:
+def compute(recipe: Recipe, out: Path, *, placement: Placement | None = None, overwrite: bool = False) -> Patch | None:
     """`patcher compute`: the recipe's patch written to ``out`` (``patch.json`` with the patch's
     sha256 and the plan + ``patch.safetensors``) without baking. Under several processes only rank
     0 writes; the others return None."""
-    plan = resolve(recipe, placement=scale, device=device)
+    plan = resolve(recipe, placement=placement)
+    pipeline = ParallelCollect(plan.placement)
     folder, _ = resolve_model(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)
     check_output_path(out, folder, overwrite, plan.inputs)
-    if scale is not None:
-        device = scale.prepare(folder, out, device)
-    load = scale.load if scale is not None else load_model
-    with _collect_state(scale):
-        model, tokenizer = load(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
-        patch, _ = compute_patch(plan, model, tokenizer, scale=scale)
-        if scale is not None and not scale.world.is_main:
+    device = pipeline.prepare(folder, out, pipeline.placement.device)
+    with _collect_state(pipeline):
+        model, tokenizer = pipeline.load(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
+        patch, _ = compute_patch(plan, model, tokenizer, pipeline=pipeline)
+        if not pipeline.world.is_main:
             return None
         with atomic_folder(out, overwrite) as tmp:
             patch.save(tmp, extra={"plan": plan.record()})
-    if scale is not None:
-        scale.finish()
+    pipeline.finish()
     return patch
 
 
@@ -176,10 +174,10 @@ def check_perplexity(model: Any, tokenizer: Any, recipe: Recipe, ids: Any = None
     return perplexity(model, ids, window=w, stride=w, prefix=leading_specials(tokenizer))
 
 
-def _evaluate_staging(staging: Path, out: Path, baseline: str, settings: Any, device: str) -> dict[str, Any]:
+def _evaluate_staging(staging: Path, out: Path, baseline: str, settings: Any, placement: Placement) -> dict[str, Any]:
     """Evaluate the staged output against ``baseline``; writes eval.json and eval.png into it."""
 
-    report = evaluate(staging, baseline=baseline, settings=settings, device=device)
+    report = evaluate(staging, baseline=baseline, settings=settings, placement=placement)
     # measured in the staging folder, published as ``out``: the report sits inside the model it
     # describes, so the model is "." (local paths in published files are relative, never absolute)
     report.model.spec, report.model.folder = ".", "."
@@ -211,7 +209,7 @@ class Bake:
     tokenizer: Any
     load: Any
     folder: Path
-    device: str
+    placement: Placement
     force: bool = False
     allow_nonfinite: bool = False
 
@@ -225,15 +223,14 @@ def run(
     recipe: Recipe,
     *,
     out: Path | None = None,
-    device: str = "cpu",
+    placement: Placement | None = None,
     force: bool = False,
     overwrite: bool = False,
-    scale: Any = None,
     run_eval: bool = True,
     **options: Any,
 ) -> RunResult | None:
-    """``scale`` (`patcher.collect.parallel.ScaleOptions`): device map, layer-by-layer, data-parallel,
-    checkpoints; under several processes only rank 0 bakes and writes, the others return None.
+    """``placement`` (`patcher.core.placement.Placement`): device, dtype, device map, layer by layer,
+    checkpoints; under several processes (torchrun) only rank 0 bakes and writes, the others return None.
     ``run_eval=False`` skips the recipe's ``[eval]`` table (the card is written without it).
     ``options``: ``stats_cache`` (`compute_patch`'s: runs of recipes that share a step's statistics
     collect them once), ``allow_nonfinite`` (copy untouched source tensors holding NaN or inf) and
@@ -242,14 +239,14 @@ def run(
     unknown = set(options) - {"stats_cache", "allow_nonfinite", "gguf"}
     if unknown:
         raise TypeError(f"run() got unexpected options {sorted(unknown)}")
-    plan = resolve(recipe, placement=scale, device=device, run_eval=run_eval)  # everything checked and resolved before the work
-    return execute(plan, out=out, device=device, force=force, overwrite=overwrite, **options)
+    plan = resolve(recipe, placement=placement, run_eval=run_eval)  # everything checked and resolved before the work
+    return execute(plan, out=out, force=force, overwrite=overwrite, **options)
 
 
-def execute(plan: Plan, *, out: Path | None = None, device: str = "cpu", force: bool = False, overwrite: bool = False,
+def execute(plan: Plan, *, out: Path | None = None, force: bool = False, overwrite: bool = False,
             stats_cache: dict | None = None, allow_nonfinite: bool = False, gguf: str | None = None) -> RunResult | None:
     """A plan's run: load, compute, bake into a staging folder, check, evaluate, publish (and export a GGUF)."""
-    recipe, scale, timings = plan.recipe, plan.placement, Timings()
+    recipe, pipeline, timings = plan.recipe, ParallelCollect(plan.placement), Timings()
     spec, trust = recipe.model.id, recipe.model.trust_remote_code
     with timings.stage("load"):
         folder, _ = resolve_model(spec, recipe.model.revision, trust)
@@ -259,16 +256,15 @@ def execute(plan: Plan, *, out: Path | None = None, device: str = "cpu", force: 
             if gguf not in OUTTYPES:
                 raise PatcherError(f"--gguf {gguf!r} is not a GGUF type patcher exports: choose one of {', '.join(OUTTYPES)}")
             model_class(folder)  # the converter is installed and knows the architecture, before the work
-        if scale is not None:
-            device = scale.prepare(folder, out, device)
-        load = scale.load if scale is not None else load_model
-    with _collect_state(scale):
+        device = pipeline.prepare(folder, out, pipeline.placement.device)
+        load = pipeline.load
+    with _collect_state(pipeline):
         with timings.stage("load"):
             model, tokenizer = load(folder, recipe.model.dtype, device, trust)
-        patch, summaries = compute_patch(plan, model, tokenizer, timings=timings, scale=scale, stats_cache=stats_cache)
-        if scale is not None and not scale.world.is_main:
+        patch, summaries = compute_patch(plan, model, tokenizer, timings=timings, pipeline=pipeline, stats_cache=stats_cache)
+        if not pipeline.world.is_main:
             return None
-        job = Bake(model, tokenizer, load, folder, device, force, allow_nonfinite)
+        job = Bake(model, tokenizer, load, folder, pipeline.placement.replace(device=device), force, allow_nonfinite)
         del model
         result = RunResult(out, patch, float("nan"), float("nan"), timings, summaries)
         with atomic_folder(out, overwrite) as staging:
@@ -276,8 +272,7 @@ def execute(plan: Plan, *, out: Path | None = None, device: str = "cpu", force: 
             if gguf is not None:
                 export_gguf(staging, default_name(gguf), gguf, title=out.name)
                 _write_card(staging, out, result.eval_report)  # the card names the GGUF
-    if scale is not None:
-        scale.finish()
+    pipeline.finish()
     return result
 
 
@@ -303,7 +298,7 @@ def _bake_and_check(plan: Plan, job: Bake, staging: Path, result: RunResult) -> 
         if gate.active:
             gate.measure_base(base_model)
         del base_model
-        baked, _ = job.load(staging, recipe.model.dtype, job.device)
+        baked, _ = job.load(staging, recipe.model.dtype, job.placement.device)
         if ids is not None:
             result.ppl_after = check_perplexity(baked, job.tokenizer, recipe, ids)
         if gate.active:
@@ -325,5 +320,5 @@ def _bake_and_check(plan: Plan, job: Bake, staging: Path, result: RunResult) -> 
         with timings.stage("eval"):
             # the base model as resolved for the bake (a pinned revision stays pinned)
             baseline = spec if recipe.model.revision is None else str(job.folder)
-            result.eval_report = _evaluate_staging(staging, out, baseline, plan.eval, job.device)
+            result.eval_report = _evaluate_staging(staging, out, baseline, plan.eval, job.placement)
     _write_card(staging, out, result.eval_report)

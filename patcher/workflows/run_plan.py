@@ -18,6 +18,7 @@ from typing import Any
 from ..collect.steps import settings_record
 from ..core.errors import PatcherError
 from ..core.models import resolve_device
+from ..core.placement import Placement
 from ..data.catalog import entry
 from ..data.loaders import data_source, ppl_source
 from ..evaluate.evaluators import get_evaluators
@@ -53,7 +54,7 @@ class Plan:
     ppl: Source | None  # the [check] text; None without one
     eval: EvalSettings | None = None  # the [eval] table's settings; None without one or when skipped
     inputs: list[Path] = field(default_factory=list)  # every local file the run reads
-    placement: Any = None  # devices and processes (the command line's placement options)
+    placement: Placement = field(default_factory=Placement)  # devices, dtype, device map, layer by layer (the command line's group)
 
     def step_data(self, index: int) -> DataSettings:
         """The data table of step ``index`` (from 0): its own, else the recipe's."""
@@ -151,19 +152,31 @@ def check_eval(settings: Any, device: str) -> None:
         raise PatcherError(f"the recipe's [eval] table writes {EVAL_PLOT}, which needs matplotlib: pip install 'patcher[eval]', or run with --no-eval")
 
 
-def resolve(recipe: Recipe, overrides: dict[str, dict[str, Any]] | None = None, placement: Any = None, *, device: str = "cpu",
+def refuse_placement(recipe: Recipe, placement: Placement) -> None:
+    """Steps whose method cannot run under ``placement`` are refused before the model loads."""
+    for i, step in enumerate(recipe.steps, start=1):
+        if get_method(step.method).whole_model:
+            placement.refuse(f"step {i} ({step.method}: its backward pass needs the whole model)",
+                             "run without --sequential; for a model larger than memory use --device-map auto with --max-memory and --offload-folder",
+                             sequential=placement.sequential)
+
+
+def resolve(recipe: Recipe, overrides: dict[str, dict[str, Any]] | None = None, placement: Placement | None = None, *,
             run_eval: bool = False) -> Plan:
     """The plan of a run of ``recipe`` with the command line's ``overrides`` (table -> values, recorded
-    as such) and ``placement``. ``run_eval``: the ``[eval]`` table is checked either way (a bad one
-    is refused even when skipped) and with it the plan evaluates on ``device``."""
+    as such) and ``placement`` (a step whose method cannot run under it is refused here). ``run_eval``:
+    the ``[eval]`` table is checked either way (a bad one is refused even when skipped) and with it
+    the plan evaluates on the placement's device."""
+    placement = placement or Placement()
     for table, values in (overrides or {}).items():
         recipe = recipe.override(table, **values)
     settings = step_settings(recipe)
+    refuse_placement(recipe, placement)
     evaluation = eval_settings(recipe)
     if not run_eval:
         evaluation = None
     if evaluation is not None:
-        check_eval(evaluation, device)
+        check_eval(evaluation, placement.device)
     data: dict[DataSettings, Source] = {}
     for step in recipe.steps:  # a missing data set stops the run here, before the model loads
         d = step.data or recipe.data

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..bake.writer import bake
+from ..collect.parallel import ParallelCollect
 from ..core.errors import PatcherError
-from ..core.models import load_model
+from ..core.placement import Placement
 from ..core.table import render
 from ..evaluate.report import EvalSettings, evaluate
 from ..io.folders import check_output_path
@@ -129,12 +130,15 @@ def sweep(
     eval_settings: EvalSettings | None = None,
     references: dict[str, Path] | None = None,
     max_ppl_increase: float | None = None,
-    device: str = "cpu",
+    placement: Placement | None = None,
 ) -> SweepResult:
     """Run ``recipe`` at each value of ``expr`` (``[step.N.]KEY=V1,V2``); each point is baked into
     ``out/KEY=V`` and evaluated with the same prompts and seeds as the base model. A Recipe is
     resolved first; every point shares the plan's resolved data and check text."""
-    plan = plan if isinstance(plan, Plan) else resolve(plan)
+    placement = placement or Placement(checkpoint_every=0)
+    placement.refuse("sweep (every point is evaluated by generation)", "place the model whole instead: --device-map auto --max-memory "
+                     "cpu=SIZE --offload-folder DIR runs a model larger than memory from disk", sequential=placement.sequential)
+    plan = plan if isinstance(plan, Plan) else resolve(plan, placement=placement)
     recipe = plan.recipe
     index, key, values = parse_set(expr, recipe)
     settings = eval_settings or EvalSettings.from_preset("quick")
@@ -146,8 +150,9 @@ def sweep(
     folder, _ = resolve_model(spec, recipe.model.revision, recipe.model.trust_remote_code)
     inputs = [*plan.inputs, *(references or {}).values(), eval_settings.prompts if eval_settings else None]
     check_output_path(out, folder, True, inputs)  # an existing sweep folder is reused: patcher wrote it
-    model, tokenizer = load_model(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
-    base = _point(evaluate(folder, settings=settings, device=device).to_json())
+    pipeline = ParallelCollect(placement)
+    model, tokenizer = pipeline.load(folder, recipe.model.dtype, pipeline.placement.device, recipe.model.trust_remote_code)
+    base = _point(evaluate(folder, settings=settings, placement=pipeline.placement).to_json())
     refs = {}
     for label, path in (references or {}).items():
         refs[label] = _point(json.loads(Path(path).read_text()))
@@ -155,10 +160,10 @@ def sweep(
     points = []
     out.mkdir(parents=True, exist_ok=True)
     for v in values:
-        patch, _ = compute_patch(plan.with_setting(index, key, v), model, tokenizer, stats_cache=cache)
+        patch, _ = compute_patch(plan.with_setting(index, key, v), model, tokenizer, stats_cache=cache, pipeline=pipeline)
         target = out / f"{key}={v}"
         bake(patch, spec, target, untie=recipe.model.untie, overwrite=True, trust_remote_code=recipe.model.trust_remote_code, inputs=tuple(inputs))
-        evaluation = evaluate(target, settings=settings, device=device)
+        evaluation = evaluate(target, settings=settings, placement=pipeline.placement)
         report = evaluation.to_json()
         evaluation.save_json(target / "eval.json")
         points.append({"value": v, "folder": str(target), **_point(report)})

@@ -40,8 +40,10 @@ from typing import Any
 
 import numpy as np
 
+from ...collect.layerwise import load_placed
 from ...core.errors import PatcherError
-from ...core.models import load_model, resolve_device
+from ...core.models import resolve_device
+from ...core.placement import Placement
 from ...evaluate.perplexity import token_stream
 from ...io.model_files import resolve_model
 from ...recipe.loader import Recipe
@@ -59,18 +61,21 @@ __all__ = ["Param", "Scorer", "StatsCache", "TuneOptions", "TuneResult", "TuneSe
 log = logging.getLogger(__name__)
 
 
-def tune(plan: Plan | Recipe, *, out: Path, device: str = "cpu", overwrite: bool = False, **options: Any) -> TuneResult:
+def tune(plan: Plan | Recipe, *, out: Path, placement: Placement | None = None, overwrite: bool = False, **options: Any) -> TuneResult:
     """Search, evaluate the Pareto points within budget, write ``out`` (the tuned recipe) with
     ``.tune.json`` and ``.tune.png`` beside it. ``options`` are `TuneOptions` (``max_ppl_increase``,
     ``trials``, ``timeout``, ``study_path``: default ``out`` + ``.study.db``, ``seed``, ...). A
     Recipe is resolved first (`resolve`): every trial shares the plan's data and check text."""
     opts, out = TuneOptions(**options), Path(out)
-    plan = plan if isinstance(plan, Plan) else resolve(plan)
+    placement = placement or Placement()
+    placement.refuse("tune (every trial runs the hooked model whole)", "use --device-map auto with --max-memory and --offload-folder "
+                     "for a model larger than memory", sequential=placement.sequential)
+    plan = plan if isinstance(plan, Plan) else resolve(plan, placement=placement)
     recipe = plan.recipe
     ts, params = tune_space(recipe)
     ts = opts.settings(ts)
-    eval_settings = _check_before_work(plan, ts, out, overwrite, device)
-    scorer = _load_scorer(plan, params, ts, device)
+    eval_settings = _check_before_work(plan, ts, out, overwrite, placement.device)
+    scorer = _load_scorer(plan, params, ts, placement)
     base_ppl, base_proxy = scorer.measure(scorer.model)
     log.info("tune: base perplexity %.3f, proxy %.4f; searching %s", base_ppl, base_proxy, "; ".join(p.describe() for p in params))
     gate = CapabilityGate(recipe.check, scorer.tokenizer)  # [check] max_blimp_drop / max_kl: damage beside perplexity
@@ -85,7 +90,7 @@ def tune(plan: Plan | Recipe, *, out: Path, device: str = "cpu", overwrite: bool
     rows = trial_rows(study)
     front = front_within(rows, opts.max_ppl_increase)
     picks, extra = to_evaluate(front, rows, ts) if eval_settings else ([], [])
-    evaluated = evaluate_trials(picks + extra, study, scorer, eval_settings, list(ts.evaluators), out, device) if picks else {}
+    evaluated = evaluate_trials(picks + extra, study, scorer, eval_settings, list(ts.evaluators), out, placement) if picks else {}
     chosen = choose(front, picks, evaluated, rows, ts.eval_n_prompts)
 
     proxy = {r["number"]: r["proxy"] for r in rows}
@@ -118,10 +123,10 @@ def _check_before_work(plan: Plan, ts: TuneSettings, out: Path, overwrite: bool,
     return eval_settings
 
 
-def _load_scorer(plan: Plan, params: list[Param], ts: TuneSettings, device: str) -> Scorer:
+def _load_scorer(plan: Plan, params: list[Param], ts: TuneSettings, placement: Placement) -> Scorer:
     recipe = plan.recipe
     folder, _ = resolve_model(recipe.model.id, recipe.model.revision)
-    model, tokenizer = load_model(folder, recipe.model.dtype, device, recipe.model.trust_remote_code)
+    model, tokenizer = load_placed(folder, placement, recipe.model.dtype, recipe.model.trust_remote_code)
     ids = token_stream(tokenizer, plan.ppl.path, recipe.check.ppl_tokens)  # type: ignore[union-attr]
     return Scorer(plan, params, model, tokenizer, ids, held_back(plan, ts, tokenizer))
 

@@ -99,7 +99,7 @@ def to_evaluate(front: list[int], rows: list[dict[str, Any]], ts: TuneSettings) 
 
 
 def evaluate_trials(numbers: list[int], study: Any, scorer: Any, settings: EvalSettings, names: list[str], near: Path,
-                    device: str) -> dict[int, dict[str, Any]]:
+                    placement: Any) -> dict[int, dict[str, Any]]:
     """Each trial baked into a staging folder beside ``near`` and given the quick evaluation; the
     results are kept in the study per evaluation settings, so a resumed tune does not evaluate twice."""
     recipe, by = scorer.recipe, {r["number"]: r for r in trial_rows(study)}
@@ -113,7 +113,7 @@ def evaluate_trials(numbers: list[int], study: Any, scorer: Any, settings: EvalS
                 patch = scorer.patches.get(n) or scorer.patch(by[n]["settings"])
                 target = staging / f"trial-{n}"
                 bake(patch, recipe.model.id, target, untie=recipe.model.untie)
-                report = evaluate(target, settings=settings, device=device).to_json()
+                report = evaluate(target, settings=settings, placement=placement).to_json()
                 study.set_user_attr(key, eval_point(report, names))
                 shutil.rmtree(target, ignore_errors=True)
             evaluated[n] = study.user_attrs[key]
