@@ -15,7 +15,6 @@ import json
 from dataclasses import replace
 
 import torch
-from patcher.methods import StepContext
 
 from patcher.collect.collector import Collector
 from patcher.core.arch import arch_for, num_layers, writer_module
@@ -23,6 +22,7 @@ from patcher.core.models import load_model
 from patcher.core.table import render
 from patcher.data.loaders import load_data
 from patcher.io.model_files import resolve_model
+from patcher.methods import StepContext
 from patcher.methods.project import _split, frame, probe
 from patcher.recipe.loader import load_recipe
 from patcher.workflows.run import step_settings
