@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import tempfile
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from typing import Any
 
 from ..core.embedded import EMBEDDED, EMBEDDED_NAME, GEMMA_PACKAGE, gguf_path
 from ..core.errors import PatcherError
+from ..io.atomic import atomic_file, write_text
 from ..io.checkpoint import sha256_file
 from ..io.folders import remove_stale
 from ..io.record import plain_name, read_record, update_record
@@ -195,9 +195,8 @@ def export_gguf(folder: str | Path, name: str | None = None, outtype: str = "f16
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     remove_stale(target)
-    tmp = folder / f".{name}.partial-{os.getpid()}"
     tokenizer_keys: list[str] = []
-    try:
+    with atomic_file(target) as tmp:  # the GGUF appears whole, after its Modelfile
         with source_gguf(meta["bake"]["base"]) as src, _quiet_converter(), torch.inference_mode():
             try:
                 model = cls(folder, ftype, tmp, model_name=title or folder.resolve().name)
@@ -217,13 +216,7 @@ def export_gguf(folder: str | Path, name: str | None = None, outtype: str = "f16
         digest = sha256_file(tmp)
         info = gguf_info(tmp)
         modelfile_name = name[: -len(".gguf")] + MODELFILE_SUFFIX
-        mtmp = folder / f".{modelfile_name}.partial-{os.getpid()}"
-        mtmp.write_text(modelfile(name, info))
-        os.replace(tmp, target)
-        os.replace(mtmp, folder / modelfile_name)
-    finally:
-        tmp.unlink(missing_ok=True)
-        (folder / f".{name[: -len('.gguf')]}{MODELFILE_SUFFIX}.partial-{os.getpid()}").unlink(missing_ok=True)
+        write_text(folder / modelfile_name, modelfile(name, info))
     entry = {"file": name, "sha256": digest, "outtype": outtype, "bytes": target.stat().st_size, "architecture": info["architecture"],
              "tensors": info["tensors"], "converter": f"{CONVERTER} {converter_version()}", "model_class": cls.__name__,
              "tokenizer": "copied from the base model's GGUF file" if tokenizer_keys else "the converter's, from the folder's tokenizer files",
