@@ -72,6 +72,7 @@ def method(name: str, *, collect: Callable[[StepContext, Any], Any], build: Call
 
     def register(settings: S) -> S:
         METHODS.register(name)(Method(name, settings, collect, build, layer_range, whole_model))
+        settings.method_name = name  # errors about a value set in code name the method
         return settings
 
     return register

@@ -117,7 +117,7 @@ class Checked:
 
     def check(self) -> None:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            check_value(f, getattr(self, f.name), type(self).__name__, "")
+            check_value(f, getattr(self, f.name), getattr(type(self), "method_name", type(self).__name__), "")
         self.rules()
 
     def rules(self) -> None:
