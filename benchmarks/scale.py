@@ -9,7 +9,7 @@
    deviation ``0.5 / sqrt(fan_in)``, norms 1, biases 0, so activations stay finite through every
    layer. Written tensor by tensor in row blocks: the writer never holds more than one block.
 2. **Run** each command as a child process (``patcher ...`` with this checkout first on the path)
-   and measure its peak resident memory (``os.wait4``'s ``ru_maxrss`` of that child), wall time and
+   and measure its peak resident memory (its own ``VmHWM`` at exit), wall time and
    tokens per second: ``run`` of ``recipes/project-stack.toml``, ``aura.toml`` and
    ``transport-linear-attn.toml`` with a small calibration set (16 pairs / texts per class of at most
    32 tokens, ``ppl_tokens`` 1024) under ``--sequential``; ``bake`` of the AURA patch; ``verify
@@ -155,16 +155,30 @@ def write_inputs(work: Path, model: Path, n: int, max_tokens: int, ppl_tokens: i
 
 
 # -- measuring a child ------------------------------------------------------------------------------------
+# A patcher command that reports its own peak at exit (VmHWM: its memory's high-water mark since
+# exec). wait4's ru_maxrss alone would not do: exec carries the parent's high-water mark into it.
+PEAK = """import atexit, runpy, sys
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            sys.stderr.write(f"PEAK_KB {line.split()[1]}\\n")
+atexit.register(peak)
+sys.argv = ["patcher", *sys.argv[1:]]
+runpy.run_module("patcher.cli", run_name="__main__")
+"""
+
+
 def measure(cmd: list[str], env: dict[str, str], log: Path) -> dict:
-    """Run ``cmd``; its peak resident memory (ru_maxrss of that process), wall time, exit status."""
+    """Run ``cmd`` (``patcher ARGS``); its own peak resident memory (VmHWM), wall and CPU time, exit status."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        p = subprocess.Popen([sys.executable, "-c", PEAK, *cmd[3:]], stdout=f, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
-    return {"cmd": " ".join(cmd), "log": log.name, "rc": p.returncode, "peak_bytes": usage.ru_maxrss * 1024, "wall_s": round(wall, 1),
-            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
+    peaks = [int(line.split()[1]) * 1024 for line in log.read_text(errors="replace").splitlines() if line.startswith("PEAK_KB")]
+    return {"cmd": " ".join(["patcher", *cmd[3:]]), "log": log.name, "rc": p.returncode, "peak_bytes": peaks[-1] if peaks else usage.ru_maxrss * 1024,
+            "wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
 
 
 def main() -> None:

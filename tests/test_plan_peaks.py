@@ -45,15 +45,28 @@ def baked(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "out"
 
 
+# The child reports its own peak (VmHWM: the high-water mark of its memory since exec). ru_maxrss
+# from wait4 would not do here: exec carries the parent's high-water mark into the child's, and
+# the parent is this pytest process.
+PEAK = """import atexit, runpy, sys
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            sys.stderr.write(f"PEAK_KB {line.split()[1]}\\n")
+atexit.register(peak)
+sys.argv = ["patcher", *sys.argv[1:]]
+runpy.run_module("patcher.cli", run_name="__main__")
+"""
+
+
 def _peak(args: list[str]) -> int:
     env = os.environ | {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "patcher.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    _, status, usage = os.wait4(p.pid, 0)
-    out = p.stdout.read().decode() if p.stdout else ""
-    assert os.waitstatus_to_exitcode(status) == 0, out
-    return usage.ru_maxrss * 1024
+    r = subprocess.run([sys.executable, "-c", PEAK, *args], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return int(next(line.split()[1] for line in r.stderr.splitlines() if line.startswith("PEAK_KB"))) * 1024
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the child's peak from /proc (Linux)")
 @pytest.mark.parametrize("flags", [["--sequential"], ["--dtype", "float32"]])
 def test_plan_predicts_verify_peak(baked: Path, flags: list[str]) -> None:
     placement = Placement(sequential="--sequential" in flags, dtype="float32")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .errors import PatcherError
@@ -116,6 +115,3 @@ def kv_cache_bytes(config: Any, sequences: int, tokens: int, dtype: str) -> int:
     item = {"float32": 4}.get(dtype, 2)
     return 2 * layers * kv_heads * head_dim * item * sequences * tokens
 
-
-def offload_path(placement: Placement) -> Path | None:
-    return Path(placement.offload_folder) if placement.offload_folder else None
