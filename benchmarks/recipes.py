@@ -112,7 +112,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true",
                     help="reuse OUT/base-eval.json and each OUT/<recipe>/eval.json an interrupted run with the same settings left")
     args = ap.parse_args()
-    command = "python benchmarks/recipes.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # the command as run from the repository root; an absolute local path in it is written relative to that root (never published)
+    command = "python benchmarks/recipes.py " + " ".join(shlex.quote(os.path.relpath(a, ROOT) if os.path.isabs(a) else a) for a in sys.argv[1:])
 
     settings = dataclasses.replace(EvalSettings.from_preset("quick"), prompts=args.prompts, n_prompts=args.n_prompts, samples=args.samples,
                                    blimp=args.blimp, kl_prompts=args.kl_prompts)
@@ -209,10 +210,17 @@ def main() -> None:
 
 
 def recipe_split_note(path: Path) -> str | None:
-    """The recipe's own comment line saying which prompt split chose its settings ('# Split: ...')."""
-    for line in path.read_text().splitlines():
+    """The recipe's own comment saying which prompt split chose its settings: from '# Split:' to the
+    end of that comment block."""
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
         if line.lower().startswith("# split:"):
-            return line[len("# split:"):].strip()
+            block = [line[len("# split:"):]]
+            for more in lines[i + 1 :]:
+                if not more.startswith("#"):
+                    break
+                block.append(more[1:])
+            return " ".join(part.strip() for part in block).strip()
     return None
 
 
