@@ -48,7 +48,7 @@ from patcher.data.catalog import resolve, split_part
 from patcher.evaluate.report import REPORT_PROMPTS, EvalSettings, evaluate, kl_divergence
 from patcher.io.checkpoint import sha256_file
 from patcher.io.model_files import resolve_model
-from patcher.io.record import library_versions
+from patcher.io.record import library_versions, relative_paths
 from patcher.recipe.loader import load_recipe
 from patcher.workflows.run import compute_patch, recipe_inputs
 
@@ -84,10 +84,11 @@ def git_commit() -> str | None:
         return None
 
 
-def data_hashes(recipe: Any, settings: EvalSettings) -> dict[str, str]:
-    """sha256 of every file the row read: the recipe, its data sets, and the evaluation's texts."""
+def data_hashes(recipe: Any | None, settings: EvalSettings) -> dict[str, str]:
+    """sha256 of every file the row read: the recipe and its data sets (none for the base row), and
+    the evaluation's texts."""
     out: dict[str, str] = {}
-    for p in recipe_inputs(recipe):
+    for p in recipe_inputs(recipe) if recipe is not None else []:
         name = p.name if p.is_absolute() else str(p)
         out[name] = sha256_file(p)
     for name in (split_part(settings.prompts)[0], "wikitext-2", "blimp", "bold"):
@@ -111,7 +112,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true",
                     help="reuse OUT/base-eval.json and each OUT/<recipe>/eval.json an interrupted run with the same settings left")
     args = ap.parse_args()
-    command = "python benchmarks/recipes.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # the command as run from the repository root; an absolute local path in it is written relative to that root (never published)
+    command = "python benchmarks/recipes.py " + " ".join(shlex.quote(os.path.relpath(a, ROOT) if os.path.isabs(a) else a) for a in sys.argv[1:])
 
     settings = dataclasses.replace(EvalSettings.from_preset("quick"), prompts=args.prompts, n_prompts=args.n_prompts, samples=args.samples,
                                    blimp=args.blimp, kl_prompts=args.kl_prompts)
@@ -127,7 +129,8 @@ def main() -> None:
     def save() -> None:  # after every recipe, atomically: an interrupted run keeps what it measured
         args.results.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+        # published: a local absolute path (e.g. in the command) is written relative to the results folder
+        tmp.write_text(json.dumps(relative_paths(results, args.results), indent=1, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
 
     def reusable(p: Path) -> dict[str, Any] | None:
@@ -138,7 +141,7 @@ def main() -> None:
 
     def provenance(stages: dict[str, float], recipe: Any | None, load_before: list[float]) -> dict[str, Any]:
         return {"git_commit": git_commit(), "command": command, "versions": library_versions(),
-                "data_sha256": data_hashes(recipe, settings) if recipe else None, "seeds": {"eval": settings.seed, "bootstrap": settings.seed},
+                "data_sha256": data_hashes(recipe, settings), "seeds": {"eval": settings.seed, "bootstrap": settings.seed},
                 "wall_seconds": {k: round(v, 1) for k, v in stages.items()}, "machine": machine() | {"load_average_before": load_before},
                 "note": args.note, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -207,10 +210,17 @@ def main() -> None:
 
 
 def recipe_split_note(path: Path) -> str | None:
-    """The recipe's own comment line saying which prompt split chose its settings ('# Split: ...')."""
-    for line in path.read_text().splitlines():
+    """The recipe's own comment saying which prompt split chose its settings: from '# Split:' to the
+    end of that comment block."""
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
         if line.lower().startswith("# split:"):
-            return line[len("# split:"):].strip()
+            block = [line[len("# split:"):]]
+            for more in lines[i + 1 :]:
+                if not more.startswith("#"):
+                    break
+                block.append(more[1:])
+            return " ".join(part.strip() for part in block).strip()
     return None
 
 
