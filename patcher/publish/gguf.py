@@ -271,12 +271,12 @@ def ollama_template(chat_template: str | None) -> tuple[str | None, list[str]]:
     if all(m in chat_template for m in _CHATML):
         system = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", chat_template, re.S)
         default = system.group(1) if system else ""
-        t = ("{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n"
-             + (f"{{{{- else }}}}<|im_start|>system\n{default}<|im_end|>\n" if default else "")
-             + "{{ end }}{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n")
+        t = ("{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n"
+             + (f"{{{{ else }}}}<|im_start|>system\n{default}<|im_end|>\n" if default else "")
+             + "{{ end }}{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n")
         return t, ["<|im_end|>"]
     if all(m in chat_template for m in _GEMMA):
-        t = ('{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
+        t = ('{{ range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
              "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n")
         return t, ["<end_of_turn>"]
     return None, []
