@@ -82,8 +82,8 @@ def _quiet_converter() -> Iterator[None]:
     names = ("hf-to-gguf", "gguf.gguf_writer", "gguf.vocab", "gguf.metadata")
     show = logging.getLogger("patcher").isEnabledFor(logging.DEBUG)
     old = {n: logging.getLogger(n).level for n in names}
-    for n in names:
-        logging.getLogger(n).setLevel(logging.DEBUG if show else logging.WARNING)
+    for n in names:  # the writer's warnings are the converter's own key overrides (Gemma 3 sets some twice)
+        logging.getLogger(n).setLevel(logging.DEBUG if show else logging.ERROR if n == "gguf.gguf_writer" else logging.WARNING)
     try:
         yield
     finally:
