@@ -82,8 +82,8 @@ def _quiet_converter() -> Iterator[None]:
     names = ("hf-to-gguf", "gguf.gguf_writer", "gguf.vocab", "gguf.metadata")
     show = logging.getLogger("patcher").isEnabledFor(logging.DEBUG)
     old = {n: logging.getLogger(n).level for n in names}
-    for n in names:
-        logging.getLogger(n).setLevel(logging.DEBUG if show else logging.WARNING)
+    for n in names:  # the writer's warnings are the converter's own key overrides (Gemma 3 sets some twice)
+        logging.getLogger(n).setLevel(logging.DEBUG if show else logging.ERROR if n == "gguf.gguf_writer" else logging.WARNING)
     try:
         yield
     finally:
@@ -264,12 +264,12 @@ def ollama_template(chat_template: str | None) -> tuple[str | None, list[str]]:
     if all(m in chat_template for m in _CHATML):
         system = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", chat_template, re.S)
         default = system.group(1) if system else ""
-        t = ("{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n"
-             + (f"{{{{- else }}}}<|im_start|>system\n{default}<|im_end|>\n" if default else "")
-             + "{{ end }}{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n")
+        t = ("{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n"
+             + (f"{{{{ else }}}}<|im_start|>system\n{default}<|im_end|>\n" if default else "")
+             + "{{ end }}{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n")
         return t, ["<|im_end|>"]
     if all(m in chat_template for m in _GEMMA):
-        t = ('{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
+        t = ('{{ range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
              "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n")
         return t, ["<end_of_turn>"]
     return None, []
