@@ -14,13 +14,14 @@ perplexity with the SAE's reconstruction spliced in at that layer (the same kind
 
 Output (atomic): ``OUT/layer-N/{cfg.json, sae_weights.safetensors, quality.json}`` per layer and
 ``OUT/sae.json`` (what was trained, from what, and the quality of each). A recipe names one with
-``sae_path = "saes/{model}/layer-N"`` (`expand_model_paths`).
+``sae_path = "../saes/{model}/layer-N"`` (relative to the recipe) (`expand_model_paths`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -89,7 +90,7 @@ def expand_model_paths(settings: dict[str, Any], model: str) -> dict[str, Any]:
             continue
         path = value.replace("{model}", model_slug(model))
         out[key] = path
-        p = Path(path)
+        p = Path(os.path.normpath(path))
         if key == "sae_path" and "://" not in path and not p.exists():
             layer = p.name.removeprefix("layer-") if p.name.startswith("layer-") else "N"
             raise PatcherError(f"SAE {path} not found: train it with `patcher sae train --model {model} --layers {layer} --out {p.parent}`"
