@@ -42,8 +42,10 @@ def statistic(config: Any, settings: AuraSettings) -> PooledValues:
 def factors_from_auroc(aurocs: dict[str, torch.Tensor], settings: AuraSettings) -> dict[str, torch.Tensor]:
     """Per module, the factor of each unit, mixed toward 1 by ``strength`` (so the cost in perplexity
     can be budgeted: a tune searches it)."""
-    s = settings.strength
-    return {m: 1.0 - s * (1.0 - f) for m, f in _paper_factors(aurocs, settings).items()}
+    s, factors = settings.strength, _paper_factors(aurocs, settings)
+    if s == 1.0:  # the paper's factors as they are (the mix would round them)
+        return factors
+    return {m: 1.0 - s * (1.0 - f) for m, f in factors.items()}
 
 
 def _paper_factors(aurocs: dict[str, torch.Tensor], settings: AuraSettings) -> dict[str, torch.Tensor]:
