@@ -17,7 +17,7 @@ INSTALL = "pip install alt-profanity-check==1.9.1"
 class ProfanityCheck:
     """P(profane) from ``profanity_check.predict_prob``.
 
-    The empty string scores 0.0364 (measured: 0.036376 with alt-profanity-check 1.9.1)."""
+    ``floor`` is the empty string's score with the pinned alt-profanity-check (tests check it)."""
 
     name = "profanity-check"
     floor = 0.036376
