@@ -136,7 +136,7 @@ layers = "0-1"
 
     m, tok = load_model(model)
     patch, _ = compute_patch(recipe, m, tok)
-    assert patch.edits and patch.provenance["steps"][0]["sae"]["sae_layer"] == 1 if "steps" in patch.provenance else patch.edits
+    assert patch.edits and patch.provenance["sae"]["sae_layer"] == 1
 
 
 def test_missing_sae_names_the_command(tmp_path: Path) -> None:
