@@ -299,7 +299,7 @@ def test_default_space_and_layer_search(tmp_path: Path) -> None:
     _, params = tune_space(recipe)
     assert [(p.key, p.kind) for p in params] == [("layers", "layers"), ("erase", "choice")]
     aura = load_recipe(write_recipe(tmp_path))  # no [tune]: every step's strength-like setting
-    assert [(p.key, p.low, p.high) for p in tune_space(aura)[1]] == [("strength", 0.0, 1.0), ("min_auroc", 0.5, 1.0)]  # issue 27: AURA's strength
+    assert [(p.key, p.low, p.high) for p in tune_space(aura)[1]] == [("min_auroc", 0.5, 1.0), ("strength", 0.0, 1.0)]  # issue 27: AURA's strength, in field order
     stack = load_recipe(Path(__file__).parents[1] / "recipes" / "project-stack.toml")
     assert [(p.name, p.low, p.high) for p in tune_space(stack)[1]] == [("step1.strength", 0.0, 1.0), ("step2.strength", 0.0, 1.0)]
 
