@@ -1,7 +1,9 @@
 """The `patcher` command line. Every command is a thin shell over the workflows and the Python API;
 a PatcherError becomes one line on stderr and exit status 2. Options that mirror a recipe or
-evaluation setting are generated from the settings dataclasses (`setting_option`), so a value has
-one name and one help text in the recipe, on the command line and in the code. Messages go through
+evaluation setting are generated from the settings dataclasses (`setting_option`, and the option
+groups `settings_options` / `eval_options` / `placement_options`, each handing the command ONE typed
+object), so a value has one name and one help text in the recipe, on the command line and in the
+code, and no command function takes more than 8 parameters. Messages go through
 the ``patcher`` logger (``-v`` / ``-q``), results tables to stdout."""
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import click
 
+from .collect.sae_fit import TrainSettings
 from .core.errors import PatcherError
 from .core.placement import COLLECT_ONLY, Placement
 from .core.table import render
@@ -26,6 +29,8 @@ from .core.threads import configure_threads
 from .evaluate.report import EvalSettings
 from .recipe.loader import CollectSettings, ModelSettings
 from .recipe.settings import help_of
+from .workflows.sae import TextWindows
+from .workflows.tune.search import TuneOptions
 
 # What to do about an operating-system error a user can cause (full disk, read-only place, ...).
 OS_FIXES = {
@@ -102,6 +107,62 @@ def setting_option(cls: type, name: str, *decls: str, **kwargs: Any) -> Callable
         decls = (*decls, name)  # the Python parameter is the setting's name
     kwargs.setdefault("type", base)
     return click.option(*decls, default=None, help=help_of(cls, field.name) + ".", **kwargs)
+
+
+def _field_option(cls: type, f: dataclasses.Field, overrides: bool, extra: dict[str, Any]) -> Callable[..., Any]:
+    """The click option of settings field ``f``: ``--name-with-dashes`` (or ``extra['decls']``), the
+    field's help, its default (None with ``overrides``), its bounds as a click range; ``extra``:
+    what the field cannot say."""
+    hint, meta = typing.get_type_hints(cls)[f.name], f.metadata
+    kinds = (hint, *typing.get_args(hint))
+    low, low_open = (meta["exclusive_minimum"], True) if meta.get("exclusive_minimum") is not None else (meta.get("minimum"), False)
+    high = meta.get("maximum")
+    kw: dict[str, Any] = {"help": meta["help"] + "."}
+    if bool in kinds:
+        kw["is_flag"] = True
+    elif meta.get("choices"):
+        kw["type"] = click.Choice(list(meta["choices"]))
+    elif int in kinds:
+        kw["type"] = click.IntRange(min=low, max=high) if low is not None or high is not None else int
+    elif float in kinds:
+        kw["type"] = click.FloatRange(min=low, max=high, min_open=low_open) if low is not None or high is not None else float
+    elif Path in kinds:
+        kw["type"] = click.Path(path_type=Path)
+    if overrides:
+        kw["default"] = None
+    elif f.default is dataclasses.MISSING:
+        kw["required"] = True
+    else:
+        kw["default"] = f.default
+        if f.default is not None and not kw.get("is_flag"):
+            kw["show_default"] = True
+    kw |= extra
+    decls = kw.pop("decls", (f"--{f.name.replace('_', '-')}",))
+    return click.option(*decls, f.name, **kw)
+
+
+def settings_options(cls: type, param: str, names: tuple[str, ...], build: Callable[[dict[str, Any]], Any] | None = None,
+                     overrides: bool = False, **extra: dict[str, Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """An option group generated from settings dataclass ``cls``: one flag per field in ``names``, in
+    that order (`_field_option`: one name and one help text in the code and on the command line);
+    the command function receives ONE typed ``param``, ``build(values)`` (default ``cls(**values)``).
+    ``overrides``: every flag defaults to None (not given: the preset's or recipe's value stays).
+    ``extra[name]``: click keywords the field cannot declare (its flag's name, a range it leaves to
+    a hand-written check)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    make = build or (lambda values: cls(**values))
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name) for name in names}
+            return friendly(lambda: fn(*args, **{param: make(values)}, **kwargs))()
+
+        for name in reversed(names):
+            wrapper = _field_option(cls, fields[name], overrides, extra.get(name, {}))(wrapper)
+        return wrapper
+
+    return decorate
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -279,6 +340,33 @@ _data_dir_opt = click.option("--data-dir", type=click.Path(path_type=Path, file_
                              callback=_set_data_dir, help="Local folder with the catalog's data sets (default: $PATCHER_DATA; else the Hub).")
 
 
+# What EvalSettings' fields leave to its hand-written `check`: the flags' ranges; --preset's choices.
+_EVAL_FLAGS: dict[str, dict[str, Any]] = {
+    "n_prompts": {"type": click.IntRange(min=0)}, "samples": {"type": click.IntRange(min=1)}, "max_new_tokens": {"type": click.IntRange(min=1)},
+    "ppl_tokens": {"type": click.IntRange(min=0)}, "blimp": {"type": click.IntRange(min=0)}, "kl_prompts": {"type": click.IntRange(min=0)},
+    "preset": {"type": click.Choice(["rtp", "quick"]), "default": "rtp", "show_default": True},
+}
+
+
+def eval_options(*names: str, preset: str = "rtp") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The evaluation settings ``names`` as flags (each keeps the preset's value unless given); the
+    command function receives ONE ``settings: EvalSettings``, from ``--preset`` when ``names`` has
+    it, else from ``preset``."""
+    return settings_options(EvalSettings, "settings", names, overrides=True, **{n: _EVAL_FLAGS[n] for n in names if n in _EVAL_FLAGS},
+                            build=lambda values: EvalSettings.from_preset(values.pop("preset", preset), **values))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSwitches:
+    """`patcher run`'s switches: ``--force``, ``--overwrite``, ``--no-eval``, ``--gguf TYPE``, ``--allow-nonfinite``."""
+
+    force: bool
+    overwrite: bool
+    no_eval: bool
+    gguf: str | None
+    allow_nonfinite: bool
+
+
 @main.command()
 @_recipe_arg
 @_model_opt
@@ -294,16 +382,17 @@ _data_dir_opt = click.option("--data-dir", type=click.Path(path_type=Path, file_
 @placement_options(collect=True)
 @_data_dir_opt
 @friendly
-def run(recipe_path: Path, model: str | None, out: Path | None, batch_size: int | None, force: bool, overwrite: bool, no_eval: bool,
-        gguf: str | None, allow_nonfinite: bool, trust_remote_code: bool, placement: Placement) -> None:
+def run(recipe_path: Path, model: str | None, out: Path | None, batch_size: int | None, trust_remote_code: bool, placement: Placement,
+        **switches: Any) -> None:
     """Compute RECIPE's edits on a model, bake them, check perplexity, evaluate against the base
     model when the recipe has an [eval] table, and write the output folder with its model card.
     Data-parallel: `torchrun --nproc_per_node N -m patcher.cli run ...` (rank 0 writes)."""
     from .workflows.run import run as run_recipe
 
+    s = RunSwitches(**switches)
     recipe = _load_recipe(recipe_path, model, batch_size, trust_remote_code, placement)
-    r = run_recipe(recipe, out=out, placement=placement, force=force, overwrite=overwrite, run_eval=not no_eval,
-                   allow_nonfinite=allow_nonfinite, gguf=gguf)
+    r = run_recipe(recipe, out=out, placement=placement, force=s.force, overwrite=s.overwrite, run_eval=not s.no_eval,
+                   allow_nonfinite=s.allow_nonfinite, gguf=s.gguf)
     if r is None:  # a data-parallel rank other than 0: rank 0 reports
         return
     for d in r.data:
@@ -378,33 +467,21 @@ def localize(recipe_path: Path, model: str | None, json_path: Path | None, plot_
 @main.command("eval")
 @click.argument("model")
 @click.option("--baseline", "-b", default=None, help="Base model to compare with (same prompts, same seed): folder, Hub id or smollm2-135m.")
-@setting_option(EvalSettings, "prompts", "--prompts", "prompts_path")
-@setting_option(EvalSettings, "n_prompts", type=click.IntRange(min=0))
-@setting_option(EvalSettings, "samples", type=click.IntRange(min=1))
-@setting_option(EvalSettings, "max_new_tokens", type=click.IntRange(min=1))
-@setting_option(EvalSettings, "evaluators")
-@setting_option(EvalSettings, "seed")
+@eval_options("prompts", "n_prompts", "samples", "max_new_tokens", "evaluators", "seed", "preset", "ppl_tokens", "blimp", "kl_prompts")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the full report (settings, metrics, samples) here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG bar chart here.")
-@click.option("--preset", type=click.Choice(["rtp", "quick"]), default="rtp", show_default=True, help=help_of(EvalSettings, "preset") + ".")
-@setting_option(EvalSettings, "ppl_tokens", type=click.IntRange(min=0))
-@setting_option(EvalSettings, "blimp", type=click.IntRange(min=0))
-@setting_option(EvalSettings, "kl_prompts", type=click.IntRange(min=0))
 @placement_options()
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Sequences generated per batch.")
 @_data_dir_opt
 @friendly
-def eval_command(model: str, baseline: str | None, prompts_path: str | None, n_prompts: int | None, samples: int | None, max_new_tokens: int | None,
-                 evaluators: str | None, seed: int | None, json_path: Path | None, plot_path: Path | None, preset: str, ppl_tokens: int | None,
-                 placement: Placement, batch_size: int, blimp: int | None = None, kl_prompts: int | None = None) -> None:
+def eval_command(model: str, baseline: str | None, settings: EvalSettings, json_path: Path | None, plot_path: Path | None,
+                 placement: Placement, batch_size: int) -> None:
     """Toxicity (several evaluators), degenerate output, perplexity and capability (BLiMP, KL from the
     baseline on neutral prompts) of MODEL, before/after against --baseline; MODEL may be a GGUF file
     (generation in llama.cpp)."""
-    from .evaluate.report import EvalSettings, evaluate
+    from .evaluate.report import evaluate
 
-    settings = EvalSettings.from_preset(preset, prompts=prompts_path, n_prompts=n_prompts, samples=samples, max_new_tokens=max_new_tokens,
-                                        evaluators=evaluators, seed=seed, ppl_tokens=ppl_tokens, dtype=placement.dtype,
-                                        blimp=blimp, kl_prompts=kl_prompts)
+    settings = dataclasses.replace(settings, dtype=placement.dtype_or(settings.dtype))
     inputs = [model, baseline, settings.prompts, settings.ppl_text]
     _file_outputs((json_path, inputs), (plot_path, inputs))
     report = evaluate(model, baseline=baseline, settings=settings, placement=placement, batch_size=batch_size)
@@ -487,6 +564,24 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, dry_ru
 
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepPick:
+    """`patcher sweep`'s choice among its points (``--max-ppl-increase``) and the reference points
+    drawn beside them (``--compare LABEL=EVAL_JSON``)."""
+
+    max_ppl_increase: float | None
+    compare: tuple[str, ...]
+
+    def references(self) -> dict[str, Path]:
+        refs = {}
+        for c in self.compare:
+            if "=" not in c:
+                raise PatcherError(f"--compare {c!r}: write LABEL=PATH_TO_eval.json")
+            label, path = c.split("=", 1)
+            refs[label] = Path(path)
+        return refs
+
+
 @main.command()
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
 @click.option("--set", "expr", required=True, help="[step.N.]KEY=V1,V2,...: the setting to sweep (default step: the last).")
@@ -494,65 +589,55 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, dry_ru
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="Folder for one baked model per value, sweep.json and the plot.")
 @click.option("--max-ppl-increase", type=float, default=None, help="Pick the least toxic point whose perplexity rises at most this much (0.05 = +5%).")
 @click.option("--compare", multiple=True, help="LABEL=EVAL_JSON: a reference point (e.g. aura=runs/aura/eval.json) on the plot.")
-@setting_option(EvalSettings, "n_prompts", type=click.IntRange(min=0))
-@setting_option(EvalSettings, "samples", type=click.IntRange(min=1))
-@setting_option(EvalSettings, "evaluators")
+@eval_options("n_prompts", "samples", "evaluators", preset="quick")
 @_trust_opt
 @placement_options()
 @_data_dir_opt
 @friendly
-def sweep(recipe_path: Path, expr: str, model: str | None, out: Path | None, max_ppl_increase: float | None, compare: tuple[str, ...],
-          n_prompts: int | None, samples: int | None, evaluators: str | None, trust_remote_code: bool, placement: Placement) -> None:
+def sweep(recipe_path: Path, expr: str, model: str | None, out: Path | None, settings: EvalSettings, trust_remote_code: bool, placement: Placement,
+          **pick: Any) -> None:
     """Run RECIPE at several values of one setting (statistics collected once), evaluate each with
     the quick preset, and plot toxicity against perplexity beside the base model."""
     from .workflows.sweep import plot_sweep
     from .workflows.sweep import sweep as run_sweep
 
+    choice = SweepPick(**pick)
     recipe = _load_recipe(recipe_path, model, None, trust_remote_code, placement)
-    refs = {}
-    for c in compare:
-        if "=" not in c:
-            raise PatcherError(f"--compare {c!r}: write LABEL=PATH_TO_eval.json")
-        label, path = c.split("=", 1)
-        refs[label] = Path(path)
-    settings = EvalSettings.from_preset("quick", n_prompts=n_prompts, samples=samples, evaluators=evaluators)
+    refs = choice.references()
     out = out or Path(f"runs/sweep-{recipe.name}")
     result = run_sweep(recipe, expr, out=out, eval_settings=settings, references=refs,
-                       max_ppl_increase=max_ppl_increase, placement=placement.replace(checkpoint_every=0))
+                       max_ppl_increase=choice.max_ppl_increase, placement=placement.replace(checkpoint_every=0))
     click.echo(result.table())
     click.echo(f"wrote {plot_sweep(result, out / 'sweep.png')} and {out / 'sweep.json'}")
     if result.chosen is not None:
-        click.echo(f"least toxic within +{max_ppl_increase:.0%} perplexity: {result.key}={result.values[result.chosen]} ({result.points[result.chosen]['folder']})")
-    elif max_ppl_increase is not None:
-        click.echo(f"no point stays within +{max_ppl_increase:.0%} perplexity")
+        click.echo(f"least toxic within +{choice.max_ppl_increase:.0%} perplexity: {result.key}={result.values[result.chosen]} "
+                   f"({result.points[result.chosen]['folder']})")
+    elif choice.max_ppl_increase is not None:
+        click.echo(f"no point stays within +{choice.max_ppl_increase:.0%} perplexity")
+
+
+def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    """A comma list flag as a tuple (not given or empty: None)."""
+    return tuple(e.strip() for e in value.split(",") if e.strip()) if value else None
 
 
 @main.command()
 @_recipe_arg
 @_model_opt
-@click.option("--max-ppl-increase", type=float, required=True, help="Budget: the largest relative rise of the recipe's check perplexity (0.05 = +5%).")
-@click.option("--trials", type=click.IntRange(min=1), default=60, show_default=True, help="Trials in the study (a resumed study counts the ones it holds).")
-@click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds of search (the evaluation of the pick follows).")
-@click.option("--study", "study_path", type=click.Path(path_type=Path), default=None, help="SQLite study file; an existing one is resumed (default: OUT with .study.db).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler: the same seed asks the same trials.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="The tuned recipe (TOML); OUT.tune.json and OUT.tune.png are written beside it.")
-@click.option("--candidates", type=click.IntRange(min=0), default=None, help="Pareto points within budget given the quick evaluation (0: pick by proxy); default [tune] candidates")
-@click.option("--eval-n-prompts", type=click.IntRange(min=1), default=None, help="Prompts of that evaluation. Default: [tune] eval_n_prompts, 100.")
-@setting_option(EvalSettings, "evaluators")
+@settings_options(TuneOptions, "options", ("max_ppl_increase", "trials", "timeout", "study_path", "seed", "candidates", "eval_n_prompts", "evaluators"),
+                  study_path={"decls": ("--study",)}, evaluators={"type": str, "callback": _comma_list})
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
 @placement_options()
 @friendly
-def tune(recipe_path: Path, model: str | None, max_ppl_increase: float, trials: int, timeout: float | None, study_path: Path | None, seed: int,
-         out: Path, candidates: int | None, eval_n_prompts: int | None, evaluators: str | None, overwrite: bool, placement: Placement) -> None:
+def tune(recipe_path: Path, model: str | None, out: Path, options: TuneOptions, overwrite: bool, placement: Placement) -> None:
     """Search RECIPE's settings (its [tune] table, or each step's strength in [0, 1]) for the least
     toxic within a perplexity budget: Optuna TPE on a toxicity proxy and the check perplexity, hooks
     instead of bakes, the pick made by the quick evaluation; writes the tuned recipe to OUT."""
     from .workflows.tune import tune as run_tune
 
     recipe = _load_recipe(recipe_path, model, None, placement=placement)
-    evs = tuple(e.strip() for e in evaluators.split(",") if e.strip()) if evaluators else None
-    result = run_tune(recipe, out=out, max_ppl_increase=max_ppl_increase, trials=trials, timeout=timeout, study_path=study_path,
-                      seed=seed, placement=placement, candidates=candidates, eval_n_prompts=eval_n_prompts, evaluators=evs, overwrite=overwrite)
+    result = run_tune(recipe, out=out, placement=placement, overwrite=overwrite, **dataclasses.asdict(options))
     click.echo(result.table())
     s = result.seconds
     ran = (f"{s['trials_this_run']} run now, {s['per_trial_mean']:.1f} s per trial on average, median {s['per_trial_median']:.1f} s"
@@ -568,7 +653,7 @@ def tune(recipe_path: Path, model: str | None, max_ppl_increase: float, trials: 
         click.echo(f"tuned recipe: {result.out} ({', '.join(f'{k} = {v:.4g}' if isinstance(v, float) else f'{k} = {v}' for k, v in result.chosen_settings.items())}); "
                    f"bake it with: patcher run {result.out}")
     else:
-        click.echo(f"no trial stayed within +{max_ppl_increase:.1%} perplexity: nothing written to {out}; raise the budget or narrow the ranges")
+        click.echo(f"no trial stayed within +{options.max_ppl_increase:.1%} perplexity: nothing written to {out}; raise the budget or narrow the ranges")
 
 
 @main.command()
@@ -600,30 +685,22 @@ def sae() -> None:
 @click.option("--model", "-m", required=True, help="Model: smollm2-135m, gemma3-270m, a local folder or a Hub id.")
 @click.option("--layers", required=True, help="Residual stream after these layers: 12, 6,12 or 4-8 (one SAE each).")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Folder for layer-N/ SAELens folders and sae.json (a recipe's sae_path names OUT/layer-N).")
-@click.option("--tokens", type=click.IntRange(min=1024), default=131072, show_default=True, help="Activation vectors to collect (a tenth is held out to score the SAE).")
-@click.option("--context", type=click.IntRange(min=8), default=128, show_default=True, help="Tokens per window.")
-@click.option("--expansion", type=click.IntRange(min=1), default=8, show_default=True, help="Features per residual dimension.")
-@click.option("--l1", type=click.FloatRange(min=0), default=5.0, show_default=True, help="L1 coefficient (activations scaled to unit spread per dimension).")
-@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True, help="Optimiser steps per SAE.")
-@click.option("--batch", "batch", type=click.IntRange(min=1), default=2048, show_default=True, help="Activation vectors per step.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Adam learning rate.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the window order, initialisation and batches.")
+@settings_options(TextWindows, "text", ("tokens", "context"))
+@settings_options(TrainSettings, "settings", ("expansion", "l1", "steps", "batch", "lr", "seed"))
 @click.option("--overwrite", is_flag=True, help="Replace an existing SAE folder patcher wrote (with sae.json).")
 @_trust_opt
 @placement_options()
 @_data_dir_opt
 @friendly
-def sae_train(model: str, layers: str, out: Path, tokens: int, context: int, expansion: int, l1: float, steps: int, batch: int, lr: float, seed: int,
-              overwrite: bool, trust_remote_code: bool, placement: Placement) -> None:
+def sae_train(model: str, layers: str, out: Path, text: TextWindows, settings: TrainSettings, overwrite: bool, trust_remote_code: bool,
+              placement: Placement) -> None:
     """Train residual-stream SAEs on MODEL (WikiText-2, BOLD, non-toxic labelled rows) and report
     their quality: explained variance, dead features, L0, and perplexity with each spliced in."""
-    from .collect.sae_fit import TrainSettings
-    from .workflows.sae import TextWindows, train
+    from .workflows.sae import train
 
     placement.refuse("sae train (its activations come from one whole forward pass)", "run it without them (the model is loaded whole on --device)",
                      sequential=placement.sequential, device_map=bool(placement.device_map))
-    r = train(model, layers, out, text=TextWindows(tokens=tokens, context=context), device=placement.device, overwrite=overwrite, trust_remote_code=trust_remote_code,
-              settings=TrainSettings(expansion=expansion, l1=l1, steps=steps, batch=batch, lr=lr, seed=seed))
+    r = train(model, layers, out, text=text, device=placement.device, overwrite=overwrite, trust_remote_code=trust_remote_code, settings=settings)
     rows = [[x.layer, f"{x.quality['explained_variance']:.3f}", f"{x.quality['dead_features']} ({x.quality['dead_share']:.1%})",
              f"{x.quality['l0']:.1f}", f"{x.ppl_base:.2f}", f"{x.ppl_spliced:.2f} ({x.ppl_increase:+.1%})", round(x.seconds)] for x in r.layers]
     click.echo(render(["layer", "explained var", "dead", "L0", "ppl", "ppl spliced", "seconds"], rows, title=f"SAEs on {r.tokens} tokens (held-out tenth scored)"))

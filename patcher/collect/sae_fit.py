@@ -23,21 +23,23 @@ import torch
 from ..core.errors import PatcherError
 from ..core.progress import bar
 from ..io.sae_files import SAE
+from ..recipe.settings import setting
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How an SAE is trained; every field has a default a residual stream of a small model trains with."""
+    """How an SAE is trained; every field has a default a residual stream of a small model trains
+    with (``patcher sae train``'s flags are generated from these fields)."""
 
-    width: int = 0  # features; 0: expansion * d_model
-    expansion: int = 8
-    l1: float = 5.0  # L1 coefficient on activations scaled to a mean squared spread of d_model
-    steps: int = 2000
-    batch: int = 2048
-    lr: float = 1e-3
-    warmup: float = 0.05  # share of the steps over which the L1 coefficient ramps up from 0
-    resample_every: int = 250  # resample dead features every this many steps, during the first half
-    seed: int = 0
+    width: int = setting(0, minimum=0, help="Features (0: expansion times the residual width)")
+    expansion: int = setting(8, minimum=1, help="Features per residual dimension")
+    l1: float = setting(5.0, minimum=0, help="L1 coefficient (activations scaled to unit spread per dimension)")
+    steps: int = setting(2000, minimum=1, help="Optimiser steps per SAE")
+    batch: int = setting(2048, minimum=1, help="Activation vectors per step")
+    lr: float = setting(1e-3, exclusive_minimum=0, help="Adam learning rate")
+    warmup: float = setting(0.05, minimum=0, exclusive_maximum=1, help="Share of the steps over which the L1 coefficient ramps up from 0")
+    resample_every: int = setting(250, help="Resample dead features every this many steps, during the first half")
+    seed: int = setting(0, help="Seed of the window order, initialisation and batches")
 
     def __post_init__(self) -> None:
         for name in ("expansion", "steps", "batch"):

@@ -42,6 +42,7 @@ from ..evaluate.perplexity import perplexity
 from ..io.folders import atomic_folder, check_output_path
 from ..io.model_files import resolve_model
 from ..io.record import write_json_file
+from ..recipe.settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -236,11 +237,12 @@ def parse_layer_list(text: str, n_layers: int) -> list[int]:
 @dataclass(frozen=True)
 class TextWindows:
     """The training text as the model sees it: ``tokens`` in all, packed into windows of
-    ``context`` tokens, run through the model ``batch`` windows at a time."""
+    ``context`` tokens, run through the model ``batch`` windows at a time (``patcher sae train``'s
+    ``--tokens`` and ``--context`` are generated from these fields)."""
 
-    tokens: int = 131072
-    context: int = 128
-    batch: int = 16
+    tokens: int = setting(131072, minimum=1024, help="Activation vectors to collect (a tenth is held out to score the SAE)")
+    context: int = setting(128, minimum=8, help="Tokens per window")
+    batch: int = setting(16, help="Windows per forward pass")
 
 
 def train(model_spec: str, layers: str, out: Path, *, text: TextWindows | None = None, settings: TrainSettings | None = None,

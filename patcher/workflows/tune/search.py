@@ -14,7 +14,9 @@ from typing import Any
 
 from ...core.errors import PatcherError
 from ...core.progress import bar
+from ...evaluate.report import EvalSettings
 from ...recipe.loader import Recipe
+from ...recipe.settings import help_of, setting
 from .space import Param, TuneSettings
 
 STUDY_NAME = "patcher-tune"
@@ -114,17 +116,19 @@ def open_study(path: Path, fp: str) -> Any:
 
 @dataclass(frozen=True)
 class TuneOptions:
-    """The command line's side of a tune (``patcher tune`` flags); the [tune] table's keys are
-    `TuneSettings`, which ``candidates``, ``eval_n_prompts`` and ``evaluators`` override."""
+    """The command line's side of a tune (``patcher tune``'s flags are generated from these fields);
+    the [tune] table's keys are `TuneSettings`, which ``candidates``, ``eval_n_prompts`` and
+    ``evaluators`` override."""
 
-    max_ppl_increase: float
-    trials: int = 60
-    timeout: float | None = None
-    study_path: Path | None = None
-    seed: int = 0
-    candidates: int | None = None
-    eval_n_prompts: int | None = None
-    evaluators: tuple[str, ...] | None = None
+    max_ppl_increase: float = setting(help="Budget: the largest relative rise of the recipe's check perplexity (0.05 = +5%)")
+    trials: int = setting(60, minimum=1, help="Trials in the study (a resumed study counts the ones it holds)")
+    timeout: float | None = setting(None, help="Stop starting trials after this many seconds of search (the evaluation of the pick follows)")
+    study_path: Path | None = setting(None, help="SQLite study file; an existing one is resumed (default: OUT with .study.db)")
+    seed: int = setting(0, help="Seed of the sampler: the same seed asks the same trials")
+    candidates: int | None = setting(None, minimum=0, help="Pareto points within budget given the quick evaluation (0: pick by proxy); "
+                                                           "default [tune] candidates")
+    eval_n_prompts: int | None = setting(None, minimum=1, help="Prompts of that evaluation. Default: [tune] eval_n_prompts, 100")
+    evaluators: tuple[str, ...] | None = setting(None, help=help_of(EvalSettings, "evaluators"))
 
     def __post_init__(self) -> None:
         if self.max_ppl_increase <= 0 or self.trials < 1 or (self.timeout is not None and self.timeout <= 0):
