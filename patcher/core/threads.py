@@ -1,8 +1,8 @@
 """CPU threads on a shared machine.
 
 PyTorch's OpenMP threads spin while they wait for work (``OMP_WAIT_POLICY`` defaults to active).
-Beside another busy process they steal each other's cores and a collection slowed 6.5x where
-losing one of two cores should cost 2x; with a passive wait policy the same run slowed 1.75x. The
+Beside another busy process they steal each other's cores, and a collection slows far more than
+losing a core explains (README, Benchmarks: measured with and without the passive policy). The
 policy is read once, when the OpenMP runtime starts with torch, so `prefer_passive_wait` runs when
 ``patcher`` is imported, before torch (a caller who imported torch first keeps its policy).
 `configure_threads` then sizes torch's pool to the CPUs this process may use: its affinity mask

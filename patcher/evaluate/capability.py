@@ -24,7 +24,7 @@ import torch
 
 from ..core.errors import PatcherError
 from ..core.progress import bar
-from ..core.tokens import leading_specials
+from ..core.tokens import leading_specials, pad_right
 from .metrics import bootstrap_ci
 
 BLIMP_FIELDS = ("UID", "linguistics_term", "sentence_good", "sentence_bad")
@@ -82,12 +82,7 @@ def total_logprob(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_siz
     for b in bar(range(0, len(rows), batch_size), desc=desc, leave=False):
         idx = order[b : b + batch_size]
         chunk = [rows[i] for i in idx]
-        width = max(len(r) for r in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, r in enumerate(chunk):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = pad_right(chunk, pad)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[:, :-1].float()
         logp = (logits.gather(2, ids[:, 1:, None].to(device))[..., 0] - logits.logsumexp(-1)).cpu()
         m = mask[:, 1:].float()
@@ -131,12 +126,7 @@ def _batches(tokenizer: Any, prompts: Sequence[str], batch_size: int) -> list[tu
     out = []
     for b in range(0, len(rows), batch_size):
         chunk = rows[b : b + batch_size]
-        width = max(len(r) for r in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, r in enumerate(chunk):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = pad_right(chunk, pad)
         out.append((ids, mask))
     return out
 

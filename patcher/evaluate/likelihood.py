@@ -17,6 +17,7 @@ import torch
 
 from ..core.models import input_device
 from ..core.progress import bar
+from ..core.tokens import pad_right
 
 
 @torch.inference_mode()
@@ -31,12 +32,7 @@ def mean_logprob(model: Any, tokenizer: Any, texts: Sequence[str], *, max_tokens
     out = np.zeros(len(rows))
     for b in bar(range(0, len(rows), batch_size), desc="likelihood", leave=False):
         chunk = [rows[i] for i in order[b : b + batch_size]]
-        width = max(len(r) for r in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, r in enumerate(chunk):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = pad_right(chunk, pad)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
         logits = logits[:, :-1]
         logp = (logits.gather(2, ids[:, 1:, None].to(device))[..., 0] - logits.logsumexp(-1)).cpu()

@@ -13,13 +13,12 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import PatcherError
 from ..core.progress import bar
-from .generate import Generations
+from .generate import GenerateOptions, Generations
 
 log = logging.getLogger(__name__)
 
@@ -106,24 +105,7 @@ def sample_seed(seed: int, prompt: int, sample: int, samples: int) -> int:
     return (seed * 1_000_003 + prompt * samples + sample) % (2**31 - 1)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How each continuation is drawn: the fields of `patcher.evaluate.generate.generate` that llama.cpp takes."""
-
-    samples: int = 25
-    max_new_tokens: int = 20
-    temperature: float = 1.0
-    top_p: float = 0.9
-    top_k: int = 0
-    seed: int = 0
-
-    @classmethod
-    def of(cls, settings: Any) -> Sampling:
-        """The sampling fields of an `EvalSettings`."""
-        return cls(**{f: getattr(settings, f) for f in ("samples", "max_new_tokens", "temperature", "top_p", "top_k", "seed")})
-
-
-def generate_gguf(path: str | Path, prompts: list[str], sampling: Sampling | None = None, *, slots: int = 8, runtime: Any = None) -> Generations:
+def generate_gguf(path: str | Path, prompts: list[str], sampling: GenerateOptions | None = None, *, slots: int = 8, runtime: Any = None) -> Generations:
     """``samples`` continuations of every prompt from a GGUF file in llama.cpp, with the settings of
     `patcher.evaluate.generate.generate`: the prompt as text (llama.cpp tokenises it as the file says,
     its ``<bos>`` included), the same temperature, top-p and top-k, stop at end-of-text, one seed per
@@ -132,7 +114,7 @@ def generate_gguf(path: str | Path, prompts: list[str], sampling: Sampling | Non
     ``runtime``: a class with `LlamaCpp`'s interface (tests)."""
     import time
 
-    sampling = sampling or Sampling()
+    sampling = sampling or GenerateOptions()  # its batching fields are the transformers path's; llama.cpp batches by slots
     samples, max_new_tokens, temperature, top_p, top_k, seed = (sampling.samples, sampling.max_new_tokens, sampling.temperature, sampling.top_p,
                                                                 sampling.top_k, sampling.seed)
     jobs = [(p, k) for p in range(len(prompts)) for k in range(samples)]

@@ -283,10 +283,13 @@ def _evaluate_one(
     from .llamacpp import is_gguf
 
     if is_gguf(spec):  # a GGUF file: generation in llama.cpp; no WikiText perplexity or fluency scoring under it
-        from .llamacpp import Sampling, generate_gguf, gguf_provenance
+        from .generate import GenerateOptions
+        from .llamacpp import generate_gguf, gguf_provenance
 
         log.info("eval: generating %d x %d continuations of %d tokens with %s in llama.cpp", settings.samples, len(prompts.prompts), settings.max_new_tokens, spec)
-        gens = generate_gguf(spec, prompts.prompts, Sampling.of(settings))
+        sampling = GenerateOptions(samples=settings.samples, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                   top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed)
+        gens = generate_gguf(spec, prompts.prompts, sampling)
         seconds["generate"] = gens.seconds
         scores, tox, split = _score(evaluators, gens, settings, prompts, seconds)
         return ModelResult(spec=str(spec), folder=str(Path(spec).parent), provenance=gguf_provenance(spec), generations=gens, scores=scores, toxicity=tox,
