@@ -405,6 +405,8 @@ FAULTS: list[tuple[str, Callable[[World], None], Callable[[World], list[object]]
     ("sae-train-layer-out-of-range", nothing, lambda w: ["sae", "train", "--model", w.base, "--layers", "7", "--out", w.out], "out of range"),
     ("sae-train-layers-not-numbers", nothing, lambda w: ["sae", "train", "--model", w.base, "--layers", "x", "--out", w.out], "give layer numbers"),
     ("sae-train-300-char-name", nothing, lambda w: ["sae", "train", "--model", w.base, "--layers", "1", "--out", w.work / LONG], "shorter --out"),
+    ("sae-train-sequential", nothing, lambda w: ["sae", "train", "--model", w.base, "--layers", "1", "--out", w.out, "--sequential"],
+     "cannot run with --sequential"),
     # 2. damaged safetensors headers and non-finite weights
     ("header-overlap", edit_header(_overlap), bake_args(), "overlaps"),
     ("header-negative-offset", edit_header(_negative), bake_args(), "byte range"),
