@@ -17,6 +17,9 @@ import transformers as T
 from click.testing import CliRunner
 from helpers import tiny_tokenizer
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from scale import PEAK  # the child script that reports its own peak (VmHWM), as the benchmark measures it  # noqa: E402
+
 from patcher.bake.writer import bake
 from patcher.cli import main
 from patcher.core.arch import arch_for
@@ -45,18 +48,6 @@ def baked(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "out"
 
 
-# The child reports its own peak (VmHWM: the high-water mark of its memory since exec). ru_maxrss
-# from wait4 would not do here: exec carries the parent's high-water mark into the child's, and
-# the parent is this pytest process.
-PEAK = """import atexit, runpy, sys
-def peak():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            sys.stderr.write(f"PEAK_KB {line.split()[1]}\\n")
-atexit.register(peak)
-sys.argv = ["patcher", *sys.argv[1:]]
-runpy.run_module("patcher.cli", run_name="__main__")
-"""
 
 
 def _peak(args: list[str]) -> int:
