@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import platform
 import shlex
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true",
                     help="reuse OUT/base-eval.json and each OUT/<recipe>/eval.json an interrupted run with the same settings left")
     args = ap.parse_args()
+    logging.basicConfig(format="patcher: %(message)s")
+    logging.getLogger("patcher").setLevel(logging.INFO)  # progress bars and messages, as the CLI shows them
     # the command as run from the repository root; an absolute local path in it is written relative to that root (never published)
     command = "python benchmarks/recipes.py " + " ".join(shlex.quote(os.path.relpath(a, ROOT) if os.path.isabs(a) else a) for a in sys.argv[1:])
 
