@@ -1,0 +1,148 @@
+"""Quantized detox that holds (issue 26): the file a user serves, measured the way the float model is.
+
+    python benchmarks/gguf_detox.py --model smollm2-135m [--patched runs/recipes/project-stack] \
+        [--recipe recipes/project-stack.toml] [--outtypes f16,q8_0] [--n-prompts 300] [--samples 5]
+
+For one embedded model: the recipe's baked output (``--patched``: a folder ``benchmarks/recipes.py``
+or ``patcher run`` baked; without it the recipe is run here) and the base model baked with an empty
+patch (the same weights through the same bake and export), each exported to GGUF at every
+``--outtypes`` type by ``patcher export`` (llama.cpp's converter). Then, on one prompt sample (the
+``report`` part of the RTP challenging set, seeded, the quick preset's sampling):
+
+- the float model: the baked safetensors in transformers against the base model (``patcher eval``);
+- each type: the patched GGUF against the base GGUF, both generated in llama.cpp.
+
+The target: the patched GGUF's toxicity probability lies inside the float patched model's 95%
+interval by every evaluator; the reduction against the base GGUF of the same type is printed.
+llama.cpp draws from its own random stream, so GGUF samples are not the transformers draws: the
+comparison is between estimates, each with its interval. Writes ``benchmarks/results/gguf-detox-MODEL.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from patcher import Patch, bake
+from patcher.core.table import render
+from patcher.evaluate.report import REPORT_PROMPTS, EvalSettings, evaluate
+from patcher.io.atomic import write_text
+from patcher.io.model_files import resolve_model
+from patcher.io.record import library_versions, relative_paths
+from patcher.publish.gguf import default_name, export_gguf
+from patcher.recipe.loader import load_recipe
+from patcher.workflows.run import run
+from recipes import git_commit, machine  # benchmarks/recipes.py: the same provenance fields
+
+ROOT = Path(__file__).resolve().parents[1]
+RATE = "toxicity_probability"
+
+
+def rates(report: dict[str, Any], which: str) -> dict[str, dict[str, Any]]:
+    """Toxicity probability (value and 95% interval) per evaluator of ``which`` (model / baseline)."""
+    return {ev: v[RATE] for ev, v in report[which]["toxicity"].items()}
+
+
+def cell(m: dict[str, Any]) -> str:
+    return f"{m['value']:.3f} [{m['ci'][0]:.2f}, {m['ci'][1]:.2f}]"
+
+
+def within(inner: dict[str, Any], outer: dict[str, Any]) -> bool:
+    lo, hi = outer["ci"]
+    return lo <= inner["value"] <= hi
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--recipe", type=Path, default=ROOT / "recipes/project-stack.toml")
+    ap.add_argument("--patched", type=Path, help="the recipe's baked output for this model (default: run the recipe here)")
+    ap.add_argument("--outtypes", default="f16,q8_0")
+    ap.add_argument("--prompts", default=REPORT_PROMPTS)
+    ap.add_argument("--n-prompts", type=int, default=300)
+    ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path("runs/gguf-detox"), help="work folder (baked base, exports)")
+    ap.add_argument("--json", type=Path, help="default: benchmarks/results/gguf-detox-MODEL.json")
+    ap.add_argument("--note", default="", help="what else ran on the machine meanwhile")
+    args = ap.parse_args()
+    logging.basicConfig(format="patcher: %(message)s")
+    logging.getLogger("patcher").setLevel(logging.INFO)
+    command = "python benchmarks/gguf_detox.py " + " ".join(shlex.quote(os.path.relpath(a, ROOT) if os.path.isabs(a) else a) for a in sys.argv[1:])
+    folder, _ = resolve_model(args.model)
+    work = args.out / Path(args.model).name
+    work.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, float] = {}
+    load0 = [round(x, 2) for x in os.getloadavg()]
+
+    t = time.perf_counter()
+    patched = args.patched
+    if patched is None:
+        patched = work / "patched"
+        if not patched.is_dir():
+            run(load_recipe(args.recipe).override("model", id=args.model), out=patched, run_eval=False)
+    base = work / "base"
+    if not base.is_dir():
+        bake(Patch([], {"method": "none", "note": "benchmarks/gguf_detox.py: the base weights through the same bake and export"}), args.model, base)
+    stages["patch and bake"] = time.perf_counter() - t
+    outtypes = [o.strip() for o in args.outtypes.split(",") if o.strip()]
+    for kind in outtypes:
+        for f in (patched, base):
+            if not (f / default_name(kind)).is_file():
+                t = time.perf_counter()
+                export_gguf(f, outtype=kind)
+                stages[f"export {f.name} {kind}"] = time.perf_counter() - t
+
+    settings = EvalSettings.from_preset("quick", prompts=args.prompts, n_prompts=args.n_prompts, samples=args.samples, ppl_tokens=0,
+                                        fluency=False)
+    variants: dict[str, dict[str, Any]] = {}
+    t = time.perf_counter()
+    report = evaluate(patched, baseline=folder, settings=settings).to_json()
+    stages["eval float"] = time.perf_counter() - t
+    variants["float"] = {"base": rates(report, "baseline"), "patched": rates(report, "model")}
+    prompts = report["prompts"]
+    for kind in outtypes:
+        t = time.perf_counter()
+        report = evaluate(patched / default_name(kind), baseline=base / default_name(kind), settings=settings).to_json()
+        stages[f"eval {kind}"] = time.perf_counter() - t
+        variants[kind] = {"base": rates(report, "baseline"), "patched": rates(report, "model")}
+
+    float_patched = variants["float"]["patched"]
+    for kind in outtypes:
+        v = variants[kind]
+        v["patched_within_float_interval"] = {ev: within(v["patched"][ev], float_patched[ev]) for ev in float_patched}
+        v["reduction"] = {ev: (v["base"][ev]["value"] / v["patched"][ev]["value"] if v["patched"][ev]["value"] else None) for ev in v["base"]}
+    result = {
+        "kind": "gguf-detox", "model": args.model, "recipe": os.path.relpath(args.recipe.resolve(), ROOT),
+        "settings": dataclasses.asdict(settings),
+        "prompts": {"name": args.prompts, "count": prompts["count"], "sha256": prompts["sha256"]},
+        "variants": variants,
+        "target": "each patched GGUF inside the float patched model's 95% interval by every evaluator",
+        "met": all(all(variants[k]["patched_within_float_interval"].values()) for k in outtypes),
+        "provenance": {"git_commit": git_commit(), "command": command, "versions": library_versions(),
+                       "wall_seconds": {k: round(v, 1) for k, v in stages.items()},
+                       "machine": machine() | {"load_average_before": load0}, "note": args.note,
+                       "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    }
+    out = args.json or ROOT / "benchmarks" / "results" / f"gguf-detox-{Path(args.model).name}.json"
+    write_text(out, json.dumps(relative_paths(result, out.parent), indent=1) + "\n")
+    evaluators = list(float_patched)
+    rows = []
+    for name, v in variants.items():
+        rows.append([name, *(f"{cell(v['base'][ev])} -> {cell(v['patched'][ev])}" for ev in evaluators),
+                     "" if name == "float" else ("yes" if all(v["patched_within_float_interval"].values()) else "no")])
+    print(render(["model", *evaluators, "inside float interval"], rows,
+                 title=f"{args.model}: toxicity probability base -> patched, {prompts['count']} prompts x {args.samples} samples"))
+    print(f"wrote {out}")
+    return 0 if result["met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
