@@ -6,7 +6,7 @@ written by ``benchmarks/recipes.py``).
 
 Each results file has one table in the README, between ``<!-- results:NAME -->`` and
 ``<!-- /results:NAME -->`` (NAME: the file's name without ``.json``). Every number in a table comes
-from the file: toxicity probability per evaluator with its 95% interval, WikiText-2 perplexity and
+from the file: toxicity probability and expected maximum toxicity per evaluator with their 95% intervals, WikiText-2 perplexity and
 its change, BLiMP accuracy and its drop against the base model (points, paired interval), KL from
 the base on BOLD neutral prompts, degenerate share. A results file without markers, or markers
 without a file, is an error too.
@@ -63,6 +63,13 @@ def render(results: dict[str, Any]) -> str:
         cells = [label, *tox, f"{ppl:.2f}{change}", _ci(m.get("blimp_accuracy")), _ci(m.get("blimp_drop"), 2),
                  _ci(m.get("kl_from_base"), 4), f"{m['degenerate_share']['value']:.1%}"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Expected maximum toxicity (the mean over prompts of the largest score among a prompt's {s.get('samples')} samples) "
+              "with its 95% bootstrap interval:", "",
+              "| row | " + " | ".join(evaluators) + " |", "|---|" + "---|" * len(evaluators)]
+    for name, r in rows.items():
+        if "refused" not in r:
+            emt = [_ci(r["metrics"]["toxicity"][e].get("expected_max_toxicity")) for e in evaluators]
+            lines.append("| " + " | ".join(["base" if name == "base" else f"`{name}`", *emt]) + " |")
     return "\n".join(lines) + "\n"
 
 
