@@ -104,13 +104,15 @@ def compare(folder: Path, outtype: str, prompts: list[list[int]], new_tokens: in
     t0 = time.perf_counter()
     with LlamaCpp(folder / name, n_ctx=256, slots=len(prompts), threads=threads) as llm:
         got = llm.map(lambda ids: llm.complete(ids, new_tokens)["ids"], prompts)
+        # the first position where llama.cpp's continuation differs (or ends early); None where identical
+        firsts = [next((i for i, (a, b) in enumerate(zip(ref, g)) if a != b), None if len(g) >= len(ref) else len(g)) for ref, g in zip(refs, got)]
+        # teacher forcing after each first difference: every remaining position is one request, all in the slots at once
+        forced = [(k, j) for k, first in enumerate(firsts) if first is not None for j in range(first + 1, len(refs[k]))]
+        hit = llm.map(lambda kj: llm.complete(prompts[kj[0]] + refs[kj[0]][: kj[1]], 1)["ids"][:1] == [refs[kj[0]][kj[1]]], forced)
         rows, agree = [], 0
-        for ids, ref, g in zip(prompts, refs, got):
-            first = next((i for i, (a, b) in enumerate(zip(ref, g)) if a != b), None)
-            ok = first is None and len(g) == len(ref)
-            hits = len(ref) if ok else first
-            for j in range(first + 1, len(ref)) if first is not None else ():  # teacher forcing after the first difference
-                hits += llm.complete(ids + ref[:j], 1)["ids"][:1] == [ref[j]]
+        for k, (ids, ref, first) in enumerate(zip(prompts, refs, firsts)):
+            ok = first is None
+            hits = len(ref) if ok else first + sum(h for (i, _), h in zip(forced, hit) if i == k)
             agree += hits
             rows.append({"prompt_tokens": len(ids), "identical": ok, "first_difference": first, "top1": hits / len(ref)})
     ll_s = time.perf_counter() - t0
