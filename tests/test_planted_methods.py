@@ -15,8 +15,11 @@ the case's comment):
   where the shipped 1% is floor(0.96) = 0 units);
 * strengths: a strength chosen on SmolLM2 for its +5% budget (``project-meandiff`` 0.45,
   ``transport-linear`` 0.5) is set to 1, each paper's own value;
-* the SAE: one written here in the SAELens layout whose decoder holds the planted direction (feature
-  0) among 15 random ones orthogonal to it, on layer 0's residual stream.
+* the SAE, on layer 0's residual stream in the SAELens layout: one written here whose decoder holds
+  the planted direction (feature 0) among 15 random ones orthogonal to it, and one trained by
+  `patcher.collect.sae_fit` on the states of both sides of the pairs (an SAE trained on neutral text
+  alone has no feature for a marker only toxic text holds). The trained one has no feature equal to
+  the planted direction: its features mix dims 5-7, as the states do.
 
 Not covered: Mean-AcT (``transport-mean``). Its map is a constant shift per unit, the same at every
 token, so it cannot remove what one token writes: on this model it lowers the toxicity by a few
@@ -30,6 +33,7 @@ method that edits nothing, or edits the wrong units, fails.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -38,7 +42,7 @@ import pytest
 import torch
 from helpers import PLANTED_DIM, PLANTED_LAYER, PLANTED_NEURON, planted_neuron_model, planted_toxicity, write_planted_data
 
-from patcher.collect.sae_fit import write_sae
+from patcher.collect.sae_fit import TrainSettings, fit_sae, write_sae
 from patcher.core.models import load_model
 from patcher.edits.edit import ScaleInputs
 from patcher.io.sae_files import SAE
@@ -59,6 +63,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "project-probe-weights": ("project-probe.toml", {}),
     "project-probe-pattern": ("project-probe.toml", {"probe_erase": "pattern"}),
     "project-sae": ("project-sae.toml", {"layers": "0-1"}),  # sae_path: the SAE written here; shipped layers 8-12
+    "project-sae-trained": ("project-sae.toml", {"layers": "0-1"}),  # sae_path: the SAE trained here
     "circuit": ("circuit.toml", {"neuron_budget": 0.02}),  # one neuron of 96 (shipped 1%: none of 96)
     "transport-linear": ("transport-linear.toml", {"strength": 1.0}),  # shipped 0.5: chosen on SmolLM2
 }
@@ -71,6 +76,7 @@ class Planted:
     tokenizer: Any
     held: list[str]
     sae: Path
+    sae_trained: Path
     toxicity: float
     ppl: float
 
@@ -88,12 +94,25 @@ def planted_sae(folder: Path, width: int = 16) -> Path:
     return folder
 
 
+def trained_sae(folder: Path, model: Any, tokenizer: Any, texts: list[str]) -> Path:
+    """An SAE trained by the tiny trainer on layer 0's residual states of ``texts``."""
+    states = []
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode(t, add_special_tokens=False)]])
+            states.append(model(input_ids=ids, output_hidden_states=True).hidden_states[PLANTED_LAYER + 1][0, 1:])
+    sae = fit_sae(torch.cat(states), TrainSettings(width=64, steps=300, batch=512, l1=2.0))
+    sae.layer = PLANTED_LAYER
+    write_sae(sae, folder, {"model_name": "planted"})
+    return folder
+
+
 def recipe_for(p: Planted, case: str, **more: Any) -> Any:
     """The shipped recipe's step with the case's changes, on the planted model and data."""
     shipped, changes = CASES[case]
     step = tomllib.loads((RECIPES / shipped).read_text())["step"][0] | changes | more
     if step.get("direction") == "sae":
-        step["sae_path"] = str(p.sae)
+        step["sae_path"] = str(p.sae_trained if case.endswith("-trained") else p.sae)
     raw = {"name": case, "model": {"id": str(p.folder / "model")},
            "data": {"path": "pairs.jsonl", "pairs": True, "n_per_class": 160, "max_tokens": 32},
            "collect": {"batch_size": 32}, "check": {"ppl_text": "ppl.txt", "ppl_tokens": 1024, "ppl_window": 128}, "step": [step]}
@@ -106,9 +125,11 @@ def recipe_for(p: Planted, case: str, **more: Any) -> Any:
 def planted(tmp_path_factory: pytest.TempPathFactory) -> Planted:
     folder = tmp_path_factory.mktemp("planted-neuron")
     planted_neuron_model(folder / "model")
-    _, _, held = write_planted_data(folder)
+    pairs, _, held = write_planted_data(folder)
     model, tok = load_model(folder / "model")
-    p = Planted(folder, model, tok, held, planted_sae(folder / "sae"), planted_toxicity(model, tok, held), 0.0)
+    texts = [t for line in pairs.read_text().splitlines() for r in [json.loads(line)] for t in (r["toxic"], *r["neutral"])]
+    p = Planted(folder, model, tok, held, planted_sae(folder / "sae"), trained_sae(folder / "sae-trained", model, tok, texts),
+                planted_toxicity(model, tok, held), 0.0)
     p.ppl = check_perplexity(model, tok, recipe_for(p, "aura"))
     with torch.no_grad():  # the planted neuron removed by hand: the mechanism is that neuron and nothing else
         mlp = model.model.layers[PLANTED_LAYER].mlp
