@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> Path:
         if entry.get("sweep") != json.loads(json.dumps(sweep.record(args.spacing))):
             entry = {}
         done = {json.dumps(p["value"]): p for p in entry.get("points", [])}
+        collected_before = entry.get("collections", 0)
         entry = {"recipe": relative(rpath), "method": recipe.steps[sweep.index].method, "sweep": sweep.record(args.spacing),
                  "claim": recipe_comment(rpath, "Claim"), "points": []}
         results["recipes"][recipe.name] = entry
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> Path:
             entry["points"].append({"value": v, "metrics": metrics(report), "provenance": provenance(stages, plan, load0)})
             save()
             print(f"{recipe.name} {sweep.key}={v} evaluated ({stages['eval'] + stages['bake'] + stages.get('collect', 0):.0f}s)", flush=True)
-        entry["collections"] = len(cache)  # this run's: 0 when every point was kept
+        entry["collections"] = len(cache) or collected_before  # statistics collections of the run that measured the points
         save()
     save()
     if args.plot:

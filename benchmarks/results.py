@@ -81,7 +81,7 @@ def render_frontier(results: dict[str, Any]) -> str:
         key = entry["sweep"]["setting"]
         for i, pt in enumerate(entry["points"]):
             point = f"{key}={pt['value']}"
-            lines.append(row(f"`{name}`", f"**{point}**" if i == best else point, pt["metrics"], (entry.get("claim") or "-") if i == 0 else "",
+            lines.append(row(f"`{name}`", f"**{point}**" if i == best else point, pt["metrics"], (entry.get("claim") or "-").replace("|", "\\|") if i == 0 else "",
                              f" ({ppl_change(pt['metrics'], base):+.1%})"))
         if best is None:
             lines.append(f"| `{name}` | none within +{budget:.0%} |" + " |" * (len(evaluators) + 2 + blimp))
