@@ -1,5 +1,5 @@
 """The README's results tables, rendered from the committed results files (``results/<model>.json``,
-written by ``benchmarks/recipes.py``).
+written by ``benchmarks/recipes.py``; ``results/frontier-<model>.json``, written by ``benchmarks/frontier.py``).
 
     python benchmarks/results.py            # rewrite the tables between the README's markers
     python benchmarks/results.py --check    # exit 1 when a README table differs from its results file
@@ -8,8 +8,11 @@ Each results file has one table in the README, between ``<!-- results:NAME -->``
 ``<!-- /results:NAME -->`` (NAME: the file's name without ``.json``). Every number in a table comes
 from the file: toxicity probability and expected maximum toxicity per evaluator with their 95% intervals, WikiText-2 perplexity and
 its change, BLiMP accuracy and its drop against the base model (points, paired interval), KL from
-the base on BOLD neutral prompts, degenerate share. A results file without markers, or markers
-without a file, is an error too.
+the base on BOLD neutral prompts, degenerate share. A frontier file (``"kind": "frontier"``) renders
+as one row per recipe and strength: toxicity probability per evaluator with its interval, perplexity
+and its change, BLiMP accuracy when measured, the paper's headline claim (the recipe's ``# Claim:``
+comment), and each recipe's least toxic point within the file's perplexity budget in bold. A results
+file without markers, or markers without a file, is an error too.
 """
 
 from __future__ import annotations
@@ -35,8 +38,60 @@ def _ci(m: dict[str, Any] | None, digits: int = 3, scale: float = 1.0) -> str:
     return f"{v:.{digits}f} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
 
 
+def ppl_change(m: dict[str, Any], base: dict[str, Any]) -> float:
+    return m["wikitext_perplexity"]["value"] / base["wikitext_perplexity"]["value"] - 1
+
+
+def any_toxicity(m: dict[str, Any]) -> float:
+    """Toxicity probability by any evaluator (else the largest single one)."""
+    tox = m["toxicity"]
+    return tox["any"]["toxicity_probability"]["value"] if "any" in tox else max(v["toxicity_probability"]["value"] for v in tox.values())
+
+
+def within_budget(points: list[dict[str, Any]], base: dict[str, Any], budget: float) -> int | None:
+    """Index of the least toxic point (by `any_toxicity`) whose perplexity rose at most ``budget``; None if none did."""
+    ok = [i for i, p in enumerate(points) if ppl_change(p["metrics"], base) <= budget]
+    return min(ok, key=lambda i: any_toxicity(points[i]["metrics"])) if ok else None
+
+
+def render_frontier(results: dict[str, Any]) -> str:
+    """The markdown table of a frontier file: base, then each recipe's points in sweep order."""
+    base = results["base"]["metrics"]
+    evaluators = list(base["toxicity"])
+    s, p, budget = results.get("settings", {}), results.get("prompts", {}), results.get("budget", 0.05)
+    blimp = bool(s.get("blimp"))
+    lines = [
+        f"`{results['model']}` on `{p.get('name')}` ({p.get('count')} prompts x {s.get('samples')} samples of {s.get('max_new_tokens')} tokens, "
+        f"top-p {s.get('top_p')}, seed {s.get('seed')}); toxicity probability with its 95% bootstrap interval over prompts; WikiText-2 "
+        f"perplexity on {s.get('ppl_tokens')} tokens" + (f"; BLiMP: the first {s.get('blimp')} pairs of each paradigm" if blimp else "")
+        + f". Each recipe at each value of its strength-like setting (statistics collected once); **bold**: its least toxic point "
+        f"(any evaluator) within +{budget:.0%} perplexity. Source: `results/{Path(results.get('_file', 'x')).name}`.",
+        "",
+        "| recipe | point | " + " | ".join(evaluators) + " | WikiText-2 ppl |" + (" BLiMP accuracy |" if blimp else "") + " paper's claim |",
+        "|---|---|" + "---|" * (len(evaluators) + 2 + blimp),
+    ]
+
+    def row(label: str, point: str, m: dict[str, Any], claim: str, change: str) -> str:
+        cells = [label, point, *[_ci(m["toxicity"][e]["toxicity_probability"]) for e in evaluators], f"{m['wikitext_perplexity']['value']:.2f}{change}"]
+        return "| " + " | ".join(cells + ([_ci(m.get("blimp_accuracy"))] if blimp else []) + [claim]) + " |"
+
+    lines.append(row("base", "-", base, "", ""))
+    for name, entry in results["recipes"].items():
+        best = within_budget(entry["points"], base, budget)
+        key = entry["sweep"]["setting"]
+        for i, pt in enumerate(entry["points"]):
+            point = f"{key}={pt['value']}"
+            lines.append(row(f"`{name}`", f"**{point}**" if i == best else point, pt["metrics"], (entry.get("claim") or "-").replace("|", "\\|") if i == 0 else "",
+                             f" ({ppl_change(pt['metrics'], base):+.1%})"))
+        if best is None:
+            lines.append(f"| `{name}` | none within +{budget:.0%} |" + " |" * (len(evaluators) + 2 + blimp))
+    return "\n".join(lines) + "\n"
+
+
 def render(results: dict[str, Any]) -> str:
     """The markdown table (and its caption line) of one results file."""
+    if results.get("kind") == "frontier":
+        return render_frontier(results)
     rows = results["rows"]
     base = rows.get("base", {}).get("metrics")
     evaluators = list(base["toxicity"]) if base else []

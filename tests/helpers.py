@@ -332,3 +332,83 @@ def assert_bake_equals_hooks(base_dir: Path, patch: Patch, out: Path, **bake_kwa
     got = random_logits(baked)
     assert (expected - random_logits(base)).abs().max() > 1e-4, "the edits should change the logits"
     assert (expected - got).abs().max() <= 1e-5
+
+
+# -- a tiny model with a planted toxic direction written by one MLP neuron ----------------------------
+# The tune test's planted model (tests/test_tune.py) holds its direction in the token embeddings; the
+# seed methods act on MLP units, heads or what the MLPs write, so this one routes the planted
+# behaviour through one MLP neuron: every seed method has a unit or a direction to find.
+PLANTED_TOKEN, PLANTED_PARAPHRASE = "z", "q"  # the toxic marker, and its paraphrase (no neutral text holds z)
+PLANTED_LAYER, PLANTED_NEURON, PLANTED_DIM = 0, 0, 7  # the neuron that fires on z, and the residual dim it writes
+FEATURE_DIM, SHARED_DIM = 5, 6  # z's toxic feature in the embedding; a part z and q share (normalisation stays comparable)
+
+
+def planted_neuron_model(folder: Path) -> Path:
+    """A tiny Llama (random layers at full scale, so editing the wrong units costs perplexity) with
+    one planted toxic mechanism: ``z``'s embedding holds residual dim 5 (``q``'s does not, otherwise
+    they are equal); neuron 0 of layer 0's MLP reads dim 5 and writes residual dim 7; the output head
+    reads dim 7 as "z or a space comes next". Nothing else reads or writes dims 5-7, so after a ``z``
+    the model continues the run only through that neuron: removing it (or what it writes) is removing
+    the toxicity, and nothing else does."""
+    model = tiny_model("llama", seed=3)
+    tok = tiny_tokenizer()
+    z, q, space = (tok.convert_tokens_to_ids(c) for c in (PLANTED_TOKEN, PLANTED_PARAPHRASE, " "))
+    planted = [FEATURE_DIM, SHARED_DIM, PLANTED_DIM]
+    with torch.no_grad():
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        for layer in model.model.layers:  # layers that matter: a wrong edit shows in the perplexity
+            layer.self_attn.o_proj.weight.mul_(4.0)
+            layer.mlp.down_proj.weight.mul_(4.0)
+        emb[:, planted] = 0.0
+        head[:, planted] = 0.0
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
+                lin.weight[:, planted] = 0.0  # nothing reads the planted dims ...
+            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                lin.weight[planted, :] = 0.0  # ... or writes them
+        emb[:, FEATURE_DIM] = 0.05 * torch.randn(emb.shape[0], generator=torch.Generator().manual_seed(0))  # other tokens: a little
+        emb[z, SHARED_DIM] = 2.0
+        emb[q] = emb[z]
+        emb[z, FEATURE_DIM] = 1.0
+        mlp = model.model.layers[PLANTED_LAYER].mlp
+        mlp.gate_proj.weight[PLANTED_NEURON, FEATURE_DIM] = 3.0  # fires on z; its other (random) weights keep it a little active elsewhere
+        mlp.up_proj.weight[PLANTED_NEURON, FEATURE_DIM] = 1.0
+        mlp.down_proj.weight[:, PLANTED_NEURON] = 0.0
+        mlp.down_proj.weight[PLANTED_DIM, PLANTED_NEURON] = 0.15
+        head[z, PLANTED_DIM] = head[space, PLANTED_DIM] = 1.5
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def write_planted_data(folder: Path, n: int = 200, seed: int = 0) -> tuple[Path, Path, list[str]]:
+    """``pairs.jsonl`` (toxic sentences with a run of ``z``, each with its ``q`` paraphrase), a neutral
+    perplexity text (no ``z``: what an edit should leave alone) and held-out toxic sentences (not in
+    the pairs) the planted toxicity is scored on."""
+    rng = random.Random(seed)
+    rows, held = [], []
+    for i in range(n + 40):
+        a, b = rng.choice(NEUTRAL_WORDS), rng.choice(NEUTRAL_WORDS)
+        run = rng.randint(2, 4)
+        toxic = f"the {a} {PLANTED_TOKEN * run} {b} {i}"
+        if i < n:
+            rows.append({"pair_id": i, "toxic": toxic, "neutral": [f"the {a} {PLANTED_PARAPHRASE * run} {b} {i}"]})
+        else:
+            held.append(toxic)
+    (folder / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (folder / "ppl.txt").write_text(" ".join(f"the {rng.choice(NEUTRAL_WORDS)} is by the {rng.choice(NEUTRAL_WORDS)}." for _ in range(60)))
+    return folder / "pairs.jsonl", folder / "ppl.txt", held
+
+
+@torch.no_grad()
+def planted_toxicity(model: torch.nn.Module, tokenizer, texts: list[str]) -> float:
+    """Mean probability the model gives to what follows a ``z`` (the next ``z`` of the run, or the
+    space that ends it): the planted mechanism's output, near 1/vocab without it."""
+    z = tokenizer.convert_tokens_to_ids(PLANTED_TOKEN)
+    probs = []
+    for t in texts:
+        ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode(t, add_special_tokens=False)]])
+        p = model(input_ids=ids).logits[0].float().softmax(-1)
+        at = (ids[0, :-1] == z).nonzero().flatten()
+        probs.append(p[at, ids[0, at + 1]])
+    return float(torch.cat(probs).mean())

@@ -210,3 +210,19 @@ def test_damage_term_keeps_neutral_loss_within_its_bound(tokenizer: PreTrainedTo
     assert bounded.n_neurons + bounded.n_heads > 0
     assert neutral_rise(model, tokenizer, bounded, neutral) <= bound + 1e-6
     assert "damage" in bounded.history[0]
+
+
+def test_strength_scales_the_circuit_instead_of_zeroing_it() -> None:
+    """strength 1: the zeroing edits; s in (0, 1): the same columns scaled by 1 - s, the others kept;
+    0: no edit (a sweep or tune builds every strength from one learned circuit)."""
+    config = tiny_model("llama").config
+    circuit = Circuit({0: [1]}, {1: [3, 5]}, num_layers=2, num_heads=4, head_dim=8, width=48, settings={"steps": 1})
+    full = circuit.to_patch(config)
+    assert [e.kind for e in full.edits] == ["zero_heads", "zero_neurons"] and full.provenance["settings"]["strength"] == 1.0
+    part = circuit.to_patch(config, strength=0.25)
+    assert [e.kind for e in part.edits] == ["scale_inputs", "scale_inputs"] and part.provenance["settings"]["strength"] == 0.25
+    heads, neurons = part.edits
+    assert heads.module == full.edits[0].module and torch.equal(heads.factors[8:16], torch.full((8,), 0.75))
+    assert (heads.factors[:8] == 1).all() and (heads.factors[16:] == 1).all()
+    assert neurons.factors[[3, 5]].tolist() == [0.75, 0.75] and (neurons.factors == 1).sum() == 46
+    assert circuit.to_patch(config, strength=0.0).edits == []

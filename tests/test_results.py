@@ -66,3 +66,31 @@ def test_the_repository_check_fails_on_a_changed_cell(tmp_path: Path) -> None:
     changed = text[:cell_end] + "9" + text[cell_end:]
     (tmp_path / "README.md").write_text(changed)
     assert results_module.main(["--check", "--readme", str(tmp_path / "README.md"), "--results", str(ROOT / "results")]) == 1
+
+
+def test_frontier_file_renders_and_check_fails_on_a_changed_cell(tmp_path: Path) -> None:
+    """A results file of kind "frontier": one row per recipe and strength, the paper's claim on the
+    recipe's first row, the least toxic point within the budget in bold (a recipe with none says so)."""
+    (tmp_path / "results").mkdir()
+
+    def point(v: float, p: float, ppl: float) -> dict:
+        return {"value": v, "metrics": _row(p, (p - 0.05, p + 0.05), ppl)["metrics"]}
+
+    sweep = {"setting": "strength", "values": [0.25, 0.5, 1.0]}
+    data = {"format": "patcher.results/1", "kind": "frontier", "model": "m", "budget": 0.05, "settings": {"samples": 5, "blimp": 20},
+            "prompts": {"name": "rtp-challenging:report", "count": 50}, "base": {"metrics": _row(0.45, (0.4, 0.5), 30.0)["metrics"]},
+            "recipes": {"aura": {"sweep": sweep, "claim": "up to 2.2x less toxic at +0.72 PPL",
+                                 "points": [point(0.25, 0.40, 30.9), point(0.5, 0.30, 31.2), point(1.0, 0.20, 45.0)]},
+                        "circuit": {"sweep": sweep, "claim": None, "points": [point(0.25, 0.3, 33.0)]}}}
+    (tmp_path / "results/frontier-m.json").write_text(json.dumps(data))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:frontier-m -->\n<!-- /results:frontier-m -->\n")
+    check = ["--readme", str(readme), "--results", str(tmp_path / "results")]
+    assert results_module.main(check + ["--check"]) == 1
+    assert results_module.main(check) == 0 and results_module.main(check + ["--check"]) == 0
+    text = readme.read_text()
+    assert "| `aura` | strength=0.25 | 0.400 [0.350, 0.450] | 0.400 [0.350, 0.450] | 30.90 (+3.0%) | 0.800 [0.780, 0.820] | up to 2.2x less toxic at +0.72 PPL |" in text
+    assert "| `aura` | **strength=0.5** | 0.300 [0.250, 0.350] | 0.300 [0.250, 0.350] | 31.20 (+4.0%) | 0.800 [0.780, 0.820] |  |" in text
+    assert "| `aura` | strength=1.0 |" in text and "| `circuit` | none within +5% |" in text and "| base | - | 0.450 [0.400, 0.500]" in text
+    readme.write_text(text.replace("31.20 (+4.0%)", "31.25 (+4.0%)"))
+    assert results_module.main(check + ["--check"]) == 1

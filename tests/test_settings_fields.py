@@ -29,7 +29,7 @@ def test_tune_ranges_lie_within_bounds(name: str) -> None:
             check_value(f, v, name, "step")
         assert f.metadata["no_edit"] in (low, high), f"{name}.{key}: the no-edit value is one end of the range"
     assert METHODS.names() == ["aura", "circuit", "project", "scale", "transport"]
-    assert {n for n in METHODS.names() if tune_fields(METHODS.get(n).settings)} == {"aura", "project", "scale", "transport"}
+    assert {n for n in METHODS.names() if tune_fields(METHODS.get(n).settings)} == {"aura", "circuit", "project", "scale", "transport"}
 
 
 @pytest.mark.parametrize("setting, value, message", [

@@ -37,6 +37,11 @@ adds ``damage_weight * relu(LM(M, neutral) - LM(model, neutral) - max_damage)`` 
 batch through the unpruned model, without gradient), and after training the circuit is cut to the
 longest prefix of its units, most confident first, whose neutral loss on up to 64 neutral texts
 rises at most ``max_damage``: ``log(1 + x)`` nats bounds that text's perplexity rise by ``x``.
+
+Strength (build-only). ``strength`` scales the circuit's columns by ``1 - strength`` instead of
+zeroing them (1, the default, is the paper's removal; 0 no edit), so one learned circuit gives a
+frontier of toxicity against perplexity, and a sweep or a tune learns the masks once. A circuit
+built below strength 1 is written as `ScaleInputs` edits (`patcher inspect` maps only whole removals).
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ from ..collect.steps import StepContext, method
 from ..core.arch import Architecture, arch_for, head_layout, num_layers
 from ..core.errors import PatcherError
 from ..core.progress import bar as progress_bar
-from ..edits.edit import ZeroHeads, ZeroNeurons
+from ..edits.edit import ScaleInputs, ZeroHeads, ZeroNeurons
 from ..edits.patch import Patch
 from ..recipe.settings import Checked, setting
 
@@ -83,6 +88,8 @@ class CircuitSettings(Checked):
                                 minimum=0.0)
     damage_weight: float = setting(10.0, help="weight of the neutral loss rise beyond max_damage (per nat)", minimum=0.0)
     seed: int = setting(0, help="seed of the sampler and the mask initialisation")
+    strength: float = setting(1.0, help="how much of the learned circuit is removed: its columns scaled by 1 - strength (1: zeroed, the paper; 0: no edit)",
+                              build_only=True, minimum=0.0, maximum=1.0, no_edit=0.0, tune=(0.0, 1.0, 0.05))
 
 
 @dataclass
@@ -115,22 +122,26 @@ class Circuit:
             nm[i, ns] = 0
         return hm, nm
 
-    def to_patch(self, config: Any, provenance: dict | None = None) -> Patch:
-        """`ZeroHeads` on each layer's ``attn_out``, `ZeroNeurons` on its ``mlp_out``."""
+    def to_patch(self, config: Any, provenance: dict | None = None, strength: float = 1.0) -> Patch:
+        """`ZeroHeads` on each layer's ``attn_out``, `ZeroNeurons` on its ``mlp_out``; with
+        ``strength`` < 1 the circuit's columns are scaled by ``1 - strength`` instead (`ScaleInputs`:
+        the masks mixed toward identity, as AURA's strength mixes its factors), none at 0."""
         arch = arch_for(config)
         heads, head_dim = head_layout(config)
         width = self.width or _config_width(config)
-        edits = []
+        edits: list[ScaleInputs] = []
         for i in sorted(set(self.heads) | set(self.neurons)):
             if self.heads.get(i):
                 edits.append(ZeroHeads.build(arch.module("attn_out", i), list(self.heads[i]), heads, head_dim, arch.layout))
             if self.neurons.get(i):
                 edits.append(ZeroNeurons.build(arch.module("mlp_out", i), list(self.neurons[i]), width, arch.layout))
+        if strength != 1.0:
+            edits = [ScaleInputs(e.module, e.layout, factors=1.0 - strength * (1.0 - e.factors)) for e in edits] if strength > 0 else []
         record = {
             "method": METHOD,
             "heads_removed": self.n_heads,
             "neurons_removed": self.n_neurons,
-            "settings": self.settings,
+            "settings": self.settings | {"strength": strength} if self.settings else self.settings,  # learned at one strength, built at this one
         }
         return Patch(edits, record | (provenance or {}))
 
@@ -512,7 +523,7 @@ def collect(ctx: StepContext, settings: CircuitSettings) -> Circuit:
 
 
 def build(ctx: StepContext, stats: Circuit, settings: CircuitSettings) -> Patch:
-    return stats.to_patch(ctx.config)
+    return stats.to_patch(ctx.config, strength=settings.strength)
 
 
 # Learned binary masks over heads and neurons (weights frozen); the circuit found is zeroed.
