@@ -18,8 +18,9 @@ and its provenance: git commit, the exact command, library versions, the sha256 
 and prompt set, seeds, wall time per stage, the machine (cores, threads, load before and after)
 and ``--note``. Rows of other recipes already in the file are kept (a row is replaced only by a
 new measurement of the same recipe). A recipe the model refuses gets a row saying why.
-``--resume`` reuses ``OUT/base-eval.json`` and each ``OUT/<recipe>/eval.json`` an interrupted run
-with the same settings left.
+``--resume`` reuses ``OUT/base-eval.json`` and each ``OUT/<recipe>.eval.json`` an interrupted run
+with the same settings left (beside the baked folder ``OUT/<recipe>``, not in it: the folder stays a
+baked output that ``patcher verify`` and ``patcher export`` accept).
 """
 
 from __future__ import annotations
@@ -77,9 +78,12 @@ def machine() -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
+    """HEAD, marked when tracked files differ from it; the results files (this run's own output,
+    rewritten after every row) do not count."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results", ":(exclude)benchmarks/results"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
         return sha + ("+uncommitted changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -111,7 +115,7 @@ def main() -> None:
     ap.add_argument("--model", help="run every recipe on this model (default: the first recipe's)")
     ap.add_argument("--note", default="", help="what else ran on the machine meanwhile (recorded with the row)")
     ap.add_argument("--resume", action="store_true",
-                    help="reuse OUT/base-eval.json and each OUT/<recipe>/eval.json an interrupted run with the same settings left")
+                    help="reuse OUT/base-eval.json and each OUT/<recipe>.eval.json an interrupted run with the same settings left")
     args = ap.parse_args()
     logging.basicConfig(format="patcher: %(message)s")
     logging.getLogger("patcher").setLevel(logging.INFO)  # progress bars and messages, as the CLI shows them
@@ -166,7 +170,7 @@ def main() -> None:
         load0 = [round(x, 2) for x in os.getloadavg()]
         stages: dict[str, float] = {}
         target = args.out / recipe.name
-        report = reusable(target / "eval.json")
+        report = reusable(args.out / f"{recipe.name}.eval.json")
         rel = str(rpath.resolve().relative_to(ROOT)) if rpath.resolve().is_relative_to(ROOT) else rpath.name
         if report is None:
             t = time.perf_counter()
@@ -192,7 +196,7 @@ def main() -> None:
             report = evaluate(target, settings=eval_only).to_json()
             stages["eval"] = time.perf_counter() - t
             report["verify_max_logit_diff"] = check.max_abs_diff
-            (target / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+            (args.out / f"{recipe.name}.eval.json").write_text(json.dumps(report, indent=1) + "\n")
         stages |= {f"eval {k}": v for k, v in report["model"]["seconds"].items()}
         row_metrics = metrics(report)
         from patcher.evaluate.capability import blimp_drop
