@@ -261,40 +261,40 @@ def own_peak() -> None:
 
 # -- the disk ---------------------------------------------------------------------------------------------
 def disk_needed(steps: list[str], ckpt: int, have_model: bool, have_baked: bool, compute_only: bool, keep: bool, outtype: str) -> tuple[int, str]:
-    """(peak bytes the steps add to the work disk, what they are), walking the steps in order: the
-    checkpoint; each run's baked output (deleted after the run unless ``keep``); the floor's copy
-    (deleted before the bake); the baked output; the GGUF (deleted after export unless ``keep``)."""
-    used = peak = 0
-    parts = []
+    """(peak bytes the steps add to the work disk, what is on it at that peak), walking the steps in
+    order: the checkpoint; each run's baked output (deleted after the run unless ``keep``); the
+    floor's copy (deleted before the bake); the baked output; the GGUF."""
+    held: dict[str, int] = {}
+    peak, at_peak = 0, ""
 
-    def add(n: int, what: str) -> None:
-        nonlocal used, peak
-        used += n
-        peak = max(peak, used)
-        parts.append(f"{what} {n / GB:.1f} GB")
+    def add(what: str, n: int, gone: bool = False) -> None:
+        nonlocal peak, at_peak
+        held[what] = n
+        if sum(held.values()) > peak:
+            peak = sum(held.values())
+            at_peak = " + ".join(f"{k} {v / GB:.1f} GB" for k, v in held.items())
+        if gone:
+            del held[what]
 
     if "write" in steps or not have_model:
-        add(ckpt, "checkpoint")
+        add("checkpoint", ckpt)
     for key in ("project-stack", "aura", "transport"):
         if key in steps and not compute_only:
-            add(ckpt, f"run {key}'s baked output")
-            if not keep:
-                used -= ckpt
+            add(f"run {key}'s baked output", ckpt, gone=not keep)
     if "bake" in steps:
-        add(ckpt, "the floor's copy")
-        used -= ckpt
+        add("the floor's copy", ckpt, gone=True)
         if not have_baked:
-            add(ckpt, "baked output")
+            add("baked output", ckpt)
     if "export" in steps:
-        add(int(ckpt / 2 * OUTTYPE_BYTES[outtype]), f"{outtype} GGUF")
-    return peak, ", ".join(dict.fromkeys(parts))
+        add(f"{outtype} GGUF", int(ckpt / 2 * OUTTYPE_BYTES[outtype]))
+    return peak, at_peak or "nothing new"
 
 
 def check_disk(work: Path, need: int, what: str, shape: str) -> dict:
     """Refuse, in one line, steps whose peak disk use does not fit in the free space of ``work``."""
     free = shutil.disk_usage(work).free
     if need + DISK_SLACK > free:
-        raise SystemExit(f"scale.py: {shape} needs {(need + DISK_SLACK) / GB:.1f} GB free on {work} ({what}, {DISK_SLACK / GB:.0f} GB slack), "
+        raise SystemExit(f"scale.py: {shape} needs {(need + DISK_SLACK) / GB:.1f} GB free on {work} ({what} at once, {DISK_SLACK / GB:.0f} GB slack), "
                          f"{free / GB:.1f} GB is free: run fewer --steps (--compute-only skips run's baked output), "
                          "or give --work on a larger disk")
     return {"needed_bytes": need, "free_bytes": free, "what": what}
