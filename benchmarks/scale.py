@@ -436,6 +436,20 @@ def judge(shape: str, results: dict) -> list[list[Any]]:
     return rows
 
 
+def markdown(results: dict) -> str:
+    """The README's table of a shape's results (``--markdown``)."""
+    lines = ["| command | peak RSS | `plan` predicted | target | wall (CPU) | tokens/s | ratio (target) | targets met |", "|---|---|---|---|---|---|---|---|"]
+    for label, status, peak, plan, ratio, target, other, met, _, tps in results["rows"]:
+        key = next(k for k, r in results["steps"].items() if r.get("label", k) == label)
+        r = results["steps"][key]
+        extra = "" if status == "ok" else f" ({status})"
+        if key == "verify":
+            extra += " OK" if r.get("ok") else " FAILED"
+        lines.append(f"| `{label}`{extra} | **{peak} GB** | {f'{plan} GB ({ratio}x)' if plan != '-' else '-'} | {f'<= {target} GB' if target != '-' else '-'} "
+                     f"| {r['wall_s']} s ({r['cpu_s']} s) | {tps} | {other} | {met} |")
+    return "\n".join(lines)
+
+
 HEADERS = ["command", "status", "peak GB", "plan GB", "plan / measured", "target GB", "ratio (target)", "targets met", "wall s", "tokens/s"]
 
 
@@ -471,6 +485,7 @@ def main() -> None:
     ap.add_argument("--profile", type=Path, default=None, help="collect step: also profile one collection (cProfile) into this file.")
     ap.add_argument("--keep", action="store_true", help="Keep the checkpoint and every output.")
     ap.add_argument("--keep-checkpoint", action="store_true", help="Keep the checkpoint (and the small patches) for a later invocation.")
+    ap.add_argument("--markdown", action="store_true", help="Print the README table of --json (no step runs).")
     ap.add_argument("--child-collect", nargs=3, metavar=("RECIPE", "DEVICE", "REPEATS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_collect:
@@ -479,6 +494,9 @@ def main() -> None:
         return
     if not args.shape:
         ap.error("--shape is required")
+    if args.markdown:
+        print(markdown(json.loads((args.json or ROOT / "benchmarks" / "results" / f"scale-{args.shape}.json").read_text())))
+        return
     steps = [s for s in args.steps.split(",") if s] or list(STEPS)
     unknown = sorted(set(steps) - set(STEPS) - {"plan"})
     if unknown:
