@@ -260,10 +260,12 @@ def own_peak() -> None:
 
 
 # -- the disk ---------------------------------------------------------------------------------------------
-def disk_needed(steps: list[str], ckpt: int, have_model: bool, have_baked: bool, compute_only: bool, keep: bool, outtype: str) -> tuple[int, str]:
+def disk_needed(steps: list[str], ckpt: int, have_model: bool, have_baked: bool, compute_only: bool, keep: bool, outtype: str,
+                keep_model: bool = True) -> tuple[int, str]:
     """(peak bytes the steps add to the work disk, what is on it at that peak), walking the steps in
     order: the checkpoint; each run's baked output (deleted after the run unless ``keep``); the
-    floor's copy (deleted before the bake); the baked output; the GGUF."""
+    floor's copy (deleted before the bake); the baked output; the GGUF (the checkpoint is deleted
+    before it, the last step, unless ``keep_model``)."""
     held: dict[str, int] = {}
     peak, at_peak = 0, ""
 
@@ -286,6 +288,8 @@ def disk_needed(steps: list[str], ckpt: int, have_model: bool, have_baked: bool,
         if not have_baked:
             add("baked output", ckpt)
     if "export" in steps:
+        if not keep_model:
+            held.pop("checkpoint", None)
         add(f"{outtype} GGUF", int(ckpt / 2 * OUTTYPE_BYTES[outtype]))
     return peak, at_peak or "nothing new"
 
@@ -507,8 +511,9 @@ def main() -> None:
     json_path = args.json or ROOT / "benchmarks" / "results" / f"scale-{args.shape}.json"
     model, baked, gguf = work / "model", work / "baked-aura", work / "baked-aura" / f"model-{args.outtype}.gguf"
     keep_model = args.keep or args.keep_checkpoint
-    _, shards, ckpt_bytes = layout(args.shape, int(args.shard_gb * 1e9))
-    disk = check_disk(work, *disk_needed(steps, ckpt_bytes, model.is_dir(), baked.is_dir(), args.compute_only, args.keep, args.outtype), args.shape)
+    _, _, ckpt_bytes = layout(args.shape, int(args.shard_gb * 1e9))
+    disk = check_disk(work, *disk_needed(steps, ckpt_bytes, model.is_dir(), baked.is_dir(), args.compute_only, args.keep, args.outtype, keep_model),
+                      args.shape)
     for step, needs in (("bake", work / "patch-aura"), ("verify", baked), ("eval", baked), ("export", baked)):
         if step in steps and not needs.exists() and not ({"aura", "bake"} & set(steps[: steps.index(step)])):
             raise SystemExit(f"scale.py: step {step} needs {needs}, which is not there: run it with the steps before it "
@@ -569,7 +574,7 @@ def main() -> None:
                 shutil.copyfile(out / "patch.json", patch / "patch.json")
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
-            record(key, r, args.run_flags)
+            record(key, r, None if args.compute_only else args.run_flags)  # plan predicts run (with its perplexity), not compute
         if "collect" in steps:
             argv = [sys.executable, str(Path(__file__).resolve()), "--child-collect", str(recipes["aura"]), args.device, str(args.collect_repeats),
                     *(["--profile", str(args.profile)] if args.profile else [])]
@@ -597,7 +602,7 @@ def main() -> None:
             r["shard_bytes"] = results["checkpoint"]["largest_shard_bytes"]
             if r["rc"] == 0:
                 r["bake_s"] = json.loads((baked / "patch.json").read_text())["bake"]["bake_seconds"]
-                r |= {"floor": floor, "bake_over_floor": round(r["bake_s"] / floor["floor_s"], 3),
+                r |= {"floor": floor, "bake_over_floor": round(r["bake_s"] / floor["floor_s"], 3), "gb_per_s": round(ckpt_bytes / GB / r["bake_s"], 3),
                       "wall_over_floor": round(r["wall_s"] / floor["floor_s"], 3)}
             record("bake", r, args.run_flags)
         if "verify" in steps:
@@ -611,13 +616,16 @@ def main() -> None:
             r |= {"label": "eval --preset quick", "tokens": 4 * 2 * 8 + 512}
             record("eval", r, args.eval_flags)
         if "export" in steps:
+            predicted = predict("", PLAN_KEY["export"])  # plan reads the checkpoint's config
+            if not keep_model:  # the last step: the checkpoint is no longer needed, and the GGUF takes as much disk
+                shutil.rmtree(model, ignore_errors=True)
             r = measure(["export", str(baked), "--outtype", args.outtype, "--overwrite"], env, work / "export.log")
             r |= {"label": f"export --outtype {args.outtype}", "shard_bytes": results["checkpoint"]["largest_shard_bytes"]}
             if r["rc"] == 0:
-                r["gguf_bytes"] = gguf.stat().st_size
+                r |= {"gguf_bytes": gguf.stat().st_size, "gb_per_s": round(gguf.stat().st_size / GB / r["wall_s"], 3)}
             if not args.keep:
                 gguf.unlink(missing_ok=True)
-            record("export", r, "")
+            record("export", r | {"plan_bytes": predicted})
     finally:
         if not args.keep:
             for p in [*work.glob("out-*"), baked, work / "copy", *([] if keep_model else [model, *work.glob("patch-*")])]:

@@ -23,7 +23,9 @@ Usage = namedtuple("Usage", "total used free")
 def test_disk_needed_follows_the_steps() -> None:
     everything = list(scale.STEPS)
     need, what = scale.disk_needed(everything, C13, False, False, False, False, "f16")
-    assert need == 3 * C13 and what == "checkpoint 26.0 GB + baked output 26.0 GB + f16 GGUF 26.0 GB"
+    assert need == 3 * C13 and what == "checkpoint 26.0 GB + baked output 26.0 GB + f16 GGUF 26.0 GB"  # --keep-checkpoint
+    # without it the checkpoint goes before the export (the last step): one checkpoint and one copy at a time
+    assert scale.disk_needed(everything, C13, False, False, False, False, "f16", keep_model=False) == (2 * C13, "checkpoint 26.0 GB + run project-stack's baked output 26.0 GB")
     # compute in place of run: no baked output, so the 13B recipes and the collection need only the checkpoint
     assert scale.disk_needed(["write", "project-stack", "aura", "transport", "collect"], C13, False, False, True, False, "f16")[0] == C13
     assert scale.disk_needed(["write", "aura"], C13, False, False, False, False, "f16")[0] == 2 * C13  # run bakes its output
