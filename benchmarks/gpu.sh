@@ -4,7 +4,8 @@
 # map spreads the model over all of them and the data-parallel step uses one process per GPU.
 #   1. benchmarks/scale.py on --device cuda: the random-weight checkpoint, then run (AURA, project
 #      stack, transport) with the model placed by accelerate over every visible GPU (--device-map
-#      auto), bake, verify on the GPU, eval --preset quick; peaks, wall times, plan's predictions.
+#      auto), collection vs a plain layer-by-layer forward, bake beside its floor, verify on the GPU,
+#      eval --preset quick, GGUF export; peaks, wall times, plan's predictions.
 #   2. the same AURA recipe data-parallel: torchrun, one process per GPU (nccl, statistics gathered
 #      over gloo), and its patch compared with step 1's single-process patch.
 # Results: benchmarks/results/gpu-SHAPE.json and the logs beside the work folder.
@@ -18,7 +19,7 @@ export PYTHONPATH="$PWD" TOKENIZERS_PARALLELISM=false
 mkdir -p benchmarks/results "$WORK"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 
-python benchmarks/scale.py --shape "$SHAPE" --work "$WORK" --device cuda --keep \
+python benchmarks/scale.py --shape "$SHAPE" --work "$WORK" --device cuda --keep-checkpoint \
   --run-flags "--device-map auto" --verify-flags "" --eval-flags "--device-map auto" \
   --json "benchmarks/results/gpu-$SHAPE.json"
 
@@ -34,8 +35,8 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 work = Path(sys.argv[1])
-a, b = load_file(work / "dp-aura/patch.safetensors"), load_file(work / "out-aura/patcher/patch.safetensors")
+a, b = load_file(work / "dp-aura/patch.safetensors"), load_file(work / "patch-aura/patcher/patch.safetensors")
 diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 print(f"data-parallel patch vs single process (--device-map auto): {len(a)} tensors, max abs difference {diff:.3g}")
 PY
-rm -rf "$WORK/model" "$WORK"/out-* "$WORK"/baked-* "$WORK/dp-aura"
+rm -rf "$WORK/model" "$WORK"/out-* "$WORK"/baked-* "$WORK"/patch-* "$WORK/dp-aura"

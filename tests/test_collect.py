@@ -8,7 +8,7 @@ import torch
 from helpers import tiny_model, tiny_tokenizer
 
 from patcher.collect.collector import Collector
-from patcher.collect.statistics import PooledValues
+from patcher.collect.statistics import Batch, PooledValues
 from patcher.core.arch import arch_for
 from patcher.core.errors import PatcherError
 from patcher.methods.aura import AuraSettings, factors_from_auroc, statistic
@@ -102,3 +102,19 @@ def test_aura_factors_known_by_construction() -> None:
 def test_aura_settings_refused(bad: dict) -> None:
     with pytest.raises(PatcherError, match="aura:"):
         AuraSettings(**bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_max_pooling_in_the_activations_dtype_equals_float32_pooling(dtype: torch.dtype) -> None:
+    """Max pooling runs in the activations' own dtype (no float32 copy of every activation): a max is
+    exact in any dtype, so the pooled values equal those of pooling a float32 copy, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    acts = (torch.randn(3, 7, 11, generator=g) * 5).to(dtype)
+    pool = torch.rand(3, 7, generator=g) > 0.3
+    pool[:, 0] = True
+    batch = Batch(torch.zeros(3, 7, dtype=torch.long), torch.ones(3, 7, dtype=torch.long), torch.zeros(3, 7, dtype=torch.long), pool,
+                  torch.tensor([0, 1, 0]), torch.arange(3))
+    s = PooledValues([("m", "output")], how="max")
+    s.observe("m", acts, batch)
+    reference = acts.float().masked_fill(~pool.unsqueeze(-1), float("-inf")).amax(dim=1)
+    assert s.values["m"][0].dtype == torch.float32 and torch.equal(s.values["m"][0], reference)

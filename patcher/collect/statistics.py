@@ -78,8 +78,8 @@ class PooledValues(Statistic):
 
     def observe(self, module: str, acts: torch.Tensor, batch: Batch) -> None:
         mask = batch.pool_mask.unsqueeze(-1).to(acts.device)
-        if self.how == "max":
-            pooled = acts.float().masked_fill(~mask, float("-inf")).amax(dim=1)
+        if self.how == "max":  # in the activations' own dtype (a max is exact in any), then float32: no float copy of every activation
+            pooled = acts.masked_fill(~mask, float("-inf")).amax(dim=1).float()
         else:  # float64 sum; masked_fill, not a product, so nothing at a padded position can leak in
             pooled = acts.double().masked_fill(~mask, 0.0).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
         _check_finite(module, pooled, acts, self.how)

@@ -28,7 +28,11 @@ for ``--device cuda``), as the sum of what that path holds at its peak:
 * perplexity: one window's logits in float32, with their log-softmax;
 * eval: the KV cache of one generation batch (prompt + new tokens) and its logits;
 * verify: one model at a time (layer by layer under ``--sequential``) and the prompts' logits;
-* bake: streaming, a few blocks of the edited tensors in float32 and the copy buffers.
+* bake: streaming, so no model: the runtime without model code (torch and patcher: ``BAKE_RUNTIME``),
+  one set of copy buffers and edited blocks in float32 per thread (one thread per shard, at most one
+  per core) and the patch's tensors (one float32 factor per MLP unit, AURA's size);
+* export (GGUF): the runtime with llama.cpp's converter, and the largest tensor (the embeddings or
+  head) as read, in float32 and in the output type at once: the converter converts tensor by tensor.
 
 `benchmarks/scale.py` and `tests/test_plan.py` set these predictions beside measured peaks.
 """
@@ -45,6 +49,7 @@ from ..core.embedded import EMBEDDED, embedded_model_path
 from ..core.errors import PatcherError
 from ..core.models import parse_max_memory
 from ..core.placement import Placement, kv_cache_bytes
+from ..core.threads import available_cpus
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HEADROOM = 0.9  # share of a GPU's memory given to weights; the rest: activations, CUDA context
@@ -96,6 +101,7 @@ class Sizes:
     units: int  # AURA units: output units of every MLP linear, all layers
     vocab: int = 0
     intermediate: int = 0
+    largest: int = 0  # parameters of the largest tensor (the embeddings or head, usually)
     config: dict[str, Any] = field(default_factory=dict)
 
     def weights(self, dtype: str) -> int:
@@ -136,7 +142,8 @@ def sizes(config: dict[str, Any]) -> Sizes:
             units += w.shape[1] if arch.layout == "conv1d" else w.shape[0]
     hidden = getattr(conf, "hidden_size", None) or conf.n_embd
     inter = getattr(conf, "intermediate_size", None) or getattr(conf, "ffn_hidden_size", None) or 4 * int(hidden)
-    return Sizes(model_type, n, int(hidden), total, max(per_layer), total - sum(per_layer), units, int(conf.vocab_size), int(inter),
+    largest = max(p.numel() for p in model.parameters())
+    return Sizes(model_type, n, int(hidden), total, max(per_layer), total - sum(per_layer), units, int(conf.vocab_size), int(inter), largest,
                  {**config, "model_type": model_type})
 
 
@@ -186,7 +193,10 @@ def scenarios(s: Sizes, dtype: str, n_texts: int, max_tokens: int, gpu_gib: floa
 
 
 RUNTIME = 450 << 20  # the Python runtime with torch, transformers, tokenizers and patcher imported
-BAKE_BLOCKS = 16 << 20  # bake: the edited tensors' blocks in flight over the threads, and the copy buffers
+BAKE_RUNTIME = 235 << 20  # bake's runtime: torch and patcher, no model classes (it never builds a model)
+BAKE_BLOCKS = 8 << 20  # bake, per thread: the copy buffer, an edited block as stored and in float32, the edit's temporaries
+EXPORT_RUNTIME = 300 << 20  # export's runtime: torch, transformers' config and tokenizer code, llama.cpp's converter and gguf
+GGUF_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 2}  # bytes per weight of the converter's output array (q8_0 via float16 blocks)
 METHODS = ("aura", "project", "transport", "circuit")
 
 
@@ -201,6 +211,7 @@ class Workload:
     prompt_tokens: int = 32
     new_tokens: int = 20
     verify_tokens: int = 3 * 16
+    outtype: str = "f16"  # export's GGUF type
 
 
 def _model_bytes(s: Sizes, placement: Placement, dtype: str) -> int:
@@ -216,7 +227,7 @@ def _model_bytes(s: Sizes, placement: Placement, dtype: str) -> int:
 
 def footprint(s: Sizes, placement: Placement, dtype: str, work: Workload) -> dict[str, dict[str, int]]:
     """Predicted peak bytes, part by part, of each command (``run METHOD``, ``verify``, ``eval``,
-    ``bake``) under ``placement``; see the module docstring for what each part is."""
+    ``bake``, ``export``) under ``placement``; see the module docstring for what each part is."""
     b = BYTES[dtype]
     layer, outside = s.layer(dtype), s.outside_params * b
     hs = s.hidden_states(work.n_texts, work.max_tokens, dtype)
@@ -246,7 +257,9 @@ def footprint(s: Sizes, placement: Placement, dtype: str, work: Workload) -> dic
         kv = kv_cache_bytes(s.config, work.batch_size, work.prompt_tokens + work.new_tokens, dtype)
         out["eval"] = {"runtime": RUNTIME, **model, "KV cache of a batch": kv, "generation logits": work.batch_size * s.vocab * 4 * 2,
                        "perplexity window logits": logits}
-    out["bake"] = {"runtime": RUNTIME, "blocks in flight": BAKE_BLOCKS}
+    threads = placement.threads or available_cpus()
+    out["bake"] = {"runtime": BAKE_RUNTIME, f"blocks in flight ({threads} threads)": threads * BAKE_BLOCKS, "the patch": s.units * 4}
+    out["export"] = {"runtime": EXPORT_RUNTIME, "the largest tensor, as read, in float32 and converted": s.largest * (b + 4 + GGUF_BYTES[work.outtype])}
     return out
 
 
