@@ -43,7 +43,7 @@ from patcher.core.models import load_model  # noqa: E402
 from patcher.data.catalog import resolve as resolve_data  # noqa: E402
 from patcher.data.catalog import split_part  # noqa: E402
 from patcher.evaluate.report import REPORT_PROMPTS, EvalSettings, evaluate  # noqa: E402
-from patcher.io.checkpoint import sha256_file  # noqa: E402
+from patcher.io.checkpoint import sha256_file, sha256_inputs  # noqa: E402
 from patcher.io.model_files import resolve_model  # noqa: E402
 from patcher.io.record import library_versions, relative_paths  # noqa: E402
 from patcher.methods import get_method  # noqa: E402
@@ -130,9 +130,7 @@ def recipe_comment(path: Path, tag: str) -> str | None:
 def data_hashes(plan: Plan | None, settings: EvalSettings) -> dict[str, str]:
     """sha256 of every file a point read: the recipe and its data (none for the base), the prompts
     (a catalog set or a file), the perplexity text and BLiMP when used."""
-    out: dict[str, str] = {}
-    for p in plan.inputs if plan is not None else []:
-        out[p.name if p.is_absolute() else str(p)] = sha256_file(p)
+    out: dict[str, str] = sha256_inputs(plan.inputs) if plan is not None else {}
     names = [split_part(settings.prompts)[0], settings.ppl_text or "wikitext-2"] + (["blimp"] if settings.blimp else [])
     for name in names:
         if Path(name).is_file():

@@ -48,7 +48,7 @@ from patcher.core.models import load_model
 from patcher.core.table import render
 from patcher.data.catalog import resolve, split_part
 from patcher.evaluate.report import REPORT_PROMPTS, EvalSettings, evaluate, kl_divergence
-from patcher.io.checkpoint import sha256_file
+from patcher.io.checkpoint import sha256_inputs
 from patcher.io.model_files import resolve_model
 from patcher.io.record import library_versions, relative_paths
 from patcher.recipe.loader import load_recipe
@@ -92,10 +92,7 @@ def git_commit() -> str | None:
 def data_hashes(recipe: Any | None, settings: EvalSettings) -> dict[str, str]:
     """sha256 of every file the row read: the recipe and its data sets (none for the base row), and
     the evaluation's texts."""
-    out: dict[str, str] = {}
-    for p in recipe_inputs(recipe) if recipe is not None else []:
-        name = p.name if p.is_absolute() else str(p)
-        out[name] = sha256_file(p)
+    out: dict[str, str] = sha256_inputs(recipe_inputs(recipe)) if recipe is not None else {}
     for name in (split_part(settings.prompts)[0], "wikitext-2", "blimp", "bold"):
         r = resolve(name)
         out[r.record.get("file") or r.record.get("layout_file")] = r.record["sha256"]

@@ -132,6 +132,14 @@ layers = "0-1"
 """)
     recipe = load_recipe(recipe_dir / "sae.toml")
     assert step_settings(recipe)[0].sae_path == str(out / "layer-1")
+    # the plan's inputs name the expanded SAE folder (outputs may not touch it; provenance hashes it file by file)
+    from patcher.io.checkpoint import sha256_inputs
+    from patcher.workflows.run_plan import resolve
+
+    inputs = resolve(recipe).inputs
+    assert out / "layer-1" in inputs and not any("{model}" in str(p) for p in inputs)
+    hashes = sha256_inputs([out / "layer-1"])
+    assert {"layer-1/cfg.json", "layer-1/sae_weights.safetensors"} <= set(hashes) and all(len(h) == 64 for h in hashes.values())
     from patcher.core.models import load_model
 
     m, tok = load_model(model)

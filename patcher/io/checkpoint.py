@@ -396,6 +396,20 @@ class ShardWriter:
             self._src.close()
 
 
+def sha256_inputs(paths: list[Path]) -> dict[str, str]:
+    """sha256 of each input a provenance record names: a file by its name (absolute) or its path as
+    given (relative); a folder (e.g. a SAELens SAE) file by file, as ``folder/relative/name``."""
+    out: dict[str, str] = {}
+    for p in paths:
+        name = p.name if p.is_absolute() else str(p)
+        if p.is_dir():
+            for f in sorted(x for x in p.rglob("*") if x.is_file()):
+                out[f"{name}/{f.relative_to(p).as_posix()}"] = sha256_file(f)
+        else:
+            out[name] = sha256_file(p)
+    return out
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     buf = bytearray(ShardWriter.PIECE)

@@ -194,8 +194,9 @@ def _inputs(plan: Plan) -> list[Path]:
     recipe = plan.recipe
     paths: list[Any] = [recipe.path, plan.ppl.path if plan.ppl else ""]
     paths += [s.path for s in plan.data.values()]  # a catalog name's local file (data folder or cache)
-    for step in recipe.steps:
-        paths += [v for k, v in step.settings.items() if k.endswith("_path") and isinstance(v, str)]
+    for step in recipe.steps:  # with {model} expanded: the SAE folder this model's run reads
+        settings = expand_model_paths(step.settings, recipe.model.id)
+        paths += [v for k, v in settings.items() if k.endswith("_path") and isinstance(v, str)]
     if isinstance(recipe.eval, dict):
         paths += [resolve_path(recipe.path.parent, recipe.eval[k]) for k in ("prompts", "ppl_text") if isinstance(recipe.eval.get(k), str)]
     return [Path(p) for p in paths if p and "://" not in str(p)]
