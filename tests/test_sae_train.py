@@ -140,6 +140,15 @@ layers = "0-1"
     assert out / "layer-1" in inputs and not any("{model}" in str(p) for p in inputs)
     hashes = sha256_inputs([out / "layer-1"])
     assert {"layer-1/cfg.json", "layer-1/sae_weights.safetensors"} <= set(hashes) and all(len(h) == 64 for h in hashes.values())
+    # an output inside the SAE the recipe reads is refused in one line, nothing written, the SAE untouched
+    from click.testing import CliRunner
+
+    from patcher.cli import main
+
+    before = {f: f.read_bytes() for f in (out / "layer-1").iterdir()}
+    r = CliRunner().invoke(main, ["compute", str(recipe_dir / "sae.toml"), "--out", str(out / "layer-1" / "p")])
+    assert r.exit_code != 0 and "sits inside the input" in r.output, r.output
+    assert {f: f.read_bytes() for f in (out / "layer-1").iterdir()} == before
     from patcher.core.models import load_model
 
     m, tok = load_model(model)
