@@ -23,7 +23,7 @@ from patcher.workflows.run import run
 
 ROOT = Path(__file__).parents[1]
 RECIPES = ROOT / "recipes"
-# Needs an SAE trained here (`patcher sae train`, about half an hour per model; weights are not shipped):
+# Needs an SAE trained here (`patcher sae train`, 6-8 minutes per model here; weights are not shipped):
 # its runs on both embedded models are in the README (SAEs).
 NOT_RUNNABLE = {"project-sae.toml": "its SAE is trained by `patcher sae train` (README, SAEs); weights are not shipped"}
 ORDER = ["aura.toml", "aura+project.toml", "project-meandiff.toml", "project-stack.toml"]  # pairs that share statistics run together
