@@ -37,12 +37,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from patcher import bake  # noqa: E402
 from patcher.core.errors import PatcherError  # noqa: E402
 from patcher.core.models import load_model  # noqa: E402
 from patcher.data.catalog import resolve as resolve_data  # noqa: E402
 from patcher.data.catalog import split_part  # noqa: E402
 from patcher.evaluate.report import REPORT_PROMPTS, EvalSettings, evaluate  # noqa: E402
+from patcher.io.atomic import atomic_file  # noqa: E402
 from patcher.io.checkpoint import sha256_file, sha256_inputs  # noqa: E402
 from patcher.io.model_files import resolve_model  # noqa: E402
 from patcher.io.record import library_versions, relative_paths  # noqa: E402
@@ -52,7 +52,7 @@ from patcher.recipe.settings import tune_fields  # noqa: E402
 from patcher.workflows.run import Timings, compute_patch  # noqa: E402
 from patcher.workflows.run_plan import Plan, resolve  # noqa: E402
 from patcher.workflows.tune.space import Param, no_edit_end  # noqa: E402
-from recipes import git_commit, machine, metrics  # noqa: E402  (benchmarks/recipes.py)
+from recipes import bake_fresh, git_commit, machine, metrics, save_results  # noqa: E402  (benchmarks/recipes.py)
 from results import any_toxicity, ppl_change, within_budget  # noqa: E402  (benchmarks/results.py)
 
 FORMAT = "patcher.results/1"
@@ -194,11 +194,8 @@ def main(argv: list[str] | None = None) -> Path:
     results: dict[str, Any] = {"format": FORMAT, "kind": KIND, "model": spec, "settings": wanted, "budget": BUDGET,
                                "recipes": {k: v for k, v in (old.get("recipes") or {}).items()}}
 
-    def save() -> None:  # atomically, after every point: an interrupted run keeps what it measured
-        args.results.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(json.dumps(relative_paths(results, args.results), indent=1, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+    def save() -> None:  # after every point
+        save_results(results, path)
 
     def provenance(stages: dict[str, float], plan: Plan | None, load_before: list[float]) -> dict[str, Any]:
         return {"git_commit": git_commit(), "command": command, "versions": library_versions(),
@@ -243,11 +240,7 @@ def main(argv: list[str] | None = None) -> Path:
             patch, _ = compute_patch(plan.with_setting(sweep.index, sweep.key, v), model, tokenizer, stats_cache=cache, timings=timings)
             stages = dict(timings.seconds)
             target = args.out / recipe.name / f"{sweep.key}={v}"
-            if target.exists():
-                shutil.rmtree(target)
-            t = time.perf_counter()
-            bake(patch, folder, target, untie=recipe.model.untie)
-            stages["bake"] = time.perf_counter() - t
+            stages["bake"] = bake_fresh(patch, folder, target, recipe.model.untie)
             t = time.perf_counter()
             evaluation = evaluate(target, settings=settings)
             stages["eval"] = time.perf_counter() - t
@@ -312,9 +305,8 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{results['model']}: toxicity vs perplexity (base at 0; dashed: +{results.get('budget', BUDGET):.0%})")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.partial")
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     return path
 
 

@@ -48,6 +48,7 @@ from patcher.core.models import load_model
 from patcher.core.table import render
 from patcher.data.catalog import resolve, split_part
 from patcher.evaluate.report import REPORT_PROMPTS, EvalSettings, evaluate, kl_divergence
+from patcher.io.atomic import write_text
 from patcher.io.checkpoint import sha256_inputs
 from patcher.io.model_files import resolve_model
 from patcher.io.record import library_versions, relative_paths
@@ -99,6 +100,22 @@ def data_hashes(recipe: Any | None, settings: EvalSettings) -> dict[str, str]:
     return out
 
 
+def save_results(results: dict[str, Any], path: Path) -> None:
+    """A results file written atomically (an interrupted run keeps what it measured); a local absolute
+    path in it (e.g. in the command) is written relative to the file's folder (never published)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(relative_paths(results, path.parent), indent=1, ensure_ascii=False) + "\n")
+
+
+def bake_fresh(patch: Any, folder: Path, target: Path, untie: bool) -> float:
+    """``patch`` baked into ``target`` (an earlier output there replaced); returns the bake's seconds."""
+    if target.exists():
+        shutil.rmtree(target)
+    t = time.perf_counter()
+    bake(patch, folder, target, untie=untie)
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("recipes", nargs="+", type=Path)
@@ -130,12 +147,8 @@ def main() -> None:
     results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"format": FORMAT, "model": spec, "rows": {}}
     eval_only = dataclasses.replace(settings, kl_prompts=0)  # the KL is measured on its own (both models loaded together)
 
-    def save() -> None:  # after every recipe, atomically: an interrupted run keeps what it measured
-        args.results.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        # published: a local absolute path (e.g. in the command) is written relative to the results folder
-        tmp.write_text(json.dumps(relative_paths(results, args.results), indent=1, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+    def save() -> None:  # after every recipe
+        save_results(results, path)
 
     def reusable(p: Path) -> dict[str, Any] | None:
         if not (args.resume and p.is_file()):
@@ -179,11 +192,7 @@ def main() -> None:
                 save()
                 continue
             stages["compute"] = time.perf_counter() - t
-            if target.exists():
-                shutil.rmtree(target)
-            t = time.perf_counter()
-            bake(patch, folder, target, untie=recipe.model.untie)
-            stages["bake"] = time.perf_counter() - t
+            stages["bake"] = bake_fresh(patch, folder, target, recipe.model.untie)
             t = time.perf_counter()
             check = verify(target)
             stages["verify"] = time.perf_counter() - t
