@@ -33,7 +33,8 @@ Steps (``--steps``, comma-separated, in this order; default all):
 * ``export``: ``patcher export BAKED --outtype f16`` (``--outtype``): the GGUF of issue 26.
 
 Every command runs as a child process: its own peak resident memory (VmHWM at exit), wall and CPU
-time, tokens per second, and ``patcher plan``'s prediction for it (``plan --json`` with the same
+time, tokens per second, a sampled trace of where the peak is (``rss_by_phase``: per progress-bar
+phase the largest resident set, anonymous and file-backed apart), and ``patcher plan``'s prediction for it (``plan --json`` with the same
 placement flags). Results are merged, step by step, into ``--json`` (default
 ``benchmarks/results/scale-SHAPE.json``), so steps can run one invocation at a time and resume on a
 kept checkpoint (``--keep-checkpoint``; the baked output of ``bake`` stays for later invocations
@@ -58,6 +59,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -236,20 +238,58 @@ runpy.run_module("patcher.cli", run_name="__main__")
 """
 
 
+RSS_FIELDS = ("VmRSS", "RssAnon", "RssFile")
+
+
+def _phase(log: Path) -> str:
+    """What the child is doing now: the description of its last progress bar (or its last line)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 2048))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    parts = [x.strip() for x in tail.replace("\r", "\n").split("\n") if x.strip() and not x.startswith("PEAK_KB")]
+    return (parts[-1].split(":")[0] if "%|" in parts[-1] else parts[-1])[:80] if parts else "start"
+
+
+def trace_rss(pid: int, log: Path, stop: threading.Event, phases: dict[str, dict[str, int]], every: float = 0.2) -> None:
+    """Sample the child's resident memory (anonymous and file-backed apart) every ``every`` s; keep, per
+    phase, the sample of largest VmRSS: where the peak is, and what it is made of."""
+    while not stop.wait(every):
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            return
+        kb = {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in lines) if k in RSS_FIELDS}
+        if len(kb) == len(RSS_FIELDS):
+            ph = _phase(log)
+            if kb["VmRSS"] > phases.get(ph, {}).get("VmRSS", -1):
+                phases[ph] = kb
+
+
 def measure(args: list[str], env: dict[str, str], log: Path, argv: list[str] | None = None) -> dict:
     """Run ``patcher ARGS`` (or ``argv``, a script that prints its own ``PEAK_KB``): its own peak resident
-    memory (VmHWM), wall and CPU time, exit status, when and beside what load it ran."""
+    memory (VmHWM), wall and CPU time, exit status, when and beside what load it ran, and a sampled
+    trace: per phase (progress-bar description) the largest resident set, anonymous and file-backed."""
     t0 = time.perf_counter()
+    phases: dict[str, dict[str, int]] = {}
+    stop = threading.Event()
     with open(log, "w") as f:
         p = subprocess.Popen(argv or [sys.executable, "-c", PEAK, *args], stdout=f, stderr=subprocess.STDOUT, env=env)
+        tracer = threading.Thread(target=trace_rss, args=(p.pid, log, stop, phases), daemon=True)
+        tracer.start()
         _, status, usage = os.wait4(p.pid, 0)
+        stop.set()
+        tracer.join()
     wall = time.perf_counter() - t0
     rc = os.waitstatus_to_exitcode(status)
     peaks = [int(line.split()[1]) * 1024 for line in log.read_text(errors="replace").splitlines() if line.startswith("PEAK_KB")]
     return {"cmd": " ".join(argv[1:] if argv else ["patcher", *args]), "log": log.name, "rc": rc,
             "peak_bytes": peaks[-1] if peaks else usage.ru_maxrss * 1024, "wall_s": round(wall, 1),
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "load_average_1min": round(os.getloadavg()[0], 2)}
+            "load_average_1min": round(os.getloadavg()[0], 2),
+            "rss_by_phase": dict(sorted(phases.items(), key=lambda kv: -kv[1]["VmRSS"]))}
 
 
 def own_peak() -> None:

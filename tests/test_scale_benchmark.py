@@ -113,3 +113,24 @@ def test_tiny_shape_end_to_end(tmp_path: Path) -> None:
     again = json.loads(out.read_text())["steps"]
     assert again["verify"]["ok"] and again["verify"]["at"] >= steps["verify"]["at"] and again["bake"] == steps["bake"]
     assert not (tmp_path / "w" / "model").exists() and not (tmp_path / "w" / "baked-aura").exists()  # the second run kept nothing
+
+
+def test_the_trace_names_the_phase_of_the_peak(tmp_path: Path) -> None:
+    """The sampled trace keeps, per progress-bar phase, the largest resident set split into anonymous
+    and file-backed memory: a child that holds 300 MB only while its 'hold' bar shows puts its peak there."""
+    child = (
+        "import sys, time\n"
+        "sys.stderr.write('load:  10%|#   | 1/10\\r'); sys.stderr.flush(); time.sleep(0.8)\n"
+        "sys.stderr.write('hold:  50%|##  | 5/10\\r'); sys.stderr.flush()\n"
+        "x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(1.0); del x\n"
+        "sys.stderr.write('after: 90%|### | 9/10\\n'); sys.stderr.flush(); time.sleep(0.8)\n"
+        + scale.PEAK.split("sys.argv")[0] + "peak()\n"
+    )
+    r = scale.measure([], dict(__import__("os").environ), tmp_path / "child.log", argv=[sys.executable, "-c", child])
+    phases = r["rss_by_phase"]
+    assert r["rc"] == 0 and {"load", "hold", "after"} <= set(phases)
+    top = next(iter(phases))
+    assert top == "hold" and phases["hold"]["RssAnon"] - phases["load"]["RssAnon"] > 250 * 2**20
+    assert phases["hold"]["VmRSS"] >= phases["hold"]["RssAnon"] + phases["hold"]["RssFile"] - 2**20
+    # the kernel's high-water mark bounds every sample (its per-process counters sync lazily: 1% slack)
+    assert r["peak_bytes"] >= 0.99 * phases["hold"]["VmRSS"]

@@ -146,8 +146,13 @@ def test_pick_respects_budget(planted: tuple[Path, Scorer]) -> None:
     assert ppl / base_ppl - 1 <= budget + 1e-9, "the pick must stay within the budget"
     assert all(t["ppl_increase"] <= budget for t in result.trials if t["number"] in result.front)
     assert abs(s - lo) <= 0.1, f"picked strength {s}; the least toxic within budget is {lo:.3f}"
-    data = json.loads((tmp / "budget.tune.json").read_text())
+    text = (tmp / "budget.tune.json").read_text()
+    data = json.loads(text)
     assert data["chosen"] == result.chosen and (tmp / "budget.tune.png").stat().st_size > 1000
+    # publishable: no path of this machine; how it was asked for is recorded beside the results
+    assert str(tmp) not in text and data["out"] == "budget.toml"
+    prov = data["provenance"]
+    assert prov["seed"] == 1 and prov["trials"] == 16 and prov["eval_prompts"] == "rtp-challenging:select" and "torch" in prov["versions"]
 
 
 def test_resume_after_kill_gives_same_pick(planted: tuple[Path, Scorer], monkeypatch: pytest.MonkeyPatch) -> None:

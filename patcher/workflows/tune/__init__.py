@@ -100,9 +100,24 @@ def tune(plan: Plan | Recipe, *, out: Path, placement: Placement | None = None, 
         spearman=spearman(xs, [e["toxicity"] for e in evaluated.values()]), spearman_mean_toxicity=spearman(xs, [e["mean_toxicity"] for e in evaluated.values()]),
         params=[p.describe() for p in params], proxy_source=proxy_name(proxy_data(recipe, ts)),
         seconds=_seconds(search_s, time.perf_counter() - t1, times), collections=scorer.cache.collections,
+        provenance=_provenance(recipe, opts, ts, placement),
     )
     write_outputs(result, recipe, params, out, opts.seed, ts)
     return result
+
+
+def _provenance(recipe: Recipe, opts: TuneOptions, ts: TuneSettings, placement: Placement) -> dict[str, Any]:
+    """How the tune was asked for, beside its results: the same recipe, model, seed and search give the
+    same trials (`open_study` reseeds), so this is what a reader needs to redo it."""
+    import torch
+
+    from ...evaluate.report import SELECT_PROMPTS
+    from ...io.record import library_versions
+
+    return {"recipe": recipe.path.name, "model": recipe.model.id, "seed": opts.seed, "trials": opts.trials, "timeout_s": opts.timeout,
+            "max_ppl_increase": opts.max_ppl_increase, "eval_prompts": ts.eval_prompts or SELECT_PROMPTS,
+            "eval_n_prompts": ts.eval_n_prompts, "eval_seed": ts.eval_seed, "evaluators": list(ts.evaluators),
+            "device": placement.device, "threads": torch.get_num_threads(), "versions": library_versions()}
 
 
 def _check_before_work(plan: Plan, ts: TuneSettings, out: Path, overwrite: bool, device: str) -> Any:

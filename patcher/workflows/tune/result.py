@@ -14,6 +14,7 @@ from typing import Any
 from ...core.errors import PatcherError
 from ...core.table import render
 from ...io.atomic import write_text
+from ...io.record import relative_paths
 from ...recipe.loader import Recipe
 from ...recipe.writer import dump_recipe, rebase_paths
 from .space import Param
@@ -36,6 +37,9 @@ class TuneResult:
     collections: int
     out: Path | None = None
     chosen_settings: dict[str, Any] = field(default_factory=dict)
+    # what a reader needs to redo the tune: recipe, model, seed, the evaluation's prompts (which split),
+    # library versions, threads; paths in the written JSON are relative to its folder
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -103,7 +107,8 @@ def write_outputs(result: TuneResult, recipe: Recipe, params: list[Param], out: 
                 + (f"; quick toxicity probability (mean over evaluators, {ts.eval_n_prompts} prompts, seed {ts.eval_seed}) {ev['toxicity']:.3f}." if ev else "."))
         write_text(out, tuned_recipe_text(recipe, params, values, out, result.budget, note))
         result.out = out
-    write_text(out.with_suffix(".tune.json"), json.dumps(_finite(result.to_json()), indent=1, default=str) + "\n")
+    data = relative_paths(_finite(result.to_json()), out.parent)  # the JSON may be published: no local paths
+    write_text(out.with_suffix(".tune.json"), json.dumps(data, indent=1, default=str) + "\n")
     try:
         from ...evaluate.tune_plot import plot_tune
 
