@@ -18,8 +18,9 @@ for ``--device cuda``), as the sum of what that path holds at its peak:
 
 * every process: the Python runtime with torch and transformers (``RUNTIME``);
 * the model: whole (``weights``; under ``--device-map`` what the budget keeps in memory), or under
-  ``--sequential`` the embeddings and head (counted twice: the buffers they are read through outlive
-  them in the allocator) plus two decoder layers (the one running and the one being read);
+  ``--sequential`` the embeddings and head plus one decoder layer (each layer is freed before the next
+  is read; a command that runs two models, run's perplexity check and verify, frees the first before
+  the second loads, so their embeddings are never resident twice);
 * collection: the calibration set's hidden states between layers (``--sequential``) or one batch's
   activations (whole model); AURA's pooled values (``texts x units x 4 B``); the projection's pooled
   residuals (``texts x hidden x layers x 4 B``); transport's two hidden-state buffers (inputs and
@@ -233,7 +234,7 @@ def footprint(s: Sizes, placement: Placement, dtype: str, work: Workload) -> dic
     hs = s.hidden_states(work.n_texts, work.max_tokens, dtype)
     logits = work.ppl_window * s.vocab * 4 * 2
     if placement.sequential:
-        model = {"embeddings + head, and their read buffers": 2 * outside, "two decoder layers": 2 * layer}
+        model = {"embeddings + head": outside, "one decoder layer": layer}
         between = {"hidden states of the calibration set": hs}
     else:
         model = {"weights": _model_bytes(s, placement, dtype)}
