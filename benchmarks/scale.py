@@ -527,6 +527,7 @@ def main() -> None:
     ap.add_argument("--outtype", default="f16", choices=sorted(OUTTYPE_BYTES), help="GGUF type of the export step.")
     ap.add_argument("--collect-repeats", type=int, default=2, help="Alternating plain / collection passes of the collect step (median).")
     ap.add_argument("--profile", type=Path, default=None, help="collect step: also profile one collection (cProfile) into this file.")
+    ap.add_argument("--note", default="", help="What else ran on the machine meanwhile (recorded in the JSON beside every figure).")
     ap.add_argument("--keep", action="store_true", help="Keep the checkpoint and every output.")
     ap.add_argument("--keep-checkpoint", action="store_true", help="Keep the checkpoint (and the small patches) for a later invocation.")
     ap.add_argument("--markdown", action="store_true", help="Print the README table of --json (no step runs).")
@@ -561,7 +562,7 @@ def main() -> None:
 
     env = os.environ | {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "PATCHER_DATA": str(work)}
     results = load_results(json_path, args.shape)
-    results |= {"device": args.device, "cpus": os.cpu_count(), "disk": disk}
+    results |= {"device": args.device, "cpus": os.cpu_count(), "disk": disk} | ({"note": args.note} if args.note else {})
     place = ["--device", args.device]
     plans: dict[str, dict] = {}
 
