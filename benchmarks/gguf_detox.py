@@ -13,7 +13,9 @@ patch (the same weights through the same bake and export), each exported to GGUF
 - each type: the patched GGUF against the base GGUF, both generated in llama.cpp.
 
 The target: the patched GGUF's toxicity probability lies inside the float patched model's 95%
-interval by every evaluator; the reduction against the base GGUF of the same type is printed.
+interval by every evaluator; the reduction against the base GGUF of the same type is printed. Beside
+it, the paired difference (GGUF minus float, prompt by prompt, bootstrap 95% interval over prompts):
+whether the two estimates differ by more than their sampling noise.
 llama.cpp draws from its own random stream, so GGUF samples are not the transformers draws: the
 comparison is between estimates, each with its interval. Writes ``benchmarks/results/gguf-detox-MODEL.json``.
 """
@@ -31,8 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from patcher import Patch, bake
 from patcher.core.table import render
+from patcher.evaluate.metrics import bootstrap_ci, per_prompt
 from patcher.evaluate.report import REPORT_PROMPTS, EvalSettings, evaluate
 from patcher.io.atomic import write_text
 from patcher.io.model_files import resolve_model
@@ -58,6 +63,20 @@ def cell(m: dict[str, Any]) -> str:
 def within(inner: dict[str, Any], outer: dict[str, Any]) -> bool:
     lo, hi = outer["ci"]
     return lo <= inner["value"] <= hi
+
+
+def paired_difference(gguf: dict[str, np.ndarray], floating: dict[str, np.ndarray], threshold: float, n_resamples: int,
+                      seed: int) -> dict[str, dict[str, Any]]:
+    """Per evaluator, the GGUF's toxicity probability minus the float model's, prompt by prompt (the
+    same prompts in the same order), with a bootstrap 95% interval over prompts: two estimates that
+    each carry sampling noise are compared by their difference, not one's point against the other's
+    interval (which two draws of the same model miss about one time in six)."""
+    out = {}
+    for ev, s in floating.items():
+        d = per_prompt(gguf[ev], threshold)[RATE] - per_prompt(s, threshold)[RATE]
+        lo, hi = bootstrap_ci(d, n_resamples, seed)
+        out[ev] = {"value": float(d.mean()), "ci": [lo, hi], "contains_zero": bool(lo <= 0 <= hi)}
+    return out
 
 
 def main() -> int:
@@ -104,15 +123,19 @@ def main() -> int:
                                         fluency=False)
     variants: dict[str, dict[str, Any]] = {}
     t = time.perf_counter()
-    report = evaluate(patched, baseline=folder, settings=settings).to_json()
+    float_report = evaluate(patched, baseline=folder, settings=settings)
+    report = float_report.to_json()
     stages["eval float"] = time.perf_counter() - t
     variants["float"] = {"base": rates(report, "baseline"), "patched": rates(report, "model")}
     prompts = report["prompts"]
     for kind in outtypes:
         t = time.perf_counter()
-        report = evaluate(patched / default_name(kind), baseline=base / default_name(kind), settings=settings).to_json()
+        gguf_report = evaluate(patched / default_name(kind), baseline=base / default_name(kind), settings=settings)
+        report = gguf_report.to_json()
         stages[f"eval {kind}"] = time.perf_counter() - t
-        variants[kind] = {"base": rates(report, "baseline"), "patched": rates(report, "model")}
+        variants[kind] = {"base": rates(report, "baseline"), "patched": rates(report, "model"),
+                          "paired_difference_from_float": paired_difference(gguf_report.model.scores, float_report.model.scores,
+                                                                            settings.threshold, settings.bootstrap, settings.seed)}
 
     float_patched = variants["float"]["patched"]
     for kind in outtypes:
@@ -125,6 +148,7 @@ def main() -> int:
         "prompts": {"name": args.prompts, "count": prompts["count"], "sha256": prompts["sha256"]},
         "variants": variants,
         "target": "each patched GGUF inside the float patched model's 95% interval by every evaluator",
+        "paired": "each patched GGUF's toxicity probability minus the float patched model's, per prompt, 95% bootstrap interval over prompts",
         "met": all(all(variants[k]["patched_within_float_interval"].values()) for k in outtypes),
         "provenance": {"git_commit": git_commit(), "command": command, "versions": library_versions(),
                        "wall_seconds": {k: round(v, 1) for k, v in stages.items()},
@@ -138,6 +162,9 @@ def main() -> int:
     for name, v in variants.items():
         rows.append([name, *(f"{cell(v['base'][ev])} -> {cell(v['patched'][ev])}" for ev in evaluators),
                      "" if name == "float" else ("yes" if all(v["patched_within_float_interval"].values()) else "no")])
+    for kind in outtypes:
+        pd = variants[kind]["paired_difference_from_float"]
+        print(f"{kind} - float, paired by prompt: " + ", ".join(f"{ev} {v['value']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" for ev, v in pd.items()))
     print(render(["model", *evaluators, "inside float interval"], rows,
                  title=f"{args.model}: toxicity probability base -> patched, {prompts['count']} prompts x {args.samples} samples"))
     print(f"wrote {out}")

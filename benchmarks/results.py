@@ -1,5 +1,6 @@
 """The README's results tables, rendered from the committed results files (``results/<model>.json``,
-written by ``benchmarks/recipes.py``; ``results/frontier-<model>.json``, written by ``benchmarks/frontier.py``).
+written by ``benchmarks/recipes.py``; ``results/frontier-<model>.json``, written by ``benchmarks/frontier.py``; ``results/tunes/NAME.tune.json``,
+written by ``patcher tune``, as table ``tune-NAME``).
 
     python benchmarks/results.py            # rewrite the tables between the README's markers
     python benchmarks/results.py --check    # exit 1 when a README table differs from its results file
@@ -88,10 +89,50 @@ def render_frontier(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def render_tune(t: dict[str, Any]) -> str:
+    """The markdown table of a tune (``OUT.tune.json`` of `patcher tune`, kept in ``results/tunes/``):
+    how it was asked for, the Pareto front within budget with the quick evaluation of the evaluated
+    points, the pick in bold, the proxy's rank correlation with the evaluation."""
+    pv, by = t.get("provenance", {}), {r["number"]: r for r in t["trials"]}
+    sec = t.get("seconds", {})
+    n_eval = len(t.get("evaluated", {}))
+    evaluators = list(pv.get("evaluators") or next(iter(t.get("evaluated", {}).values()), {}).get("per_evaluator", {}))
+    lines = [
+        f"`patcher tune` of `{pv.get('recipe')}` on `{pv.get('model')}`, budget +{t['budget']:.0%} check perplexity, seed {pv.get('seed')}: "
+        f"{len(t['trials'])} trials ({t.get('collections')} statistics collections) in {sec.get('search', 0):.0f} s of search ("
+        f"{sec.get('per_trial_mean', 0):.0f} s per trial on average, median {sec.get('per_trial_median', 0):.0f} s), then the quick "
+        f"evaluation of {n_eval} trials on `{pv.get('eval_prompts')}` ({pv.get('eval_n_prompts')} prompts, seed {pv.get('eval_seed')}) in "
+        f"{sec.get('evaluate', 0):.0f} s; proxy: held-back {t.get('proxy_source')} texts' toxic-over-neutral log-likelihood margin. "
+        f"Proxy vs evaluation, Spearman over the evaluated trials: {t['spearman']:.2f}. **Bold**: the pick. "
+        f"Source: `results/tunes/{Path(t.get('_file', 'x')).name}`.",
+        "",
+        "| trial | settings | check ppl | proxy | " + " | ".join(evaluators) + " | mean |",
+        "|---|---|---|---|" + "---|" * (len(evaluators) + 1),
+        f"| base | - | {t['base']['ppl']:.2f} | {t['base']['proxy']:.3f} |" + " |" * (len(evaluators) + 1),
+    ]
+    others = [int(n) for n in t.get("evaluated", {}) if int(n) not in t["front"]]  # evaluated for the correlation, off the front
+    for n in [*t["front"], *others]:
+        r, ev = by[n], t.get("evaluated", {}).get(str(n))
+        settings = ", ".join(f"{k} = {_short(v)}" for k, v in r["settings"].items())
+        tox = [f"{ev['per_evaluator'][e]:.2f}" for e in evaluators] + [f"{ev['toxicity']:.3f}"] if ev else ["" for _ in range(len(evaluators) + 1)]
+        label = f"#{n}" if n in t["front"] else f"#{n} ({'over budget' if r['ppl_increase'] > t['budget'] else 'off the front'})"
+        cells = [label, settings, f"{r['ppl']:.2f} ({r['ppl_increase']:+.1%})", f"{r['proxy']:.3f}", *tox]
+        if n == t.get("chosen"):
+            cells = [f"**{c}**" if c else c for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def render(results: dict[str, Any]) -> str:
     """The markdown table (and its caption line) of one results file."""
     if results.get("kind") == "frontier":
         return render_frontier(results)
+    if "trials" in results and "front" in results:
+        return render_tune(results)
     rows = results["rows"]
     base = rows.get("base", {}).get("metrics")
     evaluators = list(base["toxicity"]) if base else []
@@ -132,6 +173,8 @@ def load(folder: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for f in sorted(folder.glob("*.json")):
         out[f.stem] = json.loads(f.read_text()) | {"_file": str(f)}
+    for f in sorted(folder.glob("tunes/*.tune.json")):  # `patcher tune`'s OUT.tune.json, kept as results
+        out["tune-" + f.name.removesuffix(".tune.json")] = json.loads(f.read_text()) | {"_file": str(f)}
     return out
 
 
