@@ -42,6 +42,10 @@ with ``--keep``). Before anything is written the disk is checked: the steps' pea
 a run's baked output, the floor's copy, the baked output, the GGUF) against the free space of
 ``--work``, refused in one line when it does not fit.
 
+``--replan`` recomputes only ``patcher plan``'s predictions of the steps already in ``--json`` (from the
+shape's config, with the same placement flags), beside the peaks measured earlier, and records when
+and at which commit: the prediction is arithmetic on the config, the peak is the measurement.
+
 These are benchmarks, not tests: the 7B shape needs 13.5 GB of disk per copy, the 13B shape 26 GB.
 What else ran on the machine belongs beside every figure.
 """
@@ -266,6 +270,14 @@ def trace_rss(pid: int, log: Path, stop: threading.Event, phases: dict[str, dict
             ph = _phase(log)
             if kb["VmRSS"] > phases.get(ph, {}).get("VmRSS", -1):
                 phases[ph] = kb
+
+
+def run_plan(model: Path, flags: str, args: argparse.Namespace, place: list[str], env: dict[str, str], work: Path, n: int) -> dict:
+    """`patcher plan --json` for the benchmark's workload under ``flags``, run as a child like every command."""
+    out = work / f"plan-{n}.json"
+    r = measure(["plan", "--model", str(model), "--texts", str(2 * args.pairs), "--max-tokens", str(args.max_tokens), "--batch-size", "8",
+                 "--json", str(out), *place, *flags.split()], env, work / f"plan-{n}.log")
+    return json.loads(out.read_text()) if r["rc"] == 0 else {}
 
 
 def measure(args: list[str], env: dict[str, str], log: Path, argv: list[str] | None = None) -> dict:
@@ -527,6 +539,8 @@ def main() -> None:
     ap.add_argument("--outtype", default="f16", choices=sorted(OUTTYPE_BYTES), help="GGUF type of the export step.")
     ap.add_argument("--collect-repeats", type=int, default=2, help="Alternating plain / collection passes of the collect step (median).")
     ap.add_argument("--profile", type=Path, default=None, help="collect step: also profile one collection (cProfile) into this file.")
+    ap.add_argument("--replan", action="store_true", help="Recompute only patcher plan's predictions of the steps in --json (from the shape's "
+                    "config; pass the same --run-flags / --verify-flags / --eval-flags), beside the peaks measured earlier.")
     ap.add_argument("--note", default="", help="What else ran on the machine meanwhile (recorded in the JSON beside every figure).")
     ap.add_argument("--keep", action="store_true", help="Keep the checkpoint and every output.")
     ap.add_argument("--keep-checkpoint", action="store_true", help="Keep the checkpoint (and the small patches) for a later invocation.")
@@ -553,28 +567,46 @@ def main() -> None:
     model, baked, gguf = work / "model", work / "baked-aura", work / "baked-aura" / f"model-{args.outtype}.gguf"
     keep_model = args.keep or args.keep_checkpoint
     _, _, ckpt_bytes = layout(args.shape, int(args.shard_gb * 1e9))
-    disk = check_disk(work, *disk_needed(steps, ckpt_bytes, model.is_dir(), baked.is_dir(), args.compute_only, args.keep, args.outtype, keep_model),
-                      args.shape)
+    disk = None if args.replan else check_disk(work, *disk_needed(steps, ckpt_bytes, model.is_dir(), baked.is_dir(), args.compute_only, args.keep,
+                                                                   args.outtype, keep_model), args.shape)
     for step, needs in (("bake", work / "patch-aura"), ("verify", baked), ("eval", baked), ("export", baked)):
-        if step in steps and not needs.exists() and not ({"aura", "bake"} & set(steps[: steps.index(step)])):
+        if step in steps and not args.replan and not needs.exists() and not ({"aura", "bake"} & set(steps[: steps.index(step)])):
             raise SystemExit(f"scale.py: step {step} needs {needs}, which is not there: run it with the steps before it "
                              "(e.g. --steps aura,bake,verify) or keep them from an earlier invocation (--keep)")
 
     env = os.environ | {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "PATCHER_DATA": str(work)}
     results = load_results(json_path, args.shape)
-    results |= {"device": args.device, "cpus": os.cpu_count(), "disk": disk} | ({"note": args.note} if args.note else {})
+    if not args.replan:
+        results |= {"device": args.device, "cpus": os.cpu_count(), "disk": disk} | ({"note": args.note} if args.note else {})
     place = ["--device", args.device]
     plans: dict[str, dict] = {}
 
     def predict(flags: str, key: str) -> int | None:
         """plan's predicted peak of ``key`` under ``flags`` (one `patcher plan --json` per flag set)."""
         if flags not in plans:
-            out = work / f"plan-{len(plans)}.json"
-            r = measure(["plan", "--model", str(model), "--texts", str(2 * args.pairs), "--max-tokens", str(args.max_tokens), "--batch-size", "8",
-                         "--json", str(out), *place, *flags.split()], env, work / f"plan-{len(plans)}.log")
-            plans[flags] = json.loads(out.read_text()) if r["rc"] == 0 else {}
+            plans[flags] = run_plan(model, flags, args, place, env, work, len(plans))
             results.setdefault("plan", {})[flags or "(no flags)"] = plans[flags]
         return plans[flags].get("commands", {}).get(key)
+
+    if args.replan:  # predictions only, from the shape's config: the measured peaks stay as measured
+        config_only = work / "config-only"
+        config_only.mkdir(exist_ok=True)
+        layout(args.shape, int(args.shard_gb * 1e9))[0].save_pretrained(config_only)
+        model = config_only
+        flags_of = {"bake": args.run_flags, "verify": args.verify_flags, "eval": args.eval_flags, "export": ""}
+        results["plan"] = {}
+        for key, r in results["steps"].items():
+            if key in PLAN_KEY and "plan_bytes" in r:
+                r["plan_bytes"] = predict(flags_of.get(key, args.run_flags), PLAN_KEY[key])
+        results["plan_recomputed"] = {"git_commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                                   text=True).stdout.strip(),
+                                      "at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                                      "why": "patcher plan's predictions recomputed (--replan) beside the peaks measured earlier"}
+        shutil.rmtree(config_only, ignore_errors=True)
+        from patcher.core.table import render
+
+        print(render(HEADERS, save(json_path, results, args.shape, work), title=f"{args.shape}: plan recomputed"))
+        return
 
     def record(key: str, r: dict, flags: str | None = None) -> None:
         if flags is not None:

@@ -134,3 +134,19 @@ def test_the_trace_names_the_phase_of_the_peak(tmp_path: Path) -> None:
     assert phases["hold"]["VmRSS"] >= phases["hold"]["RssAnon"] + phases["hold"]["RssFile"] - 2**20
     # the kernel's high-water mark bounds every sample (its per-process counters sync lazily: 1% slack)
     assert r["peak_bytes"] >= 0.99 * phases["hold"]["VmRSS"]
+
+
+def test_replan_recomputes_predictions_and_keeps_the_measured_peaks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--replan: patcher plan's predictions from the shape's config alone (no checkpoint, no disk check),
+    beside the peaks an earlier run measured, which stay as they were."""
+    path = tmp_path / "scale.json"
+    old = {"shape": "tiny-100m", "config": scale.SHAPES["tiny-100m"], "checkpoint": {"largest_shard_bytes": 232_000_000},
+           "steps": {"aura": _step(1.05, plan_bytes=1, label="run aura --sequential"), "verify": _step(0.8, plan_bytes=1, ok=True, label="verify")}}
+    path.write_text(json.dumps(old))
+    monkeypatch.setattr(sys, "argv", ["scale.py", "--shape", "tiny-100m", "--replan", "--json", str(path), "--work", str(tmp_path / "w")])
+    scale.main()
+    new = json.loads(path.read_text())
+    for key in ("aura", "verify"):
+        assert new["steps"][key]["peak_bytes"] == old["steps"][key]["peak_bytes"]
+        assert 0.3e9 < new["steps"][key]["plan_bytes"] < 3e9
+    assert new["plan_recomputed"]["why"] and not (tmp_path / "w" / "model").exists()

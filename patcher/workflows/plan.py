@@ -29,6 +29,9 @@ for ``--device cuda``), as the sum of what that path holds at its peak:
 * perplexity: one window's logits in float32, with their log-softmax;
 * eval: the KV cache of one generation batch (prompt + new tokens) and its logits;
 * verify: one model at a time (layer by layer under ``--sequential``) and the prompts' logits;
+* run's bake: a projection (``project``) mixes a weight's rows, so each projected tensor is edited
+  whole (per bake thread: the stored tensor, its float32 copy and the float32 result) while the
+  collected model is still held; the scalings and affine maps stream in row blocks;
 * bake: streaming, so no model: the runtime without model code (torch and patcher: ``BAKE_RUNTIME``),
   one set of copy buffers and edited blocks in float32 per thread (one thread per shard, at most one
   per core) and the patch's tensors (one float32 factor per MLP unit, AURA's size);
@@ -239,9 +242,14 @@ def footprint(s: Sizes, placement: Placement, dtype: str, work: Workload) -> dic
     else:
         model = {"weights": _model_bytes(s, placement, dtype)}
         between = {"one batch's activations": work.batch_size * work.max_tokens * (4 * s.hidden + 2 * s.intermediate) * 4}
+    threads = placement.threads or available_cpus()
+    # A projection mixes a weight's rows, so run's bake edits each projected tensor whole: per thread the
+    # stored copy, its float32 copy and the float32 result (an MLP output projection, the largest edited).
+    whole_edit = threads * s.hidden * s.intermediate * (b + 8)
     method_parts = {
         "aura": {"pooled values": s.pooled(work.n_texts)},
-        "project": {"pooled residuals": work.n_texts * s.hidden * s.n_layers * 4},
+        "project": {"pooled residuals": work.n_texts * s.hidden * s.n_layers * 4,
+                    f"bake: edited tensors whole, stored and in float32 ({threads} threads)": whole_edit},
         "transport": {"two hidden-state buffers": 2 * hs} if placement.sequential else {"pooled activations": 2 * work.n_texts * s.hidden * 4},
         "circuit": {"backward: activations of a batch, every layer": 2 * work.batch_size * work.max_tokens * s.n_layers * (8 * s.hidden + 3 * s.intermediate) * 4,
                     "masks, gradients and Adam moments": 4 * s.n_layers * (s.intermediate + 64) * 4},
@@ -258,7 +266,6 @@ def footprint(s: Sizes, placement: Placement, dtype: str, work: Workload) -> dic
         kv = kv_cache_bytes(s.config, work.batch_size, work.prompt_tokens + work.new_tokens, dtype)
         out["eval"] = {"runtime": RUNTIME, **model, "KV cache of a batch": kv, "generation logits": work.batch_size * s.vocab * 4 * 2,
                        "perplexity window logits": logits}
-    threads = placement.threads or available_cpus()
     out["bake"] = {"runtime": BAKE_RUNTIME, f"blocks in flight ({threads} threads)": threads * BAKE_BLOCKS, "the patch": s.units * 4}
     out["export"] = {"runtime": EXPORT_RUNTIME, "the largest tensor, as read, in float32 and converted": s.largest * (b + 4 + GGUF_BYTES[work.outtype])}
     return out
