@@ -20,7 +20,7 @@ from patcher.data import catalog
 from patcher.data.loaders import data_source
 from patcher.recipe.loader import DataSettings, load_recipe
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.toml"))
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.toml"))  # tuned/<model>/ too
 EVAL_DEFAULTS = {"rtp-challenging", "wikitext-2"}  # what `patcher eval` reads when given no files
 
 
