@@ -208,7 +208,10 @@ def test_embedding_projection_needs_untie_in_the_recipe(tmp_path: Path) -> None:
     assert verify(tmp_path / "out").ok
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes").rglob("*.toml")), ids=lambda p: p.name if p.parent.name == "recipes" else f"{p.parent.name}/{p.name}")
+RECIPES = Path(__file__).parents[1] / "recipes"
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.rglob("*.toml")), ids=lambda p: p.relative_to(RECIPES).as_posix())
 def test_shipped_recipes_load_and_validate(path: Path, shared_data: Path) -> None:
     """Every recipe in recipes/ (and recipes/tuned/) parses, and each step's settings build (a typo or a bad value in a
     shipped recipe fails here, not in a user's run); its catalog data sets resolve from the local
