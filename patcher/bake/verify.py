@@ -25,13 +25,12 @@ folder); then these checks, each able to fail on its own:
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..collect.layerwise import LayerwiseModel, load_placed
+from ..collect.layerwise import LayerwiseModel, layerwise_of, load_placed
 from ..core.errors import PatcherError
 from ..core.models import resolve_device, torch_dtype
 from ..core.placement import Placement
@@ -100,8 +99,10 @@ def _logits(folder: Path, patch: Patch | None, inputs: torch.Tensor, dtype: str,
     placed as ``placement`` says; nothing of the model outlives the call."""
     with torch.inference_mode():
         if placement.sequential:
-            lw = LayerwiseModel(folder, torch_dtype(dtype), resolve_device(placement.device), hidden_max_bytes=placement.hidden_max_bytes)
-            with (patch or Patch([])).hooked(lw.model):
+            skeleton = LayerwiseModel.open(folder, torch_dtype(dtype), resolve_device(placement.device),
+                                           hidden_max_bytes=placement.hidden_max_bytes)
+            lw = layerwise_of(skeleton)
+            with (patch or Patch([])).hooked(skeleton):
                 store = lw.layer_passes([(inputs, None, None)], desc="verify (layer by layer)")
                 try:
                     return lw.logits(inputs, store.get(0)).float().cpu()
@@ -124,7 +125,6 @@ def max_logit_diff(base_folder: Path, patch: Patch, baked_folder: Path, placemen
     vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
     inputs = _fixed_inputs(base_folder, int(vocab))["input_ids"]
     expected = _logits(base_folder, patch, inputs, dtype, placement)
-    gc.collect()  # a layer-by-layer model and its engine refer to each other: free the base before the baked loads
     got = _logits(baked_folder, None, inputs, dtype, placement)
     return float((expected - got).abs().max()), float(expected.abs().max())
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -126,29 +127,40 @@ class LayerwiseModel:
     """A causal LM whose weights stay on disk; runs batches layer by layer (see the module doc).
 
     ``model`` is the skeleton (meta parameters): methods read its config and module names, and the
-    `Collector` hands its passes to `collect`."""
+    `Collector` hands its passes to `collect`. The skeleton owns the engine (``layerwise_of``) and
+    the engine refers back to it weakly, so dropping the skeleton frees both, embeddings and head
+    included, without waiting for the cycle collector: hold the skeleton, not the engine."""
 
-    def __init__(
-        self,
+    @classmethod
+    def open(
+        cls,
         folder: str | Path,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         trust_remote_code: bool = False,
         hidden_max_bytes: int = DEFAULT_HIDDEN_MAX_BYTES,
         tmp_dir: str | Path | None = None,
-    ):
+    ) -> nn.Module:
+        """The skeleton of the model in ``folder`` (meta parameters), driven by a new engine that
+        ``layerwise_of(skeleton)`` returns."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        self.ckpt = Checkpoint.open(folder)
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        cls(model.eval(), folder, dtype, device, hidden_max_bytes, tmp_dir)
+        return model
+
+    def __init__(self, model: nn.Module, folder: str | Path, dtype: torch.dtype, device: str | torch.device,
+                 hidden_max_bytes: int, tmp_dir: str | Path | None):
+        self.ckpt = Checkpoint.open(folder)
+        config = model.config
         self.arch = arch_for(config)
         self.dtype, self.device = dtype, torch.device(device)
         self.hidden_max_bytes, self.tmp_dir = hidden_max_bytes, tmp_dir
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-        self.model = model.eval()
-        self.model._patcher_layerwise = self  # how the Collector finds the engine
+        model._patcher_layerwise = self  # how the Collector finds the engine
+        self._model = weakref.ref(model)
         self.layers: nn.ModuleList = model.get_submodule(self.arch.layers)
         if len(self.layers) != num_layers(config):
             raise PatcherError(f"sequential mode: {config.model_type} has {len(self.layers)} layer modules, config says {num_layers(config)}")
@@ -166,6 +178,14 @@ class LayerwiseModel:
         self._pre = [n for n, _ in model.named_parameters() if not n.startswith((layers, head))]
         self._head = [n for n, _ in model.named_parameters(remove_duplicate=False) if n.startswith(head)]
         self._load(self._pre)
+
+    @property
+    def model(self) -> nn.Module:
+        """The skeleton this engine drives (alive while its caller holds it)."""
+        model = self._model()
+        if model is None:
+            raise RuntimeError("LayerwiseModel: its skeleton was freed; keep the model `load_layerwise` returned")
+        return model
 
     # -- weights -----------------------------------------------------------------------------------
     def _info(self, name: str) -> TensorInfo | None:
@@ -377,8 +397,8 @@ def load_layerwise(folder: str | Path, dtype: str = "float32", device: str = "cp
                    hidden_max_bytes: int = DEFAULT_HIDDEN_MAX_BYTES) -> tuple[nn.Module, Any]:
     """(skeleton model driven by a `LayerwiseModel`, tokenizer with a pad token): `load_model`'s
     counterpart for ``--sequential``."""
-    lw = LayerwiseModel(folder, torch_dtype(dtype), resolve_device(device), trust_remote_code, hidden_max_bytes)
-    return lw.model, load_tokenizer(folder, trust_remote_code)
+    skeleton = LayerwiseModel.open(folder, torch_dtype(dtype), resolve_device(device), trust_remote_code, hidden_max_bytes)
+    return skeleton, load_tokenizer(folder, trust_remote_code)
 
 
 def load_placed(folder: str | Path, placement: Placement, dtype: str, trust_remote_code: bool = False, tokenizer: bool = True) -> tuple[nn.Module, Any]:

@@ -12,7 +12,6 @@ rename, a recipe with an ``[eval]`` table has the staging folder evaluated again
 from __future__ import annotations
 
 import dataclasses
-import gc
 import importlib.util
 import logging
 import time
@@ -299,7 +298,6 @@ def _bake_and_check(plan: Plan, job: Bake, staging: Path, result: RunResult) -> 
         if gate.active:
             gate.measure_base(base_model)
         del base_model
-        gc.collect()  # a layer-by-layer model and its engine refer to each other: free the base before the baked loads
         baked, _ = job.load(staging, recipe.model.dtype, job.placement.device)
         if ids is not None:
             result.ppl_after = check_perplexity(baked, job.tokenizer, recipe, ids)
