@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from patcher.workflows.tune.result import short_value  # noqa: E402
+
 MARK = re.compile(r"<!-- results:(?P<name>[\w.+-]+) -->\n(?P<body>.*?)<!-- /results:(?P=name) -->", re.S)
 
 
@@ -89,10 +92,6 @@ def render_frontier(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _short(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
 def render_tune(t: dict[str, Any]) -> str:
     """The markdown table of a tune (``OUT.tune.json`` of `patcher tune`, kept in ``results/tunes/``):
     how it was asked for, the Pareto front within budget with the quick evaluation of the evaluated
@@ -117,7 +116,7 @@ def render_tune(t: dict[str, Any]) -> str:
     others = [int(n) for n in t.get("evaluated", {}) if int(n) not in t["front"]]  # evaluated for the correlation, off the front
     for n in [*t["front"], *others]:
         r, ev = by[n], t.get("evaluated", {}).get(str(n))
-        settings = ", ".join(f"{k} = {_short(v)}" for k, v in r["settings"].items())
+        settings = ", ".join(f"{k} = {short_value(v)}" for k, v in r["settings"].items())
         tox = [f"{ev['per_evaluator'][e]:.2f}" for e in evaluators] + [f"{ev['toxicity']:.3f}"] if ev else ["" for _ in range(len(evaluators) + 1)]
         label = f"#{n}" if n in t["front"] else f"#{n} ({'over budget' if r['ppl_increase'] > t['budget'] else 'off the front'})"
         cells = [label, settings, f"{r['ppl']:.2f} ({r['ppl_increase']:+.1%})", f"{r['proxy']:.3f}", *tox]
@@ -136,6 +135,7 @@ def render(results: dict[str, Any]) -> str:
     rows = results["rows"]
     base = rows.get("base", {}).get("metrics")
     evaluators = list(base["toxicity"]) if base else []
+    claims = any(r.get("claim") for r in rows.values())  # a column of the papers' headlines (recipes with a `# Claim:`)
     s = results.get("settings", {})
     p = results.get("prompts", {})
     lines = [
@@ -144,13 +144,14 @@ def render(results: dict[str, Any]) -> str:
         f"WikiText-2 perplexity on {s.get('ppl_tokens')} tokens; BLiMP: the first {s.get('blimp')} pairs of each of the 67 paradigms; "
         f"KL(base || patched) on {s.get('kl_prompts')} BOLD prompts, nats per token. Source: `results/{Path(results.get('_file', 'x')).name}`.",
         "",
-        "| row | " + " | ".join(evaluators) + " | WikiText-2 ppl | BLiMP accuracy | BLiMP drop (points) | KL from base | degenerate |",
-        "|---|" + "---|" * (len(evaluators) + 5),
+        "| row | " + " | ".join(evaluators) + " | WikiText-2 ppl | BLiMP accuracy | BLiMP drop (points) | KL from base | degenerate |"
+        + (" paper's claim |" if claims else ""),
+        "|---|" + "---|" * (len(evaluators) + 5 + claims),
     ]
     for name, r in rows.items():
         label = "base" if name == "base" else f"`{name}`"
         if "refused" in r:
-            lines.append(f"| {label} | refused: {r['refused']} |" + " |" * (len(evaluators) + 4))
+            lines.append(f"| {label} | refused: {r['refused']} |" + " |" * (len(evaluators) + 4 + claims))
             continue
         m = r["metrics"]
         tox = [_ci(m["toxicity"][e]["toxicity_probability"]) for e in evaluators]
@@ -158,6 +159,7 @@ def render(results: dict[str, Any]) -> str:
         change = f" ({ppl / base['wikitext_perplexity']['value'] - 1:+.1%})" if base and name != "base" else ""
         cells = [label, *tox, f"{ppl:.2f}{change}", _ci(m.get("blimp_accuracy")), _ci(m.get("blimp_drop"), 2),
                  _ci(m.get("kl_from_base"), 4), f"{m['degenerate_share']['value']:.1%}"]
+        cells += [(r.get("claim") or "-").replace("|", "\\|")] if claims else []
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Expected maximum toxicity (the mean over prompts of the largest score among a prompt's {s.get('samples')} samples) "
               "with its 95% bootstrap interval:", "",

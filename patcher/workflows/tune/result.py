@@ -53,7 +53,7 @@ class TuneResult:
         for n in self.front:
             t = by[n]
             ev = self.evaluated.get(n)
-            settings = ", ".join(f"{k}={_short(v)}" for k, v in t["settings"].items())
+            settings = ", ".join(f"{k}={short_value(v)}" for k, v in t["settings"].items())
             rows.append([f"#{n}" + (" *" if n == self.chosen else ""), settings, round(t["proxy"], 4), round(t["ppl"], 3),
                          f"{t['ppl_increase']:+.1%}", round(ev["toxicity"], 3) if ev else "", ev["per_evaluator"] if ev else ""])
         title = (f"Pareto front within +{self.budget:.1%} perplexity ({len(self.trials)} trials, {self.collections} statistics collections; "
@@ -62,7 +62,8 @@ class TuneResult:
         return render(["trial", "settings", "proxy", "ppl", "ppl change", "eval", "eval per evaluator"], rows, title=title)
 
 
-def _short(v: Any) -> Any:
+def short_value(v: Any) -> Any:
+    """A setting as tables show it: floats to 4 decimals (grid values read as written)."""
     return round(v, 4) if isinstance(v, float) else v
 
 
@@ -101,7 +102,7 @@ def write_outputs(result: TuneResult, recipe: Recipe, params: list[Param], out: 
         result.chosen_settings = values
         ev = result.evaluated.get(result.chosen)
         note = (f"Written by `patcher tune` from {recipe.path.name} on {recipe.model.id}: trial #{result.chosen} of {len(result.trials)}, seed {seed}.\n"
-                f"Chosen: {', '.join(f'{k} = {_short(v)}' for k, v in values.items())}.\n"
+                f"Chosen: {', '.join(f'{k} = {short_value(v)}' for k, v in values.items())}.\n"
                 f"Check perplexity {result.base['ppl']:.3f} -> {chosen['ppl']:.3f} ({chosen['ppl_increase']:+.1%}; budget +{result.budget:.1%}); "
                 f"proxy {result.base['proxy']:.4f} -> {chosen['proxy']:.4f}"
                 + (f"; quick toxicity probability (mean over evaluators, {ts.eval_n_prompts} prompts, seed {ts.eval_seed}) {ev['toxicity']:.3f}." if ev else "."))
