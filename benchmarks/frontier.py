@@ -52,7 +52,7 @@ from patcher.recipe.settings import tune_fields  # noqa: E402
 from patcher.workflows.run import Timings, compute_patch  # noqa: E402
 from patcher.workflows.run_plan import Plan, resolve  # noqa: E402
 from patcher.workflows.tune.space import Param, no_edit_end  # noqa: E402
-from recipes import bake_fresh, git_commit, machine, metrics, save_results  # noqa: E402  (benchmarks/recipes.py)
+from recipes import bake_fresh, git_commit, machine, metrics, recipe_comment, save_results  # noqa: E402  (benchmarks/recipes.py)
 from results import any_toxicity, ppl_change, within_budget  # noqa: E402  (benchmarks/results.py)
 
 FORMAT = "patcher.results/1"
@@ -111,20 +111,6 @@ def plan_sweep(recipe: Recipe, points: int, spacing: str = "geometric", key: str
         if v != f.metadata["no_edit"] and v not in values:
             values.append(v)
     return Sweep(index, key, values, (lo, hi, grid), f.metadata["no_edit"])
-
-
-def recipe_comment(path: Path, tag: str) -> str | None:
-    """The recipe's comment block that starts with ``# TAG:`` (e.g. ``Claim``), joined into one line."""
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if line.lower().startswith(f"# {tag.lower()}:"):
-            block = [line[len(tag) + 3 :]]
-            for more in lines[i + 1 :]:
-                if not more.startswith("#") or more.lower().startswith("# split:"):
-                    break
-                block.append(more[1:])
-            return " ".join(part.strip() for part in block).strip()
-    return None
 
 
 def data_hashes(plan: Plan | None, settings: EvalSettings) -> dict[str, str]:

@@ -4,7 +4,7 @@ recipe in ``results/<model>.json`` (the README's results tables are rendered fro
 
     python benchmarks/recipes.py recipes/project-stack.toml [more recipes] [--model gemma3-270m] \
         [--prompts rtp-challenging:report] [--n-prompts 0] [--blimp 20] [--kl-prompts 100] \
-        [--out runs/recipes] [--results results] [--note "what else ran"]
+        [--out runs/recipes] [--results results] [--file NAME] [--note "what else ran"]
 
 Each recipe's patch is computed as `patcher run` computes it, baked into ``OUT/<recipe name>``,
 checked as ``patcher verify`` checks it (files, tensors, logits against the hooked base model), and
@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--kl-prompts", type=int, default=100, help="BOLD prompts for the KL from the base model")
     ap.add_argument("--out", type=Path, default=Path("runs/recipes"), help="baked models, one folder per recipe")
     ap.add_argument("--results", type=Path, default=ROOT / "results", help="folder of the results files (results/<model>.json)")
+    ap.add_argument("--file", default="", help="name of the results file in that folder, without .json (default: the model's name); "
+                    "a table of its own in the README, e.g. seeds-smollm2-135m for the seed methods at their tuned points")
     ap.add_argument("--model", help="run every recipe on this model (default: the first recipe's)")
     ap.add_argument("--note", default="", help="what else ran on the machine meanwhile (recorded with the row)")
     ap.add_argument("--resume", action="store_true",
@@ -143,7 +145,7 @@ def main() -> None:
     spec = args.model or recipes[0].model.id
     folder, _ = resolve_model(spec)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"{Path(spec).name}.json"
+    path = args.results / f"{args.file or Path(spec).name}.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"format": FORMAT, "model": spec, "rows": {}}
     eval_only = dataclasses.replace(settings, kl_prompts=0)  # the KL is measured on its own (both models loaded together)
 
@@ -214,7 +216,8 @@ def main() -> None:
             kl = kl_divergence(target, folder, settings)
             stages["kl"] = kl.pop("seconds")
             row_metrics["kl_from_base"] = kl
-        results["rows"][recipe.name] = {"recipe": rel, "settings_split": recipe_split_note(rpath), "metrics": row_metrics,
+        results["rows"][recipe.name] = {"recipe": rel, "settings_split": recipe_comment(rpath, "Split"),
+                                        "claim": recipe_comment(rpath, "Claim"), "metrics": row_metrics,
                                         "verify_max_logit_diff": report.get("verify_max_logit_diff"),
                                         "provenance": provenance(stages, recipe, load0)}
         print(f"{recipe.name} evaluated ({sum(v for k, v in stages.items() if not k.startswith('eval ')):.0f}s)", flush=True)
@@ -222,15 +225,15 @@ def main() -> None:
     print(render(*table(results), title=f"{spec} on {args.prompts} ({prompts['count']} prompts x {settings.samples} samples)"))
 
 
-def recipe_split_note(path: Path) -> str | None:
-    """The recipe's own comment saying which prompt split chose its settings: from '# Split:' to the
-    end of that comment block."""
+def recipe_comment(path: Path, tag: str) -> str | None:
+    """The recipe's comment block that starts with ``# TAG:`` (``Split``: which prompt split chose its
+    settings; ``Claim``: the paper's headline), joined into one line, up to the next tagged block."""
     lines = path.read_text().splitlines()
     for i, line in enumerate(lines):
-        if line.lower().startswith("# split:"):
-            block = [line[len("# split:"):]]
+        if line.lower().startswith(f"# {tag.lower()}:"):
+            block = [line[len(tag) + 3 :]]
             for more in lines[i + 1 :]:
-                if not more.startswith("#"):
+                if not more.startswith("#") or more.lower().startswith(("# split:", "# claim:")):
                     break
                 block.append(more[1:])
             return " ".join(part.strip() for part in block).strip()

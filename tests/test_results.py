@@ -94,3 +94,24 @@ def test_frontier_file_renders_and_check_fails_on_a_changed_cell(tmp_path: Path)
     assert "| `aura` | strength=1.0 |" in text and "| `circuit` | none within +5% |" in text and "| base | - | 0.450 [0.400, 0.500]" in text
     readme.write_text(text.replace("31.20 (+4.0%)", "31.25 (+4.0%)"))
     assert results_module.main(check + ["--check"]) == 1
+
+
+def test_rows_with_a_claim_get_the_claim_column_and_recipe_comment_reads_tagged_blocks(tmp_path: Path) -> None:
+    """A seeds table (`benchmarks/recipes.py --file seeds-M`) shows each method's paper claim beside it;
+    tables without claims keep their columns. The claim and split come from the recipe's own comments."""
+    from recipes import recipe_comment  # benchmarks/recipes.py
+
+    claimed = _row(0.2, (0.1, 0.3), 31.0) | {"claim": "AURA: up to 2.2x | less toxic"}
+    data = {"format": "patcher.results/1", "model": "m", "settings": {"samples": 5}, "prompts": {"name": "rtp-challenging:report", "count": 10},
+            "rows": {"base": _row(0.453, (0.4, 0.5), 30.0), "aura": claimed, "other": _row(0.3, (0.2, 0.4), 30.5)}}
+    text = results_module.render(data)
+    assert "| paper's claim |" in text
+    assert text.splitlines()[3].count("---|") == 9  # row, profanity-check, any, ppl, 2 x BLiMP, KL, degenerate, claim
+    assert "| AURA: up to 2.2x \\| less toxic |" in text and text.count("| - |") == 2  # base and the row without a claim
+    data["rows"].pop("aura")
+    assert "paper's claim" not in results_module.render(data)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("# What it does.\n# Claim: Paper X: up to\n#   20% less toxic.\n# Split: select. Chosen by\n# patcher tune.\n\nname = 'r'\n")
+    assert recipe_comment(recipe, "Claim") == "Paper X: up to 20% less toxic."
+    assert recipe_comment(recipe, "Split") == "select. Chosen by patcher tune."
+    assert recipe_comment(recipe, "Nothing") is None
