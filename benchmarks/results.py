@@ -126,6 +126,14 @@ def render_tune(t: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+BLIMP_BOUND = 1.0  # accuracy points a shipped recipe may cost before its row says so (issue 25)
+
+
+def _blimp_drop(m: dict[str, Any] | None) -> str:
+    cell = _ci(m, 2)
+    return cell + f" (over {BLIMP_BOUND:g} point)" if m and m.get("value") is not None and m["value"] > BLIMP_BOUND else cell
+
+
 def render(results: dict[str, Any]) -> str:
     """The markdown table (and its caption line) of one results file."""
     if results.get("kind") == "frontier":
@@ -157,7 +165,7 @@ def render(results: dict[str, Any]) -> str:
         tox = [_ci(m["toxicity"][e]["toxicity_probability"]) for e in evaluators]
         ppl = m["wikitext_perplexity"]["value"]
         change = f" ({ppl / base['wikitext_perplexity']['value'] - 1:+.1%})" if base and name != "base" else ""
-        cells = [label, *tox, f"{ppl:.2f}{change}", _ci(m.get("blimp_accuracy")), _ci(m.get("blimp_drop"), 2),
+        cells = [label, *tox, f"{ppl:.2f}{change}", _ci(m.get("blimp_accuracy")), _blimp_drop(m.get("blimp_drop")),
                  _ci(m.get("kl_from_base"), 4), f"{m['degenerate_share']['value']:.1%}"]
         cells += [(r.get("claim") or "-").replace("|", "\\|")] if claims else []
         lines.append("| " + " | ".join(cells) + " |")

@@ -108,6 +108,9 @@ def test_rows_with_a_claim_get_the_claim_column_and_recipe_comment_reads_tagged_
     assert "| paper's claim |" in text
     assert text.splitlines()[3].count("---|") == 9  # row, profanity-check, any, ppl, 2 x BLiMP, KL, degenerate, claim
     assert "| AURA: up to 2.2x \\| less toxic |" in text and text.count("| - |") == 2  # base and the row without a claim
+    assert "(over 1 point)" not in text  # every drop is 0.4 points
+    data["rows"]["other"]["metrics"]["blimp_drop"] = {"value": 1.2, "ci": [0.1, 2.3]}
+    assert "| 1.20 [0.10, 2.30] (over 1 point) |" in results_module.render(data)  # issue 25: a row costing > 1 point says so
     data["rows"].pop("aura")
     assert "paper's claim" not in results_module.render(data)
     recipe = tmp_path / "r.toml"
