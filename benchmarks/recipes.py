@@ -143,6 +143,8 @@ def main() -> None:
     wanted = json.loads(json.dumps(dataclasses.asdict(settings)))
     recipes = [load_recipe(p) for p in args.recipes]
     spec = args.model or recipes[0].model.id
+    # the model each recipe runs on: what {model} in its paths (an SAE per model) names, as `patcher run --model` binds it
+    recipes = [r.override("model", id=spec) for r in recipes]
     folder, _ = resolve_model(spec)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.results / f"{args.file or Path(spec).name}.json"

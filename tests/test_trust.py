@@ -956,3 +956,18 @@ def test_relative_paths_never_rewrite_a_path_twice(tmp_path: Path) -> None:
     out = tmp_path / "runs" / "out"
     rel = relative_paths({"id": base, "local_path": "../../cache/model", "text": f'id = "{base}"'}, out)
     assert rel == {"id": "../../cache/model", "local_path": "../../cache/model", "text": 'id = "../../cache/model"'}
+
+
+def test_relative_paths_rewrite_a_path_only_inside_a_sentence(tmp_path: Path) -> None:
+    """A local path that appears only inside a message (a recipe refused with 'SAE /home/me/saes/x
+    reads 576-dim ...', kept in a results file) is published relative too; fractions, URLs and paths
+    whose top folder does not exist on this machine are left alone."""
+    from patcher.io.record import relative_paths
+
+    sae = tmp_path / "saes" / "m" / "layer-12"
+    out = tmp_path / "results"
+    msg = f"SAE {sae} reads 576-dim activations. Also {sae}."
+    got = relative_paths({"refused": msg, "n": "1/16 of https://hf.co/a/b and /no-such-top-folder/x/y"}, out)
+    assert got["refused"] == "SAE ../saes/m/layer-12 reads 576-dim activations. Also ../saes/m/layer-12."
+    assert got["n"] == "1/16 of https://hf.co/a/b and /no-such-top-folder/x/y"
+    assert str(tmp_path) not in json.dumps(got)

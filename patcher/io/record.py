@@ -75,6 +75,7 @@ def file_inside(folder: Path, name: Any, where: str | Path) -> Path:
     return path
 
 
+_EMBEDDED = re.compile(r"(?<![\w.~/:-])/(?:[\w.+-]+/)+[\w.+-]*")  # "/a/b..." starting a word, two parts at least
 _PREFIXED = re.compile(r"^([A-Za-z][\w.+-]*:)(/(?!/).*)$")  # "hf:/abs/path", not a URL "x://..."
 
 
@@ -109,6 +110,22 @@ def relative_paths(data: Any, folder: Path) -> Any:
         return x
 
     out = walk(data)
+
+    def embedded(x: Any) -> None:  # a path only ever inside a sentence (an error message): its top folder exists here
+        if isinstance(x, dict):
+            for k, v in x.items():
+                embedded(k)
+                embedded(v)
+        elif isinstance(x, list):
+            for v in x:
+                embedded(v)
+        elif isinstance(x, str) and "/" in x and not _absolute(x):
+            for m in _EMBEDDED.finditer(x):
+                path = m.group(0).rstrip(".")
+                if Path("/" + path.split("/")[1]).is_dir():
+                    rel(path)
+
+    embedded(out)
     if not found:
         return out
 
