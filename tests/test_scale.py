@@ -100,7 +100,6 @@ def test_sequential_hidden_states_on_disk_and_perplexity(tmp_path: Path) -> None
     assert abs(perplexity(model, ids, window=64, stride=32) - layerwise_perplexity(lw, ids, window=64, stride=32)) < 1e-4
 
 
-
 def test_dropping_the_skeleton_frees_the_engine_without_the_cycle_collector(tmp_path: Path) -> None:
     """The engine holds embeddings and head: they must go when the caller drops the skeleton (run's
     perplexity check and verify load a second model right after), with no gc.collect() in between."""
@@ -117,6 +116,7 @@ def test_dropping_the_skeleton_frees_the_engine_without_the_cycle_collector(tmp_
         assert engine() is None and embeddings() is None
     finally:
         gc.enable()
+
 
 @pytest.mark.slow
 def test_sequential_equals_whole_model_smollm2(smollm2: Path) -> None:

@@ -107,25 +107,13 @@ def relative_paths(data: Any, folder: Path) -> Any:
         m = _PREFIXED.match(x) if isinstance(x, str) else None
         if m and _absolute(m.group(2)):  # an absolute path behind a scheme-like prefix: hf:/models/clf
             return m.group(1) + rel(m.group(2))
+        for e in _EMBEDDED.finditer(x) if isinstance(x, str) else ():  # a path only ever inside a sentence (an error
+            path = e.group(0).rstrip(".")  # message): noted when its top folder exists here, rewritten by `texts` below
+            if Path("/" + path.split("/")[1]).is_dir():
+                rel(path)
         return x
 
     out = walk(data)
-
-    def embedded(x: Any) -> None:  # a path only ever inside a sentence (an error message): its top folder exists here
-        if isinstance(x, dict):
-            for k, v in x.items():
-                embedded(k)
-                embedded(v)
-        elif isinstance(x, list):
-            for v in x:
-                embedded(v)
-        elif isinstance(x, str) and "/" in x and not _absolute(x):
-            for m in _EMBEDDED.finditer(x):
-                path = m.group(0).rstrip(".")
-                if Path("/" + path.split("/")[1]).is_dir():
-                    rel(path)
-
-    embedded(out)
     if not found:
         return out
 
