@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -307,6 +308,25 @@ def test_default_space_and_layer_search(tmp_path: Path) -> None:
     assert [(p.key, p.low, p.high) for p in tune_space(aura)[1]] == [("min_auroc", 0.5, 1.0), ("strength", 0.0, 1.0)]  # issue 27: AURA's strength, in field order
     stack = load_recipe(Path(__file__).parents[1] / "recipes" / "project-stack.toml")
     assert [(p.name, p.low, p.high) for p in tune_space(stack)[1]] == [("step1.strength", 0.0, 1.0), ("step2.strength", 0.0, 1.0)]
+
+
+def test_a_list_valued_choice_is_searched_as_plain_values(tmp_path: Path) -> None:
+    """AURA's modules are lists: Optuna keeps plain values only (a list warns and is not portable), so the
+    search picks among their JSON texts and the setting gets the list back."""
+    optuna = pytest.importorskip("optuna", reason="the search uses optuna (patcher[tune])")
+    path = write_recipe(tmp_path)
+    path.write_text(path.read_text() + '[tune]\n[tune.step.1]\nmodules = [["mlp_in", "mlp_out"], ["mlp_out"]]\n')
+    (param,) = tune_space(load_recipe(path))[1]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna warns on a non-plain choice
+        for _ in range(8):
+            trial = study.ask()
+            seen.append(param.suggest(trial))
+            assert isinstance(trial.params[param.name], str)
+            study.tell(trial, 0.0)
+    assert {tuple(v) for v in seen} == {("mlp_in", "mlp_out"), ("mlp_out",)}
 
 
 def test_pick_by_quick_evaluation(planted: tuple[Path, Scorer], shared_data: Path) -> None:

@@ -10,6 +10,7 @@ is named here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -74,7 +75,11 @@ class Param:
             a = trial.suggest_int(f"{self.name}.a", self.low, self.high)
             b = trial.suggest_int(f"{self.name}.b", self.low, self.high)
             return f"{min(a, b)}-{max(a, b)}"
-        return trial.suggest_categorical(self.name, list(self.choices))
+        if all(c is None or isinstance(c, (str, int, float, bool)) for c in self.choices):
+            return trial.suggest_categorical(self.name, list(self.choices))
+        # a list-valued choice (e.g. modules): Optuna stores plain values only, so it picks among their JSON texts
+        texts = [json.dumps(c) for c in self.choices]
+        return self.choices[texts.index(trial.suggest_categorical(self.name, texts))]
 
     @property
     def strength_like(self) -> bool:
