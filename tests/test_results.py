@@ -118,3 +118,16 @@ def test_rows_with_a_claim_get_the_claim_column_and_recipe_comment_reads_tagged_
     assert recipe_comment(recipe, "Claim") == "Paper X: up to 20% less toxic."
     assert recipe_comment(recipe, "Split") == "select. Chosen by patcher tune."
     assert recipe_comment(recipe, "Nothing") is None
+
+
+def test_every_shipped_recipe_says_its_settings_were_not_chosen_on_report_prompts() -> None:
+    """Issue 25: no setting in a shipped recipe was chosen by looking at `report` prompts. Each recipe's
+    `# Split:` comment says so: `select` (a search on the select part chose them) or `none needed`
+    (nothing in it was chosen by a toxicity measurement); a recipe whose settings predate the split fails."""
+    from recipes import recipe_comment  # benchmarks/recipes.py
+
+    for path in sorted((ROOT / "recipes").rglob("*.toml")):
+        split = recipe_comment(path, "Split")
+        name = path.relative_to(ROOT).as_posix()
+        assert split, f"{name}: no '# Split:' comment"
+        assert split.startswith(("select", "none needed")), f"{name}: # Split: {split[:120]}"

@@ -304,6 +304,13 @@ def test_default_space_and_layer_search(tmp_path: Path) -> None:
     recipe = load_recipe(_project_recipe(tmp_path, '[tune.step.1]\nlayers = [0, 1]\nerase = ["orthogonal", "whitened"]\n'))
     _, params = tune_space(recipe)
     assert [(p.key, p.kind) for p in params] == [("layers", "layers"), ("erase", "choice")]
+    (tmp_path / "scale").mkdir()
+    scale = write_recipe(tmp_path / "scale")
+    scale.write_text(scale.read_text().replace('method = "aura"', 'method = "scale"') + '[tune.step.1]\nlayers = ["all", "0%-50%"]\n')
+    assert [(p.key, p.kind, p.choices) for p in tune_space(load_recipe(scale))[1]] == [("layers", "choice", ("all", "0%-50%"))]  # named sets: any method
+    scale.write_text(scale.read_text().replace('layers = ["all", "0%-50%"]', "layers = [0, 1]"))
+    with pytest.raises(PatcherError, match="layer_range"):  # a start-end range needs statistics that hold every subset
+        tune_space(load_recipe(scale))
     aura = load_recipe(write_recipe(tmp_path))  # no [tune]: every step's strength-like setting
     assert [(p.key, p.low, p.high) for p in tune_space(aura)[1]] == [("min_auroc", 0.5, 1.0), ("strength", 0.0, 1.0)]  # issue 27: AURA's strength, in field order
     stack = load_recipe(Path(__file__).parents[1] / "recipes" / "project-stack.toml")

@@ -27,7 +27,8 @@ from ..run_plan import Plan
 class TuneSettings:
     """The ``[tune]`` table's own keys. The searched settings sit in ``[tune.step.N]`` tables: a
     number as ``[low, high]`` (a float may add a grid step, ``[low, high, step]``), ``layers`` as
-    ``[first, last]`` (each trial edits a start-end range inside it), anything else as a list of
+    ``[first, last]`` (each trial edits a start-end range inside it; methods with ``layer_range``) or
+    as named layer sets (``["all", "0%-50%"]``: choices, each collected), anything else as a list of
     choices. ``[tune.proxy]`` is a data table like a step's ``data`` (what it does not name comes
     from ``[data]``): the texts the toxicity proxy holds back from."""
 
@@ -131,7 +132,11 @@ def _param(recipe: Recipe, index: int, key: str, spec: Any, at: str) -> Param:
     if not isinstance(spec, list) or not spec:
         raise PatcherError(f"{at}: {what} = {spec!r} should be [low, high] for a number or layers, or a list of choices")
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec)
-    if key == "layers":
+    if key == "layers" and all(isinstance(v, str) for v in spec):  # named layer sets ("all", "0%-50%"): choices, each collected
+        p, probes = Param(index, key, "choice", choices=tuple(spec)), list(spec)
+        if len(set(spec)) != len(spec):
+            raise PatcherError(f"{at}: {what} = {spec!r} should list distinct layer sets")
+    elif key == "layers":
         if not method.layer_range:
             able = [n for n in METHODS.names() if METHODS.get(n).layer_range]
             raise PatcherError(f"{at}: {what}: searching layers is supported for methods registered with layer_range ({', '.join(able)}), not {step.method}")
