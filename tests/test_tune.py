@@ -300,6 +300,27 @@ def test_pick_leaves_ties_within_the_evaluations_noise_to_the_proxy() -> None:
     assert pick({1: 0.30, 2: 0.05, 3: 0.20, 4: 0.25}, proxy, 100) == 2
 
 
+def test_each_searched_choice_gets_a_candidate_the_evaluation_sees() -> None:
+    """The proxy preferred the orthogonal erase while the evaluation found the whitened one less toxic
+    (README, Chosen on select): the candidates then include each choice's least toxic point by proxy
+    within budget, even when the overall front holds only one choice."""
+    from patcher.workflows.tune.pick import front_within, to_evaluate
+    from patcher.workflows.tune.space import TuneSettings
+
+    def row(n: int, erase: str, proxy: float, ppl: float) -> dict[str, Any]:
+        return {"number": n, "settings": {"step1.erase": erase}, "proxy": proxy, "ppl_increase": ppl}
+
+    rows = [row(0, "orthogonal", -0.6, 0.04), row(1, "orthogonal", -0.5, 0.02), row(2, "whitened", -0.55, 0.045),
+            row(3, "whitened", -0.7, 0.08), row(4, "whitened", -0.4, 0.01)]
+    front = front_within(rows, 0.05)
+    assert front == [0, 1, 4]  # #2 is dominated by #0; #3 is over budget
+    ts = TuneSettings(candidates=2, validate=0)
+    assert to_evaluate(front, rows, ts)[0] == [0, 1]  # without the choice: orthogonal only
+    picks, _ = to_evaluate(front, rows, ts, 0.05, {"step1.erase": ("orthogonal", "whitened")})
+    assert picks == [0, 1, 2]  # whitened's own front within budget: #2 (its least toxic by proxy), not #3 (over budget)
+    assert to_evaluate(front, rows, TuneSettings(candidates=0), 0.05, {"step1.erase": ("orthogonal", "whitened")})[0] == []  # pick by proxy
+
+
 def test_default_space_and_layer_search(tmp_path: Path) -> None:
     recipe = load_recipe(_project_recipe(tmp_path, '[tune.step.1]\nlayers = [0, 1]\nerase = ["orthogonal", "whitened"]\n'))
     _, params = tune_space(recipe)

@@ -89,7 +89,8 @@ def tune(plan: Plan | Recipe, *, out: Path, placement: Placement | None = None, 
 
     rows = trial_rows(study)
     front = front_within(rows, opts.max_ppl_increase)
-    picks, extra = to_evaluate(front, rows, ts) if eval_settings else ([], [])
+    choices = {p.name: p.choices for p in params if p.kind == "choice"}
+    picks, extra = to_evaluate(front, rows, ts, opts.max_ppl_increase, choices) if eval_settings else ([], [])
     evaluated = evaluate_trials(picks + extra, study, scorer, eval_settings, list(ts.evaluators), out, placement) if picks else {}
     chosen = choose(front, picks, evaluated, rows, ts.eval_n_prompts)
 

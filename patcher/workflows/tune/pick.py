@@ -90,10 +90,21 @@ def front_within(rows: list[dict[str, Any]], budget: float) -> list[int]:
     return [within[i]["number"] for i in pareto([(r["proxy"], r["ppl_increase"]) for r in within])]
 
 
-def to_evaluate(front: list[int], rows: list[dict[str, Any]], ts: TuneSettings) -> tuple[list[int], list[int]]:
-    """The candidates (the least toxic end of the front, by proxy) and the other trials evaluated,
-    spread over the proxy's range so that the rank correlation spans the study."""
-    picks = front[: ts.candidates]
+def to_evaluate(front: list[int], rows: list[dict[str, Any]], ts: TuneSettings, budget: float = math.inf,
+                choices: dict[str, tuple[Any, ...]] | None = None) -> tuple[list[int], list[int]]:
+    """The candidates (the least toxic end of the front, by proxy), plus, for each value of a searched
+    choice (``choices``: name -> values) that none of them has, the least toxic point by proxy of that
+    value's own front within budget: the proxy can rank choices the wrong way round (erase modes:
+    README, Chosen on select), so the evaluation sees each. Then the other trials evaluated, spread
+    over the proxy's range so that the rank correlation spans the study."""
+    picks = list(front[: ts.candidates])
+    for name, values in (choices or {}).items() if picks else ():
+        for value in values:
+            if any(r["settings"].get(name) == value for r in rows if r["number"] in picks):
+                continue
+            own = front_within([r for r in rows if r["settings"].get(name) == value], budget)
+            if own:
+                picks.append(own[0])
     others = [r["number"] for r in sorted(rows, key=lambda r: r["proxy"]) if r["number"] not in picks]
     return picks, spread(others, ts.validate)
 
