@@ -132,11 +132,7 @@ def _param(recipe: Recipe, index: int, key: str, spec: Any, at: str) -> Param:
     if not isinstance(spec, list) or not spec:
         raise PatcherError(f"{at}: {what} = {spec!r} should be [low, high] for a number or layers, or a list of choices")
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec)
-    if key == "layers" and all(isinstance(v, str) for v in spec):  # named layer sets ("all", "0%-50%"): choices, each collected
-        p, probes = Param(index, key, "choice", choices=tuple(spec)), list(spec)
-        if len(set(spec)) != len(spec):
-            raise PatcherError(f"{at}: {what} = {spec!r} should list distinct layer sets")
-    elif key == "layers":
+    if key == "layers" and not all(isinstance(v, str) for v in spec):  # named layer sets ("all", "0%-50%") are choices, below
         if not method.layer_range:
             able = [n for n in METHODS.names() if METHODS.get(n).layer_range]
             raise PatcherError(f"{at}: {what}: searching layers is supported for methods registered with layer_range ({', '.join(able)}), not {step.method}")
