@@ -18,7 +18,8 @@ report prompts (no choice of settings looks at them), WikiText-2 perplexity, BLi
 Every point holds its metrics with 95% intervals and its provenance (git commit, the command,
 library versions, data sha256, seeds, wall time per stage, the machine and its load).
 ``--resume`` keeps the base and the points the results file already holds for the same evaluation
-settings and grid, and measures only the others; the file is rewritten atomically after each point.
+settings, grid and recipe (`recipe_sha256`: a recipe whose settings changed is measured again), and
+measures only the others; the file is rewritten atomically after each point.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from patcher.recipe.settings import tune_fields  # noqa: E402
 from patcher.workflows.run import Timings, compute_patch  # noqa: E402
 from patcher.workflows.run_plan import Plan, resolve  # noqa: E402
 from patcher.workflows.tune.space import Param, no_edit_end  # noqa: E402
-from recipes import bake_fresh, git_commit, machine, metrics, recipe_comment, save_results  # noqa: E402  (benchmarks/recipes.py)
+from recipes import bake_fresh, git_commit, machine, metrics, recipe_comment, recipe_sha256, save_results  # noqa: E402  (benchmarks/recipes.py)
 from results import any_toxicity, ppl_change, within_budget  # noqa: E402  (benchmarks/results.py)
 
 FORMAT = "patcher.results/1"
@@ -206,12 +207,13 @@ def main(argv: list[str] | None = None) -> Path:
     for rpath, recipe in recipes:
         sweep = sweeps[recipe.name]
         entry = results["recipes"].get(recipe.name) or {}
-        if entry.get("sweep") != json.loads(json.dumps(sweep.record(args.spacing))):
-            entry = {}
+        fingerprint = recipe_sha256(rpath)
+        if entry.get("sweep") != json.loads(json.dumps(sweep.record(args.spacing))) or entry.get("recipe_sha256") != fingerprint:
+            entry = {}  # points of another sweep, or of the recipe before its settings changed: measured again
         done = {json.dumps(p["value"]): p for p in entry.get("points", [])}
         collected_before = entry.get("collections", 0)
-        entry = {"recipe": relative(rpath), "method": recipe.steps[sweep.index].method, "sweep": sweep.record(args.spacing),
-                 "claim": recipe_comment(rpath, "Claim"), "points": []}
+        entry = {"recipe": relative(rpath), "recipe_sha256": fingerprint, "method": recipe.steps[sweep.index].method,
+                 "sweep": sweep.record(args.spacing), "claim": recipe_comment(rpath, "Claim"), "points": []}
         results["recipes"][recipe.name] = entry
         plan = plans[recipe.name]
         cache: dict = {}

@@ -19,7 +19,7 @@ and prompt set, seeds, wall time per stage, the machine (cores, threads, load be
 and ``--note``. Rows of other recipes already in the file are kept (a row is replaced only by a
 new measurement of the same recipe). A recipe the model refuses gets a row saying why.
 ``--resume`` reuses ``OUT/base-eval.json`` and each ``OUT/<recipe>.eval.json`` an interrupted run
-with the same settings left (beside the baked folder ``OUT/<recipe>``, not in it: the folder stays a
+with the same settings and the same recipe (`recipe_sha256`) left (beside the baked folder ``OUT/<recipe>``, not in it: the folder stays a
 baked output that ``patcher verify`` and ``patcher export`` accept).
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -154,11 +156,12 @@ def main() -> None:
     def save() -> None:  # after every recipe
         save_results(results, path)
 
-    def reusable(p: Path) -> dict[str, Any] | None:
+    def reusable(p: Path, recipe_hash: str | None = None) -> dict[str, Any] | None:
         if not (args.resume and p.is_file()):
             return None
         report = json.loads(p.read_text())
-        return report if report["settings"] == json.loads(json.dumps(dataclasses.asdict(eval_only))) else None
+        same = report["settings"] == json.loads(json.dumps(dataclasses.asdict(eval_only))) and report.get("recipe_sha256") == recipe_hash
+        return report if same else None
 
     def provenance(stages: dict[str, float], recipe: Any | None, load_before: list[float]) -> dict[str, Any]:
         return {"git_commit": git_commit(), "command": command, "versions": library_versions(),
@@ -184,7 +187,8 @@ def main() -> None:
         load0 = [round(x, 2) for x in os.getloadavg()]
         stages: dict[str, float] = {}
         target = args.out / recipe.name
-        report = reusable(args.out / f"{recipe.name}.eval.json")
+        fingerprint = recipe_sha256(rpath)
+        report = reusable(args.out / f"{recipe.name}.eval.json", fingerprint)
         rel = str(rpath.resolve().relative_to(ROOT)) if rpath.resolve().is_relative_to(ROOT) else rpath.name
         if report is None:
             t = time.perf_counter()
@@ -206,6 +210,7 @@ def main() -> None:
             report = evaluate(target, settings=eval_only).to_json()
             stages["eval"] = time.perf_counter() - t
             report["verify_max_logit_diff"] = check.max_abs_diff
+            report["recipe_sha256"] = fingerprint
             (args.out / f"{recipe.name}.eval.json").write_text(json.dumps(report, indent=1) + "\n")
         stages |= {f"eval {k}": v for k, v in report["model"]["seconds"].items()}
         row_metrics = metrics(report)
@@ -218,13 +223,22 @@ def main() -> None:
             kl = kl_divergence(target, folder, settings)
             stages["kl"] = kl.pop("seconds")
             row_metrics["kl_from_base"] = kl
-        results["rows"][recipe.name] = {"recipe": rel, "settings_split": recipe_comment(rpath, "Split"),
+        results["rows"][recipe.name] = {"recipe": rel, "recipe_sha256": fingerprint, "settings_split": recipe_comment(rpath, "Split"),
                                         "claim": recipe_comment(rpath, "Claim"), "metrics": row_metrics,
                                         "verify_max_logit_diff": report.get("verify_max_logit_diff"),
                                         "provenance": provenance(stages, recipe, load0)}
         print(f"{recipe.name} evaluated ({sum(v for k, v in stages.items() if not k.startswith('eval ')):.0f}s)", flush=True)
         save()
     print(render(*table(results), title=f"{spec} on {args.prompts} ({prompts['count']} prompts x {settings.samples} samples)"))
+
+
+def recipe_sha256(path: Path) -> str:
+    """What a recipe computes, hashed: its TOML without comments and without the model's id (a row
+    may run it on another model with ``--model``). A stored measurement whose hash differs from the
+    file's was made with other settings: ``--resume`` measures it again and a test flags the row."""
+    table = tomllib.loads(path.read_text())
+    table.get("model", {}).pop("id", None)
+    return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
 
 
 def recipe_comment(path: Path, tag: str) -> str | None:

@@ -105,6 +105,16 @@ def test_frontier_end_to_end_resume_and_table(tmp_path: Path, monkeypatch: pytes
     assert len(calls) == 1 and calls[0].name == "strength=0.25", "one missing point, nothing else"
     assert [p["value"] for p in again["recipes"]["aura"]["points"]] == [0.05, 0.1, 0.25, 0.5, 1.0]
     assert again["recipes"]["circuit"] == data["recipes"]["circuit"] and again["base"] == data["base"]
+    # a recipe whose settings changed is measured again; a comment-only change is not a change
+    aura_path = tmp_path / "aura.toml"
+    aura_path.write_text("# a new comment line\n" + aura_path.read_text())
+    calls.clear()
+    frontier.main([*args, "--resume"])
+    assert calls == [], "comments do not change what a recipe computes"
+    aura_path.write_text(aura_path.read_text().replace("[[step]]", "[[step]]\nmin_auroc = 0.6", 1))
+    frontier.main([*args, "--resume"])
+    assert [c.parent.name for c in calls] == ["aura"] * 5, "the changed recipe's five points, nothing else"
+    assert json.loads(path.read_text())["recipes"]["aura"]["recipe_sha256"] != again["recipes"]["aura"]["recipe_sha256"]
     calls.clear()
     frontier.main([*args[:-1], "--resume", "--samples", "3"])
     assert len(calls) == 11, "other evaluation settings measure everything again"

@@ -131,3 +131,36 @@ def test_every_shipped_recipe_says_its_settings_were_not_chosen_on_report_prompt
         name = path.relative_to(ROOT).as_posix()
         assert split, f"{name}: no '# Split:' comment"
         assert split.startswith(("select", "none needed")), f"{name}: # Split: {split[:120]}"
+
+
+def test_every_committed_measurement_was_made_with_the_recipe_as_it_is_now() -> None:
+    """A results row (or frontier point) measured before its recipe's settings changed would not be
+    reproduced by its recorded command: each one records the hash of what its recipe computes
+    (`recipe_sha256`), and it must equal the shipped file's."""
+    from recipes import recipe_sha256  # benchmarks/recipes.py
+
+    stale = []
+    for path in sorted((ROOT / "results").glob("*.json")):
+        data = json.loads(path.read_text())
+        entries = [(f"rows.{n}", r) for n, r in data.get("rows", {}).items()] + [(f"recipes.{n}", r) for n, r in data.get("recipes", {}).items()]
+        for name, entry in entries:
+            if not entry.get("recipe"):
+                continue  # the base model
+            assert "recipe_sha256" in entry, f"{path.name}: {name}: no recipe_sha256"
+            if entry["recipe_sha256"] != recipe_sha256(ROOT / entry["recipe"]):
+                stale.append(f"{path.name}: {name} ({entry['recipe']})")
+    assert not stale, "measured with an earlier version of the recipe; measure again (--resume): " + "; ".join(stale)
+
+
+def test_recipe_sha256_ignores_comments_and_the_model_id_but_not_settings(tmp_path: Path) -> None:
+    from recipes import recipe_sha256  # benchmarks/recipes.py
+
+    a = tmp_path / "a.toml"
+    a.write_text('name = "x"\n[model]\nid = "m1"\n[[step]]\nmethod = "project"\nstrength = 0.5\n')
+    h = recipe_sha256(a)
+    a.write_text('# Split: select\nname = "x"\n[model]\nid = "m2"\n[[step]]\nmethod = "project"  # a remark\nstrength = 0.5\n')
+    assert recipe_sha256(a) == h
+    a.write_text('name = "x"\n[model]\nid = "m1"\ndtype = "bfloat16"\n[[step]]\nmethod = "project"\nstrength = 0.5\n')
+    assert recipe_sha256(a) != h, "the model table's other keys change what runs"
+    a.write_text('name = "x"\n[model]\nid = "m1"\n[[step]]\nmethod = "project"\nstrength = 0.6\n')
+    assert recipe_sha256(a) != h
