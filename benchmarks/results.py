@@ -102,7 +102,7 @@ def render_tune(t: dict[str, Any]) -> str:
     evaluators = list(pv.get("evaluators") or next(iter(t.get("evaluated", {}).values()), {}).get("per_evaluator", {}))
     lines = [
         f"`patcher tune` of `{pv.get('recipe')}` on `{pv.get('model')}`, budget +{t['budget']:.0%} check perplexity, seed {pv.get('seed')}: "
-        f"{len(t['trials'])} trials ({t.get('collections')} statistics collections) in {sec.get('search', 0):.0f} s of search ("
+        f"{len(t['trials'])} trials ({t.get('collections')} statistics collection{'' if t.get('collections') == 1 else 's'}) in {sec.get('search', 0):.0f} s of search ("
         f"{sec.get('per_trial_mean', 0):.0f} s per trial on average, median {sec.get('per_trial_median', 0):.0f} s), then the quick "
         f"evaluation of {n_eval} trials on `{pv.get('eval_prompts')}` ({pv.get('eval_n_prompts')} prompts, seed {pv.get('eval_seed')}) in "
         f"{sec.get('evaluate', 0):.0f} s; proxy: held-back {t.get('proxy_source')} texts' toxic-over-neutral log-likelihood margin. "

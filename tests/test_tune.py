@@ -185,6 +185,29 @@ def test_resume_after_kill_gives_same_pick(planted: tuple[Path, Scorer], monkeyp
         tune(recipe, out=tmp / "other.toml", study_path=tmp / "killed.study.db", max_ppl_increase=0.3, trials=12, seed=7)
 
 
+def test_a_repeated_trial_takes_the_earlier_results_instead_of_computing_them(planted: tuple[Path, Scorer],
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """One strength on a grid of 21 values and 30 trials: at least 9 trials ask settings an earlier one
+    scored. Each such repeat copies that trial's results and is not computed; the front and the
+    evaluation see each set of settings once."""
+    tmp, _ = planted
+    calls = []
+    original = Scorer.score
+    monkeypatch.setattr(Scorer, "score", lambda self, values: calls.append(dict(values)) or original(self, values))
+    result = tune(load_recipe(tmp / "recipe.toml"), out=tmp / "repeats.toml", max_ppl_increase=0.2, trials=30, seed=3)
+    by = {t["number"]: t for t in result.trials}
+    repeats = [t for t in result.trials if t["repeat_of"] is not None]
+    assert len(result.trials) == 30 and len(repeats) >= 9
+    assert len(calls) == 30 - len(repeats) and len({json.dumps(c, sort_keys=True) for c in calls}) == len(calls), "each setting computed once"
+    for t in repeats:
+        first = by[t["repeat_of"]]
+        assert first["repeat_of"] is None and first["number"] < t["number"]
+        assert (t["settings"], t["ppl"], t["proxy"], t["ppl_increase"]) == (first["settings"], first["ppl"], first["proxy"], first["ppl_increase"])
+    front = [json.dumps(by[n]["settings"]) for n in result.front]
+    assert len(front) == len(set(front)), "a front lists each set of settings once"
+    assert result.seconds["trials_this_run"] == 30 and result.seconds["repeats_this_run"] == len(repeats)
+
+
 class _Done:
     """A finished trial as `budget_start` reads it."""
 
@@ -308,7 +331,7 @@ def test_each_searched_choice_gets_a_candidate_the_evaluation_sees() -> None:
     from patcher.workflows.tune.space import TuneSettings
 
     def row(n: int, erase: str, proxy: float, ppl: float) -> dict[str, Any]:
-        return {"number": n, "settings": {"step1.erase": erase}, "proxy": proxy, "ppl_increase": ppl}
+        return {"number": n, "settings": {"step1.erase": erase, "step1.strength": n / 10}, "proxy": proxy, "ppl_increase": ppl}
 
     rows = [row(0, "orthogonal", -0.6, 0.04), row(1, "orthogonal", -0.5, 0.02), row(2, "whitened", -0.55, 0.045),
             row(3, "whitened", -0.7, 0.08), row(4, "whitened", -0.4, 0.01)]

@@ -147,8 +147,10 @@ def _load_scorer(plan: Plan, params: list[Param], ts: TuneSettings, placement: P
     return Scorer(plan, params, model, tokenizer, ids, held_back(plan, ts, tokenizer))
 
 
-def _seconds(search: float, evaluate: float, times: list[float]) -> dict[str, float]:
+def _seconds(search: float, evaluate: float, times: list[float | None]) -> dict[str, float]:
+    """Search and evaluation seconds; per trial over the trials computed (a repeat, None, costs nothing)."""
+    computed = [t for t in times if t is not None]
     return {"search": round(search, 1), "evaluate": round(evaluate, 1),
-            "per_trial_mean": round(float(np.mean(times)), 2) if times else float("nan"),
-            "per_trial_median": round(float(np.median(times)), 2) if times else float("nan"),
-            "trials_this_run": len(times)}
+            "per_trial_mean": round(float(np.mean(computed)), 2) if computed else float("nan"),
+            "per_trial_median": round(float(np.median(computed)), 2) if computed else float("nan"),
+            "trials_this_run": len(times), "repeats_this_run": len(times) - len(computed)}

@@ -84,9 +84,22 @@ def eval_point(report: dict[str, Any], names: list[str]) -> dict[str, Any]:
 
 
 
+def distinct(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first trial of each set of settings: a repeat adds nothing to a front or an evaluation."""
+    seen: set[str] = set()
+    out = []
+    for r in sorted(rows, key=lambda r: r["number"]):
+        key = json.dumps(r["settings"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
 def front_within(rows: list[dict[str, Any]], budget: float) -> list[int]:
-    """Trial numbers on the Pareto front (proxy, damage) of the trials within budget, by proxy."""
-    within = [r for r in rows if r["ppl_increase"] <= budget]
+    """Trial numbers on the Pareto front (proxy, damage) of the trials within budget, by proxy
+    (each set of settings once)."""
+    within = [r for r in distinct(rows) if r["ppl_increase"] <= budget]
     return [within[i]["number"] for i in pareto([(r["proxy"], r["ppl_increase"]) for r in within])]
 
 
@@ -105,7 +118,7 @@ def to_evaluate(front: list[int], rows: list[dict[str, Any]], ts: TuneSettings, 
             own = front_within([r for r in rows if r["settings"].get(name) == value], budget)
             if own:
                 picks.append(own[0])
-    others = [r["number"] for r in sorted(rows, key=lambda r: r["proxy"]) if r["number"] not in picks]
+    others = [r["number"] for r in sorted(distinct(rows), key=lambda r: r["proxy"]) if r["number"] not in picks]
     return picks, spread(others, ts.validate)
 
 

@@ -145,12 +145,13 @@ def complete_trials(study: Any) -> list[Any]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
-def run_search(study: Any, scorer: Any, ts: TuneSettings, opts: TuneOptions, base_ppl: float, gate: Any = None) -> list[float]:
+def run_search(study: Any, scorer: Any, ts: TuneSettings, opts: TuneOptions, base_ppl: float, gate: Any = None) -> list[float | None]:
     """Ask, score and tell trials until the study holds ``opts.trials`` complete ones (or the
-    timeout passes); each trial's patch is kept on ``scorer.patches``. Returns the seconds of each
-    trial run now."""
+    timeout passes); each trial's patch is kept on ``scorer.patches``. A trial that asks settings
+    an earlier one scored (TPE repeats itself on a small grid) takes that trial's results instead of
+    computing them again (``repeat_of``). Returns the seconds of each trial run now (None: a repeat)."""
     optuna, params = optuna_module(), scorer.params
-    t_search, times = time.perf_counter(), []
+    t_search, times = time.perf_counter(), []  # type: ignore[var-annotated]
     progress = bar(total=opts.trials, initial=min(len(complete_trials(study)), opts.trials), desc="tune", unit="trial")
     by_budget = ts.start == "budget" and any(p.strength_like for p in params)
     while len(complete_trials(study)) < opts.trials and (opts.timeout is None or time.perf_counter() - t_search < opts.timeout):
@@ -163,19 +164,28 @@ def run_search(study: Any, scorer: Any, ts: TuneSettings, opts: TuneOptions, bas
         for k, v in (start[0] if start else {}).items():
             trial.set_user_attr(k, v)
         t0 = time.perf_counter()
-        patch, ppl, margin = scorer.score(values)
-        inc = ppl / base_ppl - 1.0
-        if gate is not None and gate.active:  # a trial over [check] max_blimp_drop / max_kl is outside the budget by the same share
-            with patch.hooked(scorer.model) as hooked:
-                trial.set_user_attr("capability", gate.measure(hooked))
-            if gate.excess(trial.user_attrs["capability"]) > 0:
-                inc = max(inc, opts.max_ppl_increase * (1 + gate.excess(trial.user_attrs["capability"])))
+        earlier = next((t for t in done if t.user_attrs["settings"] == json.loads(json.dumps(values))), None)
+        if earlier is not None:  # the same settings give the same patch, perplexity and proxy: not computed again
+            ppl, margin, inc = (earlier.user_attrs[k] for k in ("ppl", "proxy", "ppl_increase"))
+            trial.set_user_attr("repeat_of", earlier.number)
+            if "capability" in earlier.user_attrs:
+                trial.set_user_attr("capability", earlier.user_attrs["capability"])
+            patch = scorer.patches.get(earlier.number)
+        else:
+            patch, ppl, margin = scorer.score(values)
+            inc = ppl / base_ppl - 1.0
+            if gate is not None and gate.active:  # a trial over [check] max_blimp_drop / max_kl is outside the budget by the same share
+                with patch.hooked(scorer.model) as hooked:
+                    trial.set_user_attr("capability", gate.measure(hooked))
+                if gate.excess(trial.user_attrs["capability"]) > 0:
+                    inc = max(inc, opts.max_ppl_increase * (1 + gate.excess(trial.user_attrs["capability"])))
         for k, v in (("settings", values), ("ppl", ppl), ("proxy", margin), ("ppl_increase", inc), ("seconds", time.perf_counter() - t0)):
             trial.set_user_attr(k, v)
         trial.set_constraint("ppl_increase", inc - opts.max_ppl_increase)  # feasible at <= 0: within budget
         study.tell(trial, [margin, inc])
-        scorer.patches[trial.number] = patch
-        times.append(time.perf_counter() - t0)
+        if patch is not None:
+            scorer.patches[trial.number] = patch
+        times.append(time.perf_counter() - t0 if earlier is None else None)
         progress.update(1)
         progress.set_postfix(proxy=f"{margin:.3f}", ppl=f"{inc:+.1%}")
     progress.close()
@@ -186,5 +196,6 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
     """The study's complete trials, in order, as a tune reports them."""
     return [{"number": t.number, "settings": t.user_attrs["settings"], "ppl": t.user_attrs["ppl"], "proxy": t.user_attrs["proxy"],
              "ppl_increase": t.user_attrs["ppl_increase"], "seconds": t.user_attrs["seconds"],
-             "start": {k: t.user_attrs[k] for k in ("start_level", "start_up") if k in t.user_attrs}}
+             "start": {k: t.user_attrs[k] for k in ("start_level", "start_up") if k in t.user_attrs},
+             "repeat_of": t.user_attrs.get("repeat_of")}
             for t in sorted(complete_trials(study), key=lambda t: t.number)]
