@@ -151,7 +151,8 @@ def run_search(study: Any, scorer: Any, ts: TuneSettings, opts: TuneOptions, bas
     an earlier one scored (TPE repeats itself on a small grid) takes that trial's results instead of
     computing them again (``repeat_of``). Returns the seconds of each trial run now (None: a repeat)."""
     optuna, params = optuna_module(), scorer.params
-    t_search, times = time.perf_counter(), []  # type: ignore[var-annotated]
+    t_search = time.perf_counter()
+    times: list[float | None] = []
     progress = bar(total=opts.trials, initial=min(len(complete_trials(study)), opts.trials), desc="tune", unit="trial")
     by_budget = ts.start == "budget" and any(p.strength_like for p in params)
     while len(complete_trials(study)) < opts.trials and (opts.timeout is None or time.perf_counter() - t_search < opts.timeout):
