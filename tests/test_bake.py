@@ -92,6 +92,26 @@ def test_composed_patch_and_verify(family: str, tmp_path: Path) -> None:
     assert result.ok and result.max_abs_diff <= 1e-4
 
 
+def test_edits_sharing_a_tensor_save_and_bake(tmp_path: Path) -> None:
+    """One direction projected out of a layer's attention and MLP outputs (a projection step with
+    blocks = ["attn_out", "mlp_out"]) gives two edits holding the same tensor objects: the patch
+    saves (safetensors refuses shared memory), reloads to the same hash and bakes as the hooks act."""
+    model = tiny_model("llama")
+    arch = arch_for(model.config)
+    hidden = model.config.hidden_size
+    basis = orthonormal(torch.randn(hidden, 1, generator=torch.Generator().manual_seed(0)))
+    other = torch.randn(hidden, 1, generator=torch.Generator().manual_seed(1))
+    write = basis + 0.3 * (other - basis @ (basis.T @ other))  # an oblique eraser: basis^T write = 1
+    edits = [ProjectOutputs(arch.module(b, i), arch.layout, basis=basis, strength=0.7, write=write)
+             for i in range(num_layers(model.config)) for b in ("attn_out", "mlp_out")]
+    patch = Patch(edits, {"method": "test"})
+    patch.save(tmp_path / "patch")
+    loaded = Patch.load(tmp_path / "patch")
+    assert loaded.hash() == patch.hash() and len(loaded.edits) == len(edits)
+    assert_bake_equals_hooks(save_tiny("llama", tmp_path / "base"), loaded, tmp_path / "out")
+    assert basis.untyped_storage().data_ptr() == edits[-1].basis.untyped_storage().data_ptr(), "the edits' own tensors are not replaced"
+
+
 def test_compose_is_sequential(tmp_path: Path) -> None:
     model = tiny_model("llama")
     a, b = Patch(make_edits(model, "project_outputs")), Patch(make_edits(model, "scale_outputs"))

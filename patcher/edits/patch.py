@@ -90,7 +90,16 @@ class Patch:
 
     # -- serialisation ---------------------------------------------------------------------------
     def _tensor_dict(self) -> dict[str, torch.Tensor]:
-        return {f"{i:05d}.{k}": t.detach().float().contiguous() for i, e in enumerate(self.edits) for k, t in e.tensors().items()}
+        """Every edit's tensors by key. Edits may share a tensor (one direction projected out of a
+        layer's attention and MLP outputs): safetensors refuses shared memory, so a repeat is copied."""
+        out, seen = {}, set()
+        for i, e in enumerate(self.edits):
+            for k, t in e.tensors().items():
+                t = t.detach().float().contiguous()
+                storage = t.untyped_storage().data_ptr()
+                out[f"{i:05d}.{k}"] = t.clone() if storage in seen else t
+                seen.add(storage)
+        return out
 
     def to_json(self, tensor_file: str = STANDALONE_TENSORS) -> dict[str, Any]:
         edits = []
