@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from patcher.workflows.tune.result import short_value  # noqa: E402
@@ -97,7 +99,10 @@ def render_tune(t: dict[str, Any]) -> str:
     how it was asked for, the Pareto front within budget with the quick evaluation of the evaluated
     points, the pick in bold, the proxy's rank correlation with the evaluation."""
     pv, by = t.get("provenance", {}), {r["number"]: r for r in t["trials"]}
-    sec = t.get("seconds", {})
+    sec = dict(t.get("seconds", {}))
+    if sec.get("per_trial_mean") is None:  # a resumed tune that ran no trial: the search's seconds from its trials' own
+        own = [r["seconds"] for r in t["trials"] if r.get("repeat_of") is None]
+        sec |= {"search": sum(own), "per_trial_mean": float(np.mean(own)), "per_trial_median": float(np.median(own))}
     n_eval = len(t.get("evaluated", {}))
     evaluators = list(pv.get("evaluators") or next(iter(t.get("evaluated", {}).values()), {}).get("per_evaluator", {}))
     lines = [
