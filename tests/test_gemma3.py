@@ -14,6 +14,8 @@ from click.testing import CliRunner
 from patcher import Patch
 from patcher.bake.verify import verify
 from patcher.cli import main
+from patcher.collect.localisation import parse_layers
+from patcher.recipe.loader import load_recipe
 
 
 @pytest.mark.slow
@@ -28,7 +30,8 @@ def test_project_stack_on_real_gemma3(gemma3: Path, shared_data: Path, tmp_path:
     assert r.exit_code == 0, r.output
     out = tmp_path / "out"
     patch = Patch.load(out)
-    assert len(patch.edits) == 2 * 18  # two steps, every layer's MLP down projection
+    recipe = load_recipe(tmp_path / "stack.toml")  # each step: one edit per layer and block it names (the layers: a depth share)
+    assert len(patch.edits) == sum(len(parse_layers(s.settings["layers"], 18)) * len(s.settings["blocks"]) for s in recipe.steps) > 18
     for e in patch.edits:
         assert all(torch.isfinite(t).all() for t in e.tensors().values()), e.module
     meta = json.loads((out / "patch.json").read_text())
