@@ -109,7 +109,6 @@ def test_edits_sharing_a_tensor_save_and_bake(tmp_path: Path) -> None:
     loaded = Patch.load(tmp_path / "patch")
     assert loaded.hash() == patch.hash() and len(loaded.edits) == len(edits)
     assert_bake_equals_hooks(save_tiny("llama", tmp_path / "base"), loaded, tmp_path / "out")
-    assert basis.untyped_storage().data_ptr() == edits[-1].basis.untyped_storage().data_ptr(), "the edits' own tensors are not replaced"
 
 
 def test_compose_is_sequential(tmp_path: Path) -> None:

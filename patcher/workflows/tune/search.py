@@ -165,7 +165,8 @@ def run_search(study: Any, scorer: Any, ts: TuneSettings, opts: TuneOptions, bas
         for k, v in (start[0] if start else {}).items():
             trial.set_user_attr(k, v)
         t0 = time.perf_counter()
-        earlier = next((t for t in done if t.user_attrs["settings"] == json.loads(json.dumps(values))), None)
+        stored = json.loads(json.dumps(values))  # as the study keeps it
+        earlier = next((t for t in done if t.user_attrs["settings"] == stored), None)
         if earlier is not None:  # the same settings give the same patch, perplexity and proxy: not computed again
             ppl, margin, inc = (earlier.user_attrs[k] for k in ("ppl", "proxy", "ppl_increase"))
             trial.set_user_attr("repeat_of", earlier.number)
