@@ -266,6 +266,10 @@ def _project_recipe(tmp: Path, tune_table: str) -> Path:
     ('[tune]\nstart = "sideways"\n', 20, "tune.start = 'sideways' should be one of 'budget', 'random'"),
     ('[tune]\nproxy = "jigsaw-test"\n', 20, "tune.proxy should be a data table"),
     ('[tune.proxy]\ndatset = "jigsaw-test"\n', 20, "unknown key tune.proxy.datset"),
+    ('[tune.step.1]\ndata = ["jigsaw-test", "paradetox"]\n', 21, "should list two or more data tables"),
+    ('[tune.step.1]\ndata = [{ dataset = "jigsaw-test" }, { dataset = "no-such-set" }]\n', 21, "tune.step.1.data: unknown data set 'no-such-set'"),
+    ('[tune.step.1]\ndata = [{ dataset = "jigsaw-test" }, { dataset = "jigsaw-test", seed = 0 }]\n', 21, "lists the same data twice"),
+    ('[tune.step.1]\ndata = [{ dataset = "jigsaw-test" }, { datset = "paradetox" }]\n', 21, "unknown key tune.step.1.data.datset"),
 ])
 def test_tune_table_line_errors(tmp_path: Path, table: str, line: int, message: str) -> None:
     path = _project_recipe(tmp_path, table)
@@ -342,6 +346,40 @@ def test_each_searched_choice_gets_a_candidate_the_evaluation_sees() -> None:
     picks, _ = to_evaluate(front, rows, ts, 0.05, {"step1.erase": ("orthogonal", "whitened")})
     assert picks == [0, 1, 2]  # whitened's own front within budget: #2 (its least toxic by proxy), not #3 (over budget)
     assert to_evaluate(front, rows, TuneSettings(candidates=0), 0.05, {"step1.erase": ("orthogonal", "whitened")})[0] == []  # pick by proxy
+
+
+def test_a_step_data_set_is_searched(planted: tuple[Path, Scorer]) -> None:
+    """``[tune.step.N] data``: each choice is collected once, the proxy holds back the texts of every
+    choice, and the pick's data table is written into the tuned recipe. The planted pairs remove the
+    planted direction; the decoy pairs differ in an ordinary word, so their direction does nothing
+    for the proxy: the search must pick the planted pairs."""
+    tmp, _ = planted
+    rng = random.Random(1)
+    rows = [{"pair_id": i, "toxic": f"the {rng.choice(NEUTRAL_WORDS)} red {i}", "neutral": [f"the {rng.choice(NEUTRAL_WORDS)} blue {i}"]}
+            for i in range(160)]
+    (tmp / "decoy.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    path = tmp / "data-choice.toml"
+    path.write_text((tmp / "recipe.toml").read_text()
+                    + '[tune.step.1]\nstrength = [0.0, 1.0, 0.1]\ndata = [{ path = "decoy.jsonl" }, { path = "pairs.jsonl", n_per_class = 30 }]\n')
+    recipe = load_recipe(path)
+    ts, params = tune_space(recipe)
+    assert params[1].describe() == "step1.data in {decoy.jsonl, pairs.jsonl (n_per_class=30)}"
+    from patcher.workflows.run_plan import resolve
+    from patcher.workflows.tune.space import with_choice_data
+
+    plan = with_choice_data(resolve(recipe), params)
+    toxic, neutral = held_back(plan, ts, tiny_tokenizer())
+    used = {t for d in plan.data for t in load_data(plan.readable(d), tiny_tokenizer()).texts}
+    assert len(plan.data) == 3 and not used & {*toxic, *neutral}, "the proxy holds back the texts every choice reads"
+    result = tune(recipe, out=tmp / "data-choice-out.toml", max_ppl_increase=100.0, trials=12, seed=0)
+    seen = {json.dumps(t["settings"]["step1.data"]) for t in result.trials}
+    assert len(seen) == 2 and result.collections == 2, "both data sets were tried, each collected once"
+    assert result.chosen_settings["step1.data"] == {"path": "pairs.jsonl", "n_per_class": 30} and result.chosen_settings["step1.strength"] >= 0.5
+    best = {d: min(t["proxy"] for t in result.trials if t["settings"]["step1.data"]["path"] == d) for d in ("decoy.jsonl", "pairs.jsonl")}
+    assert best["pairs.jsonl"] < best["decoy.jsonl"] - 0.1, best
+    tuned = load_recipe(tmp / "data-choice-out.toml")
+    assert tuned.steps[0].data is not None and Path(tuned.steps[0].data.path).name == "pairs.jsonl" and tuned.steps[0].data.n_per_class == 30
+    assert tuned.steps[0].data.pairs and tuned.steps[0].data.max_tokens == recipe.data.max_tokens, "what the choice does not name comes from [data]"
 
 
 def test_default_space_and_layer_search(tmp_path: Path) -> None:

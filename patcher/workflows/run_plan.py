@@ -72,6 +72,24 @@ class Plan:
         settings[index] = step_settings_of(recipe, index)
         return dataclasses.replace(self, recipe=recipe, settings=settings)
 
+    def with_data(self, index: int, data: DataSettings) -> Plan:
+        """This plan with step ``index`` reading ``data`` (a tune's data choice); its file resolved
+        now when the plan does not hold it yet (`with_sources`)."""
+        steps = list(self.recipe.steps)
+        steps[index] = dataclasses.replace(steps[index], data=data)
+        recipe = dataclasses.replace(self.recipe, steps=tuple(steps), name=f"{self.recipe.name}-data={data.dataset or Path(data.path).name}")
+        return dataclasses.replace(self.with_sources([data]), recipe=recipe)
+
+    def with_sources(self, datas: list[DataSettings]) -> Plan:
+        """This plan also holding the files of ``datas`` (resolved and hashed once; a missing data set
+        fails here, before the model loads): what a tune's data choices read."""
+        new = [d for d in dict.fromkeys(datas) if d not in self.data]
+        if not new:
+            return self
+        plan = dataclasses.replace(self, data=self.data | {d: Source(*data_source(d)) for d in new})
+        plan.inputs = _inputs(plan)
+        return plan
+
     def effective_settings(self) -> dict[str, Any]:
         return self.recipe.effective_settings(self.settings)
 

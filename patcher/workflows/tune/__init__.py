@@ -53,7 +53,7 @@ from .pick import choose, eval_point, evaluate_trials, front_within, pareto, pic
 from .proxy import Scorer, StatsCache, held_back, proxy_data, proxy_name
 from .result import TuneResult, write_outputs
 from .search import TuneOptions, budget_start, fingerprint, open_study, optuna_module, run_search, trial_rows
-from .space import Param, TuneSettings, tune_space
+from .space import Param, TuneSettings, tune_space, with_choice_data
 
 __all__ = ["Param", "Scorer", "StatsCache", "TuneOptions", "TuneResult", "TuneSettings", "budget_start", "eval_point", "held_back", "pareto", "pick",
            "proxy_data", "proxy_name", "quick_settings", "spearman", "tune", "tune_space"]
@@ -74,6 +74,7 @@ def tune(plan: Plan | Recipe, *, out: Path, placement: Placement | None = None, 
     recipe = plan.recipe
     ts, params = tune_space(recipe)
     ts = opts.settings(ts)
+    plan = with_choice_data(plan, params)  # every searched data set's file, before the model loads
     eval_settings = _check_before_work(plan, ts, out, overwrite, placement.device)
     scorer = _load_scorer(plan, params, ts, placement)
     base_ppl, base_proxy = scorer.measure(scorer.model)

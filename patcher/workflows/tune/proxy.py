@@ -21,7 +21,7 @@ from ...evaluate.likelihood import likelihood_margin
 from ...recipe.loader import DataSettings, Recipe
 from ..run import check_perplexity, compute_patch
 from ..run_plan import Plan, resolve
-from .space import Param, TuneSettings, apply, layer_spans
+from .space import Param, TuneSettings, apply, layer_spans, with_choice_data
 
 
 class StatsCache(OrderedDict):
@@ -61,7 +61,7 @@ class Scorer:
     plan: Plan = field(init=False)
 
     def __post_init__(self) -> None:
-        self.plan = self.recipe if isinstance(self.recipe, Plan) else resolve(self.recipe)
+        self.plan = with_choice_data(self.recipe if isinstance(self.recipe, Plan) else resolve(self.recipe), self.params)
         self.recipe = self.plan.recipe
 
     def measure(self, model: Any) -> tuple[float, float]:

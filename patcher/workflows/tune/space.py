@@ -13,9 +13,11 @@ import dataclasses
 import json
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ...core.errors import PatcherError
+from ...data.catalog import entry
 from ...evaluate.report import DEFAULT_EVALUATORS
 from ...methods import METHODS, get_method
 from ...recipe.loader import DataSettings, Recipe, data_table, line_of, where
@@ -28,7 +30,8 @@ class TuneSettings:
     """The ``[tune]`` table's own keys. The searched settings sit in ``[tune.step.N]`` tables: a
     number as ``[low, high]`` (a float may add a grid step, ``[low, high, step]``), ``layers`` as
     ``[first, last]`` (each trial edits a start-end range inside it; methods with ``layer_range``) or
-    as named layer sets (``["all", "0%-50%"]``: choices, each collected), anything else as a list of
+    as named layer sets (``["all", "0%-50%"]``: choices, each collected), ``data`` as a list of data
+    tables (the data sets the step may read, each like a step's ``data``), anything else as a list of
     choices. ``[tune.proxy]`` is a data table like a step's ``data`` (what it does not name comes
     from ``[data]``): the texts the toxicity proxy holds back from."""
 
@@ -108,6 +111,8 @@ class Param:
         return None if v == value else (v if self.kind == "int" else round(v, 10))
 
     def describe(self) -> str:
+        if self.key == "data":  # data tables by what they read
+            return f"{self.name} in {{{', '.join(data_label(c) for c in self.choices)}}}"
         if self.kind == "choice":
             return f"{self.name} in {{{', '.join(map(str, self.choices))}}}"
         grid = f" by {self.step_size}" if self.step_size else ""
@@ -122,7 +127,47 @@ def no_edit_end(field: dataclasses.Field | None, low: float, high: float) -> str
     return "low" if abs(v - low) <= abs(v - high) else "high"
 
 
+def data_label(table: dict[str, Any]) -> str:
+    """A data choice as a report names it: its catalog name or file name, then what else it sets."""
+    rest = ", ".join(f"{k}={v}" for k, v in table.items() if k not in ("dataset", "path"))
+    name = table.get("dataset") or (table.get("path") and Path(str(table["path"])).name) or "[data]"
+    return f"{name} ({rest})" if rest else name
+
+
+def choice_data(recipe: Recipe, index: int, table: dict[str, Any]) -> DataSettings:
+    """A data choice of step ``index`` (a table like a step's ``data``: what it does not name comes
+    from ``[data]``) as the step's data settings."""
+    return data_table(recipe.data, table, recipe.path.parent, where(recipe.path, line_of(recipe.text, f"tune.step.{index + 1}")),
+                      f"tune.step.{index + 1}.data")
+
+
+def _data_param(recipe: Recipe, index: int, spec: Any, at: str) -> Param:
+    """``data = [{...}, {...}]``: the data sets a step may read, each a data table like a step's ``data``."""
+    what = f"tune.step.{index + 1}.data"
+    if not isinstance(spec, list) or len(spec) < 2 or not all(isinstance(t, dict) for t in spec):
+        raise PatcherError(f"{at}: {what} should list two or more data tables, e.g. "
+                           '[{ dataset = "jigsaw-test", pairs = false }, { dataset = "paradetox", pairs = false }]')
+    built = [data_table(recipe.data, t, recipe.path.parent, at, what) for t in spec]
+    if len(set(built)) != len(built):
+        raise PatcherError(f"{at}: {what} lists the same data twice; each choice should read different data or settings")
+    for d in built:
+        if d.dataset and not d.path:
+            try:
+                entry(d.dataset)
+            except PatcherError as e:
+                raise PatcherError(f"{at}: {what}: {e}") from None
+    return Param(index, "data", "choice", choices=tuple(spec))
+
+
+def with_choice_data(plan: Plan, params: list[Param]) -> Plan:
+    """``plan`` holding the file of every searched data choice too: resolved once before the model
+    loads, and held back by the proxy like the data the recipe reads."""
+    return plan.with_sources([choice_data(plan.recipe, p.step, t) for p in params if p.key == "data" for t in p.choices])
+
+
 def _param(recipe: Recipe, index: int, key: str, spec: Any, at: str) -> Param:
+    if key == "data":
+        return _data_param(recipe, index, spec, at)
     step = recipe.steps[index]
     method = get_method(step.method)
     hints = typing.get_type_hints(method.settings)
@@ -206,7 +251,10 @@ def apply(plan: Plan, params: list[Param], values: dict[str, Any]) -> Plan:
     """The plan with each searched setting set to its value (keyed by `Param.name`): only the
     changed steps' settings are rebuilt."""
     for p in params:
-        plan = plan.with_setting(p.step, p.key, values[p.name])
+        if p.key == "data":
+            plan = plan.with_data(p.step, choice_data(plan.recipe, p.step, values[p.name]))
+        else:
+            plan = plan.with_setting(p.step, p.key, values[p.name])
     return plan
 
 
