@@ -293,6 +293,14 @@ def recipe_add(text: str) -> Callable[[World], None]:
     return setup
 
 
+def recipe_append(text: str) -> Callable[[World], None]:
+    """``text`` after the recipe's last line (tables such as ``[tune]`` go last)."""
+    def setup(w: World) -> None:
+        w.recipe.write_text(w.recipe.read_text() + "\n" + text)
+
+    return setup
+
+
 def _collect_not_table(w: World) -> None:
     text = w.recipe.read_text().replace("[collect]\nbatch_size = 8\n", "")
     w.recipe.write_text("collect = 3\n" + text)
@@ -470,6 +478,13 @@ FAULTS: list[tuple[str, Callable[[World], None], Callable[[World], list[object]]
     ("export-not-baked", _baked, lambda w: ["export", w.base], "holds no patch.json"),
     ("export-tampered-folder", _baked_tampered, export_args(), "fails verification (model.safetensors)"),
     ("run-gguf-bad-type", lambda w: None, recipe_args("run", "work/out", "--gguf", "q4_0"), "--gguf 'q4_0' is not a GGUF type"),
+    # 6. patcher tune's data choices ([tune.step.N] data): refused with their line or file, nothing written
+    ("tune-data-choice-missing-file", recipe_append('[tune]\n[tune.step.1]\ndata = [{ path = "data.jsonl" }, { path = "missing.jsonl" }]\n'),
+     recipe_args("tune", "work/t.toml", "--max-ppl-increase", "0.05"), "missing.jsonl: no such file"),
+    ("tune-data-choice-not-tables", recipe_append('[tune]\n[tune.step.1]\ndata = ["data.jsonl", "other.jsonl"]\n'),
+     recipe_args("tune", "work/t.toml", "--max-ppl-increase", "0.05"), "tune.step.1.data should list two or more data tables"),
+    ("tune-data-choice-unknown-key", recipe_append('[tune]\n[tune.step.1]\ndata = [{ path = "data.jsonl" }, { pth = "x.jsonl" }]\n'),
+     recipe_args("tune", "work/t.toml", "--max-ppl-increase", "0.05"), "unknown key tune.step.1.data.pth"),
 ]
 
 

@@ -377,6 +377,7 @@ def test_a_step_data_set_is_searched(planted: tuple[Path, Scorer]) -> None:
     assert result.chosen_settings["step1.data"] == {"path": "pairs.jsonl", "n_per_class": 30} and result.chosen_settings["step1.strength"] >= 0.5
     best = {d: min(t["proxy"] for t in result.trials if t["settings"]["step1.data"]["path"] == d) for d in ("decoy.jsonl", "pairs.jsonl")}
     assert best["pairs.jsonl"] < best["decoy.jsonl"] - 0.1, best
+    assert "pairs.jsonl (n_per_class=30)" in (tmp / "data-choice-out.toml").read_text().split("\n[", 1)[0], "the note names the pick's data"
     tuned = load_recipe(tmp / "data-choice-out.toml")
     assert tuned.steps[0].data is not None and Path(tuned.steps[0].data.path).name == "pairs.jsonl" and tuned.steps[0].data.n_per_class == 30
     assert tuned.steps[0].data.pairs and tuned.steps[0].data.max_tokens == recipe.data.max_tokens, "what the choice does not name comes from [data]"

@@ -529,6 +529,8 @@ def data_source(settings: DataSettings) -> tuple[str, dict[str, Any]]:
     """The file a [data] table reads and the record of where it came from: its ``path``, else its
     catalog ``dataset`` (data folder, else the Hub; `patcher.data.catalog`)."""
     if settings.path:
+        if "://" not in settings.path:
+            _resolve(settings.path)  # a missing local file is refused while the plan is made, before any model loads
         return settings.path, {"from": "path", "file": Path(settings.path).name}
     if not settings.dataset:
         raise PatcherError("the recipe's [data] table needs a dataset (a catalog name such as \"paradetox\") or a path to labelled toxic/non-toxic text")

@@ -17,7 +17,7 @@ from ...io.atomic import write_text
 from ...io.record import relative_paths
 from ...recipe.loader import Recipe
 from ...recipe.writer import dump_recipe, rebase_paths
-from .space import Param
+from .space import Param, data_label
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,10 @@ class TuneResult:
 
 
 def short_value(v: Any) -> Any:
-    """A setting as tables show it: floats to 4 decimals (grid values read as written)."""
+    """A setting as tables show it: floats to 4 decimals (grid values read as written), a data
+    choice by what it reads."""
+    if isinstance(v, dict):
+        return data_label(v)
     return round(v, 4) if isinstance(v, float) else v
 
 
