@@ -1,7 +1,7 @@
 """Loads anywhere: a baked patcher output, exported to GGUF by `patcher export` (llama.cpp's own
 converter) and run by llama.cpp (the prebuilt ``xllamacpp`` wheel), gives what transformers gives.
 
-    python benchmarks/portability.py [--models smollm2-135m,gemma3-270m] [--outtypes f16,q8_0] [--recipe recipes/project-stack.toml] [--json portability.json]
+    python benchmarks/portability.py [--models smollm2-135m,gemma3-270m] [--outtypes f16,q8_0] [--recipe recipes/project-stack.toml] [--base] [--json portability.json]
 
 For each embedded model, a baked output is made: with ``--recipe``, the recipe's own output (``patcher
 run``, its perplexity gate included); without, a cheap real patch on the real model (`scaled`: every
@@ -21,6 +21,11 @@ included; llama.cpp adds nothing to a prompt given as ids):
 
 transformers computes in float32 with the weights the GGUF holds at f16 (the baked weights rounded to
 float16), and with the baked float32 weights for q8_0 (whose rounding is part of what is measured).
+
+With ``--base`` the unpatched base (baked with an empty patch) is compared the same way first: a
+patch's agreement beside the model's own. Each result also gives the share of near ties (positions of
+transformers' continuation whose two most likely tokens lie within 0.1 logit), where a quantized
+file's rounding may flip the greedy token.
 
 Targets (issue 26): f16 identical greedy for >= 9 of 10 prompts and top-1 agreement >= 0.98;
 q8_0 top-1 agreement >= 0.95.
@@ -60,6 +65,22 @@ def scaled(model: str, dest: Path, seed: int = 0) -> Path:
     return bake(Patch(edits, {"method": "scale", "note": "benchmarks/portability.py"}), model, dest)
 
 
+def unpatched(model: str, dest: Path) -> Path:
+    """The base weights through the same bake and export (an empty patch): what a patched file's
+    agreement is compared with."""
+    from patcher import Patch
+    from patcher.bake.writer import bake
+
+    return bake(Patch([], {"method": "none", "note": "benchmarks/portability.py: the base weights"}), model, dest)
+
+
+def make(kind: str, model: str, dest: Path, recipe: Path | None) -> Path:
+    """The baked folder a comparison runs on: the base, the recipe's output or the cheap scaled patch."""
+    if kind == "base":
+        return unpatched(model, dest)
+    return from_recipe(recipe, model, dest) if kind == "recipe" and recipe else scaled(model, dest)
+
+
 def from_recipe(recipe: Path, model: str, dest: Path) -> Path:
     from patcher.recipe.loader import load_recipe
     from patcher.workflows.run import run
@@ -87,6 +108,20 @@ def hf_greedy(model: Any, prompts: list[list[int]], new_tokens: int) -> list[lis
     return out[:, width:].tolist()
 
 
+@torch.inference_mode()
+def near_tie_share(model: Any, prompts: list[list[int]], refs: list[list[int]], gap: float = 0.1) -> float:
+    """The share of transformers' continuation positions whose two most likely tokens lie within
+    ``gap`` logits: where a quantized file's rounding may flip the greedy token (why a model's q8_0
+    agreement is lower than another's when its weights quantize as well)."""
+    close = total = 0
+    for ids, ref in zip(prompts, refs):
+        logits = model(torch.tensor([ids + ref])).logits[0, len(ids) - 1: len(ids) - 1 + len(ref)]
+        top = logits.topk(2, dim=-1).values
+        close += int((top[:, 0] - top[:, 1] < gap).sum())
+        total += len(ref)
+    return close / total
+
+
 def compare(folder: Path, outtype: str, prompts: list[list[int]], new_tokens: int, threads: int | None = None) -> dict[str, Any]:
     """Export ``folder`` at ``outtype`` (into the folder, recorded), run both runtimes, compare."""
     from transformers import AutoModelForCausalLM
@@ -104,6 +139,7 @@ def compare(folder: Path, outtype: str, prompts: list[list[int]], new_tokens: in
     t0 = time.perf_counter()
     refs = hf_greedy(model, prompts, new_tokens)
     hf_s = time.perf_counter() - t0
+    near_ties = near_tie_share(model, prompts, refs)
     del model
     t0 = time.perf_counter()
     with LlamaCpp(folder / name, n_ctx=256, slots=len(prompts), threads=threads) as llm:
@@ -124,7 +160,7 @@ def compare(folder: Path, outtype: str, prompts: list[list[int]], new_tokens: in
     need_same, need_top1 = TARGETS.get(outtype, (0, 0.95))
     top1 = agree / (len(prompts) * new_tokens)
     return {"output": folder.name, "gguf": outtype, "file": name, "bytes": entry["bytes"], "identical_greedy": same, "prompts": len(prompts),
-            "top1_agreement": top1, "positions": len(prompts) * new_tokens, "seconds": {"export": round(export_s, 1), "transformers": round(hf_s, 1),
+            "top1_agreement": top1, "positions": len(prompts) * new_tokens, "near_ties": near_ties, "seconds": {"export": round(export_s, 1), "transformers": round(hf_s, 1),
             "llama.cpp": round(ll_s, 1)}, "met": same >= need_same * len(prompts) / 10 and top1 >= need_top1, "per_prompt": rows}
 
 
@@ -133,6 +169,7 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
     ap.add_argument("--outtypes", default="f16,q8_0")
     ap.add_argument("--recipe", type=Path, default=None, help="bake this recipe's output (patcher run) instead of the cheap scaled patch")
+    ap.add_argument("--base", action="store_true", help="also compare the unpatched base (baked with an empty patch), the reference for a patch's agreement")
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
@@ -147,17 +184,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         for model in args.models.split(","):
-            dest = work / f"{model}-{'recipe' if args.recipe else 'scaled'}"
-            folder = dest if (dest / "patch.json").is_file() else (from_recipe(args.recipe, model, dest) if args.recipe else scaled(model, dest))
-            prompts = prompt_ids(AutoTokenizer.from_pretrained(folder), args.prompts)
-            for outtype in args.outtypes.split(","):
-                r = compare(folder, outtype, prompts, args.new_tokens, args.threads) | {"model": model}
-                results.append(r)
-                print(f"{model} {outtype}: greedy identical {r['identical_greedy']}/{r['prompts']}, top-1 {r['top1_agreement']:.4f}, {r['seconds']}", flush=True)
-    headers = ["model", "GGUF", "identical greedy", "top-1 agreement", "seconds (export, transformers, llama.cpp)", "target"]
-    print(render(headers, [[r["model"], r["gguf"], f"{r['identical_greedy']}/{r['prompts']}", f"{r['top1_agreement']:.4f} ({r['positions']} positions)",
-                            ", ".join(str(v) for v in r["seconds"].values()), "met" if r["met"] else "MISSED"] for r in results],
-                 title="transformers vs llama.cpp (xllamacpp)"))
+            patched = "recipe" if args.recipe else "scaled"
+            for kind in (["base"] if args.base else []) + [patched]:
+                dest = work / f"{model}-{kind}"
+                folder = dest if (dest / "patch.json").is_file() else make(kind, model, dest, args.recipe)
+                prompts = prompt_ids(AutoTokenizer.from_pretrained(folder), args.prompts)
+                for outtype in args.outtypes.split(","):
+                    r = compare(folder, outtype, prompts, args.new_tokens, args.threads) | {"model": model, "weights": kind}
+                    results.append(r)
+                    print(f"{model} ({kind}) {outtype}: greedy identical {r['identical_greedy']}/{r['prompts']}, top-1 {r['top1_agreement']:.4f}, "
+                          f"near ties {r['near_ties']:.3f}, {r['seconds']}", flush=True)
+    headers = ["model", "weights", "GGUF", "identical greedy", "top-1 agreement", "near ties", "seconds (export, transformers, llama.cpp)", "target"]
+    print(render(headers, [[r["model"], r["weights"], r["gguf"], f"{r['identical_greedy']}/{r['prompts']}", f"{r['top1_agreement']:.4f} ({r['positions']} positions)",
+                            f"{r['near_ties']:.3f}", ", ".join(str(v) for v in r["seconds"].values()), "met" if r["met"] else "MISSED"] for r in results],
+                 title="transformers vs llama.cpp (xllamacpp); near ties: share of positions whose top two tokens lie within 0.1 logit"))
     if args.json:
         from importlib import metadata
 

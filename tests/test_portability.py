@@ -39,3 +39,23 @@ def test_baked_output_runs_the_same_in_llama_cpp(model: str, request: pytest.Fix
     assert sorted(e["outtype"] for e in meta["gguf"]) == ["f16", "q8_0"] and check_files(folder) == []
     # the embedded model's own GGUF tokenizer went into the export, not the converter's rebuild
     assert all(e["tokenizer"] == "copied from the base model's GGUF file" for e in meta["gguf"])
+
+
+def test_near_ties_are_the_continuation_positions_whose_top_two_tokens_are_close() -> None:
+    """The share `benchmarks/portability.py` reports beside q8_0 agreement: read at the positions that
+    predict each continuation token (the prompt's last position onwards), a gap under 0.1 logit."""
+    from types import SimpleNamespace
+
+    import portability
+    import torch
+
+    class Planted:
+        def __call__(self, ids: torch.Tensor) -> SimpleNamespace:  # top-2 gap 0.05 at even positions, 2.0 at odd ones
+            logits = torch.zeros(1, ids.shape[1], 5)
+            logits[0, :, 0] = 2.0
+            logits[0, ::2, 1] = 1.95
+            return SimpleNamespace(logits=logits)
+
+    # positions 2..5 (ties at 2 and 4) and 1..3 (a tie at 2): 3 of 7
+    assert portability.near_tie_share(Planted(), [[1, 2, 3], [1, 2]], [[4, 4, 4, 4], [3, 3, 3]]) == pytest.approx(3 / 7)
+    assert portability.near_tie_share(Planted(), [[1, 2, 3]], [[4, 4, 4, 4]], gap=0.01) == 0.0
