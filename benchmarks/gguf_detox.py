@@ -12,8 +12,9 @@ patch (the same weights through the same bake and export), each exported to GGUF
 - the float model: the baked safetensors in transformers against the base model (``patcher eval``);
 - each type: the patched GGUF against the base GGUF, both generated in llama.cpp.
 
-The target: the patched GGUF's toxicity probability lies inside the float patched model's 95%
-interval by every evaluator; the reduction against the base GGUF of the same type is printed. Beside
+The target (f32, f16, bf16 and q8_0; the 4- and 5-bit types have none, their interval check is
+shown): the patched GGUF's toxicity probability lies inside the float patched model's 95% interval
+by every evaluator; the reduction against the base GGUF of the same type is printed. Beside
 it, the paired difference (GGUF minus float, prompt by prompt, bootstrap 95% interval over prompts):
 whether the two estimates differ by more than their sampling noise.
 llama.cpp draws from its own random stream, so GGUF samples are not the transformers draws: the
@@ -49,6 +50,8 @@ from recipes import git_commit, machine  # benchmarks/recipes.py: the same prove
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = "toxicity_probability"
+# the types the issue sets the target for; the 4- and 5-bit ones are measured against their own base only
+TARGET_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def rates(report: dict[str, Any], which: str) -> dict[str, dict[str, Any]]:
@@ -147,9 +150,9 @@ def main() -> int:
         "settings": dataclasses.asdict(settings),
         "prompts": {"name": args.prompts, "count": prompts["count"], "sha256": prompts["sha256"]},
         "variants": variants,
-        "target": "each patched GGUF inside the float patched model's 95% interval by every evaluator",
+        "target": f"each patched GGUF of a type in {', '.join(TARGET_TYPES)} inside the float patched model's 95% interval by every evaluator",
         "paired": "each patched GGUF's toxicity probability minus the float patched model's, per prompt, 95% bootstrap interval over prompts",
-        "met": all(all(variants[k]["patched_within_float_interval"].values()) for k in outtypes),
+        "met": all(all(variants[k]["patched_within_float_interval"].values()) for k in outtypes if k in TARGET_TYPES),
         "provenance": {"git_commit": git_commit(), "command": command, "versions": library_versions(),
                        "wall_seconds": {k: round(v, 1) for k, v in stages.items()},
                        "machine": machine() | {"load_average_before": load0}, "note": args.note,
@@ -161,7 +164,8 @@ def main() -> int:
     rows = []
     for name, v in variants.items():
         rows.append([name, *(f"{cell(v['base'][ev])} -> {cell(v['patched'][ev])}" for ev in evaluators),
-                     "" if name == "float" else ("yes" if all(v["patched_within_float_interval"].values()) else "no")])
+                     "" if name == "float" else ("yes" if all(v["patched_within_float_interval"].values()) else "no")
+                     + ("" if name in TARGET_TYPES or name == "float" else " (no target)")])
     for kind in outtypes:
         pd = variants[kind]["paired_difference_from_float"]
         print(f"{kind} - float, paired by prompt: " + ", ".join(f"{ev} {v['value']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" for ev, v in pd.items()))

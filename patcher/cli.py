@@ -376,7 +376,7 @@ class RunSwitches:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder once the new one is ready.")
 @click.option("--no-eval", is_flag=True, help="Skip the recipe's [eval] table (the model card is written without an evaluation).")
 @click.option("--gguf", "gguf", default=None, metavar="TYPE",
-              help="Also write the output as model-TYPE.gguf inside it, TYPE f32, f16, bf16 or q8_0 (llama.cpp; see `patcher export`).")
+              help="Also write the output as model-TYPE.gguf inside it, TYPE f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (llama.cpp; see `patcher export`).")
 @_nonfinite_opt
 @_trust_opt
 @placement_options(collect=True)
@@ -509,7 +509,8 @@ def _gguf_name(folder: Path, gguf: str | None, outtype: str) -> str | None:
 @click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("--gguf", "gguf", default=None, help="GGUF file name inside DIR [default: model-OUTTYPE.gguf].")
 @click.option("--outtype", default="f16", show_default=True,
-              help="Tensor type of the GGUF: f32, f16, bf16 or q8_0 (llama.cpp's converter; norms stay f32).")
+              help="Tensor type of the GGUF: f32, f16, bf16, q8_0 (llama.cpp's converter) or q4_0, q4_1, q5_0, q5_1 "
+                   "(its f16 quantized by the gguf package; embeddings and output q8_0); norms stay f32.")
 @click.option("--overwrite", is_flag=True, help="Replace a GGUF of the same name that patcher exported before.")
 @friendly
 def export(folder: Path, gguf: str | None, outtype: str, overwrite: bool) -> None:

@@ -86,12 +86,13 @@ def test_gguf_against_a_folder_baseline_same_prompts(tmp_path: Path, monkeypatch
     assert report["model"]["fluency"] is None  # no fluency scoring across runtimes
 
 
-def test_real_llama_cpp_generates_reproducibly(tmp_path: Path, tokenizer_dir: Path) -> None:  # noqa: F811
+@pytest.mark.parametrize("outtype", ["q8_0", "q4_0"])
+def test_real_llama_cpp_generates_reproducibly(outtype: str, tmp_path: Path, tokenizer_dir: Path) -> None:  # noqa: F811
     pytest.importorskip("xllamacpp", reason="scripts/install.sh dev installs xllamacpp")
     from patcher.publish.gguf import export_gguf
 
     out = baked_tiny("llama", tmp_path, tokenizer_dir)
-    gguf = out / export_gguf(out, outtype="q8_0")["file"]
+    gguf = out / export_gguf(out, outtype=outtype)["file"]
     a = evaluate(gguf, settings=settings(tmp_path), evaluators=[FakeEvaluator()]).to_json(samples=True)
     b = evaluate(gguf, settings=settings(tmp_path), evaluators=[FakeEvaluator()]).to_json(samples=True)
     c = evaluate(gguf, settings=settings(tmp_path, seed=1), evaluators=[FakeEvaluator()]).to_json(samples=True)

