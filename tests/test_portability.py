@@ -35,6 +35,7 @@ def test_baked_output_runs_the_same_in_llama_cpp(model: str, request: pytest.Fix
     print(model, {k: (r["identical_greedy"], round(r["top1_agreement"], 4), r["seconds"]) for k, r in (("f16", f16), ("q8_0", q8))})
     assert f16["identical_greedy"] >= 9 and f16["top1_agreement"] >= 0.98, f16
     assert q8["top1_agreement"] >= 0.95, q8
+    assert all(r["top1_ci"][0] <= r["top1_agreement"] <= r["top1_ci"][1] for r in (f16, q8))
     meta = read_record(folder)
     assert sorted(e["outtype"] for e in meta["gguf"]) == ["f16", "q8_0"] and check_files(folder) == []
     # the embedded model's own GGUF tokenizer went into the export, not the converter's rebuild
