@@ -102,7 +102,8 @@ BAKE_OVER_FLOOR = 1.5  # bake time / the floor of a bake that records sha256 (at
 COLLECT_RATIO = 0.8  # collection throughput / a plain layer-by-layer forward's (at least)
 PLAN_ERROR = 0.25  # |plan - measured| / measured (at most)
 DISK_SLACK = 1 * GB  # left free on the work disk beyond what the steps need
-OUTTYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}  # bytes per weight in the GGUF
+# bytes per weight in the GGUF (the 4- and 5-bit block types: their embeddings at q8_0 add a little)
+OUTTYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32}
 
 
 # -- the checkpoint ------------------------------------------------------------------------------------
