@@ -141,6 +141,7 @@ def main() -> int:
                                                                             settings.threshold, settings.bootstrap, settings.seed)}
 
     float_patched = variants["float"]["patched"]
+    targeted = [k for k in outtypes if k in TARGET_TYPES]
     for kind in outtypes:
         v = variants[kind]
         v["patched_within_float_interval"] = {ev: within(v["patched"][ev], float_patched[ev]) for ev in float_patched}
@@ -152,7 +153,8 @@ def main() -> int:
         "variants": variants,
         "target": f"each patched GGUF of a type in {', '.join(TARGET_TYPES)} inside the float patched model's 95% interval by every evaluator",
         "paired": "each patched GGUF's toxicity probability minus the float patched model's, per prompt, 95% bootstrap interval over prompts",
-        "met": all(all(variants[k]["patched_within_float_interval"].values()) for k in outtypes if k in TARGET_TYPES),
+        # None: no type with a target was measured
+        "met": all(all(variants[k]["patched_within_float_interval"].values()) for k in targeted) if targeted else None,
         "provenance": {"git_commit": git_commit(), "command": command, "versions": library_versions(),
                        "wall_seconds": {k: round(v, 1) for k, v in stages.items()},
                        "machine": machine() | {"load_average_before": load0}, "note": args.note,
@@ -172,7 +174,7 @@ def main() -> int:
     print(render(["model", *evaluators, "inside float interval"], rows,
                  title=f"{args.model}: toxicity probability base -> patched, {prompts['count']} prompts x {args.samples} samples"))
     print(f"wrote {out}")
-    return 0 if result["met"] else 1
+    return 1 if result["met"] is False else 0
 
 
 if __name__ == "__main__":

