@@ -28,7 +28,6 @@ import dataclasses
 import json
 import logging
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -43,15 +42,15 @@ from patcher.evaluate.report import REPORT_PROMPTS, EvalSettings, evaluate
 from patcher.io.atomic import write_text
 from patcher.io.model_files import resolve_model
 from patcher.io.record import library_versions, relative_paths
-from patcher.publish.gguf import default_name, export_gguf
+from patcher.publish.gguf import CONVERTER_TYPES, default_name, export_gguf
 from patcher.recipe.loader import load_recipe
 from patcher.workflows.run import run
-from recipes import git_commit, machine  # benchmarks/recipes.py: the same provenance fields
+from recipes import command_line, git_commit, machine  # benchmarks/recipes.py: the same provenance fields
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = "toxicity_probability"
-# the types the issue sets the target for; the 4- and 5-bit ones are measured against their own base only
-TARGET_TYPES = ("f32", "f16", "bf16", "q8_0")
+# the issue sets its target for the converter's own types; the 4- and 5-bit ones are measured against their own base only
+TARGET_TYPES = CONVERTER_TYPES
 
 
 def rates(report: dict[str, Any], which: str) -> dict[str, dict[str, Any]]:
@@ -97,7 +96,7 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(format="patcher: %(message)s")
     logging.getLogger("patcher").setLevel(logging.INFO)
-    command = "python benchmarks/gguf_detox.py " + " ".join(shlex.quote(os.path.relpath(a, ROOT) if os.path.isabs(a) else a) for a in sys.argv[1:])
+    command = command_line()
     folder, _ = resolve_model(args.model)
     work = args.out / Path(args.model).name
     work.mkdir(parents=True, exist_ok=True)
@@ -165,9 +164,9 @@ def main() -> int:
     evaluators = list(float_patched)
     rows = []
     for name, v in variants.items():
+        inside = "" if name == "float" else "yes" if all(v["patched_within_float_interval"].values()) else "no"
         rows.append([name, *(f"{cell(v['base'][ev])} -> {cell(v['patched'][ev])}" for ev in evaluators),
-                     "" if name == "float" else ("yes" if all(v["patched_within_float_interval"].values()) else "no")
-                     + ("" if name in TARGET_TYPES or name == "float" else " (no target)")])
+                     inside if name == "float" or name in TARGET_TYPES else f"{inside} (no target)"])
     for kind in outtypes:
         pd = variants[kind]["paired_difference_from_float"]
         print(f"{kind} - float, paired by prompt: " + ", ".join(f"{ev} {v['value']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" for ev, v in pd.items()))

